@@ -1,0 +1,22 @@
+"""janus_fast.ops — the one public kernel API.
+
+Every op takes backend="auto"|"reference"|"triton"|"cuda"; "auto" picks the fastest backend
+available for the tensors' device and the plain-PyTorch reference on the CPU.
+"""
+
+from ._backend import backends
+from ._checks import no_value_checks
+from .attention import decode_attention, flash_attention, varlen_attention
+from .sampling import cfg_sample
+from .vq import vq_lookup, vq_quantize
+
+__all__ = [
+    "backends",
+    "cfg_sample",
+    "decode_attention",
+    "flash_attention",
+    "no_value_checks",
+    "varlen_attention",
+    "vq_lookup",
+    "vq_quantize",
+]

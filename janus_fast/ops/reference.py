@@ -1,0 +1,227 @@
+"""Plain-PyTorch reference implementations: the oracle of every test and the CPU fallback.
+
+Written for clarity, not speed. Low-precision inputs are computed in float32, float64 inputs in
+float64; results come back in the input dtype (log-sum-exp always in float32 or float64).
+Tests, benchmarks and the "reference" backend all import these functions, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "attention_backward",
+    "varlen_attention",
+    "varlen_attention_backward",
+    "decode_attention",
+    "l2_normalize",
+    "vq_quantize",
+    "vq_lookup",
+    "guided_logits",
+    "sampling_probs",
+    "cfg_sample",
+]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _visible(sq: int, sk: int, causal: bool, device) -> torch.Tensor:
+    """[sq, sk] bool: which keys each query sees. Causal is bottom-right aligned (flash-attn):
+    query i sees key j iff j <= i + sk - sq."""
+    if not causal:
+        return torch.ones(sq, sk, dtype=torch.bool, device=device)
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j <= i + (sk - sq)
+
+
+def _scores(q, k, causal, scale):
+    """Scaled, masked scores [B, Hq, Sq, Sk] in the compute dtype; GQA by repeating kv heads."""
+    ct = _compute_dtype(q)
+    group = q.shape[2] // k.shape[2]
+    qh = q.to(ct).transpose(1, 2)  # [B, Hq, Sq, D]
+    kh = k.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    return s.masked_fill(~_visible(q.shape[1], k.shape[1], causal, q.device), -math.inf)
+
+
+def attention(q, k, v, causal=False, softmax_scale=None):
+    """softmax(q kᵀ·scale + mask) v. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] ->
+    (out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32/64). A query with no visible key
+    gives out = 0 and lse = -inf."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    ct = _compute_dtype(q)
+    group = q.shape[2] // k.shape[2]
+    s = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)  # -inf for fully masked rows
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
+    out = (p @ vh).transpose(1, 2)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+    """Gradients of `attention` from its saved (out, lse), written out explicitly:
+    P = exp(S - lse), dV = Pᵀ dO, dP = dO Vᵀ, D = rowsum(dO ∘ O), dS = P ∘ (dP - D),
+    dQ = dS K · scale, dK = dSᵀ Q · scale; GQA gradients summed over each kv group."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    ct = _compute_dtype(q)
+    b, sk, hkv, d = k.shape
+    group = q.shape[2] // hkv
+    s = _scores(q, k, causal, scale)
+    p = torch.exp(s - lse.to(ct)[..., None]).nan_to_num(0.0)  # [B, Hq, Sq, Sk]
+    do = dout.to(ct).transpose(1, 2)
+    qh = q.to(ct).transpose(1, 2)
+    kh = k.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
+    delta = (do * out.to(ct).transpose(1, 2)).sum(-1, keepdim=True)
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ vh.transpose(-1, -2) - delta)
+    dq = (ds @ kh) * scale
+    dk = (ds.transpose(-1, -2) @ qh) * scale
+
+    def per_kv_head(t):  # [B, Hq, Sk, D] -> [B, Sk, Hkv, D]
+        return t.reshape(b, hkv, group, sk, d).sum(2).transpose(1, 2)
+
+    return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+
+
+def _segments(cu_seqlens_q, cu_seqlens_k):
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
+    """`attention` over packed sequences: sequence i is q[cu_q[i]:cu_q[i+1]] against
+    k/v[cu_k[i]:cu_k[i+1]]. q [total_q, Hq, D] -> (out [total_q, Hq, D], lse [Hq, total_q])."""
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=_compute_dtype(q), device=q.device)
+    for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
+        if qe == qs:
+            continue
+        o, l = attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, softmax_scale)
+        out[qs:qe], lse[:, qs:qe] = o[0], l[0]
+    return out, lse
+
+
+def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                              causal=False, softmax_scale=None):
+    """Gradients of `varlen_attention`, sequence by sequence with `attention_backward`."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
+        if qe == qs or ke == ks:
+            continue
+        g = attention_backward(dout[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke],
+                               out[None, qs:qe], lse[None, :, qs:qe], causal, softmax_scale)
+        dq[qs:qe], dk[ks:ke], dv[ks:ke] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
+    """One query per sequence against its cache prefix: q [B, Hq, D], caches [B, S_max, Hkv, D],
+    cache_seqlens [B]; keys at positions >= cache_seqlens[b] are ignored; length 0 gives 0."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    ct = _compute_dtype(q)
+    group = q.shape[1] // k_cache.shape[2]
+    k = k_cache.to(ct).repeat_interleave(group, dim=2)  # [B, S, Hq, D]
+    v = v_cache.to(ct).repeat_interleave(group, dim=2)
+    s = torch.einsum("bhd,bshd->bhs", q.to(ct), k) * scale
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < cache_seqlens[:, None].long()
+    s = s.masked_fill(~valid[:, None, :], -math.inf)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bshd->bhd", p, v).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- VQ
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in the compute dtype: x / max(||x||, 1e-12) (F.normalize,
+    as the official VQ code does), so a zero row stays zero."""
+    return F.normalize(x.to(_compute_dtype(x)), p=2, dim=-1)
+
+
+def vq_quantize(z, codebook, l2_norm=True):
+    """Index of the nearest codebook row for each row of z [N, D] -> int64 [N]. Squared distance
+    in the official expanded form ||z||² + ||c||² - 2 z·c, after L2-normalising both when
+    l2_norm; ties go to the lowest index. Computed in row chunks to bound memory."""
+    zc = l2_normalize(z) if l2_norm else z.to(_compute_dtype(z))
+    cb = l2_normalize(codebook) if l2_norm else codebook.to(_compute_dtype(codebook))
+    cb = cb.to(zc.dtype)
+    c2 = (cb * cb).sum(-1)
+    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    for start in range(0, z.shape[0], 4096):
+        rows = zc[start:start + 4096]
+        d = (rows * rows).sum(-1, keepdim=True) + c2 - 2 * rows @ cb.T
+        out[start:start + 4096] = torch.argmin(d, dim=-1)  # first minimum: lowest index
+    return out
+
+
+def vq_lookup(indices, codebook, l2_norm=True, shape=None):
+    """Codebook rows for `indices` (L2-normalised when l2_norm), in the codebook's dtype:
+    [*indices.shape, D], or with shape=(B, D, H, W) the channels-first [B, D, H, W] tensor
+    (row b*H*W + h*W + w goes to [b, :, h, w]), contiguous."""
+    cb = l2_normalize(codebook) if l2_norm else codebook
+    rows = F.embedding(indices.long(), cb).to(codebook.dtype)
+    if shape is None:
+        return rows
+    b, d, h, w = shape
+    return rows.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def guided_logits(logits, cfg_weight, layout="interleaved"):
+    """Classifier-free guidance in fp32: u + w·(c − u) from [2B, V] logits -> [B, V].
+    "interleaved": conditional rows even, unconditional odd (the official layout);
+    "halves": conditional rows 0..B-1, unconditional B..2B-1 (transformers' layout)."""
+    x = logits.to(_compute_dtype(logits))
+    if layout == "interleaved":
+        cond, uncond = x[0::2], x[1::2]
+    else:
+        cond, uncond = x.chunk(2, dim=0)
+    return uncond + cfg_weight * (cond - uncond)
+
+
+def sampling_probs(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, layout="interleaved"):
+    """The distribution cfg_sample draws from, [B, V]. Temperature 0 is one-hot at the argmax
+    (lowest index on ties). Otherwise softmax(guided / temperature), then top_k keeps token j iff
+    fewer than k tokens have a strictly larger logit (0 = off), then top_p on the renormalised
+    distribution keeps j iff p_j is the maximum or the mass of the tokens strictly more probable
+    than j is < top_p (1 = off). Ties are kept or dropped together; survivors are renormalised."""
+    g = guided_logits(logits, cfg_weight, layout)
+    if temperature == 0:
+        return F.one_hot(g.argmax(-1), g.shape[-1]).to(g.dtype)
+    g = g / temperature
+    if top_k > 0:
+        kth = torch.topk(g, min(top_k, g.shape[-1]), dim=-1).values[:, -1:]
+        g = g.masked_fill(g < kth, -math.inf)  # same as: k or more tokens strictly above
+    p = torch.softmax(g, dim=-1)
+    if top_p < 1.0:
+        # The kept set is {j: p_j >= t}: t is the smallest sorted probability whose exclusive
+        # prefix mass is < top_p (at least the maximum), which keeps ties together.
+        s = p.sort(dim=-1, descending=True).values
+        kept = ((s.cumsum(-1) - s) < top_p).sum(-1, keepdim=True).clamp(min=1)
+        p = p * (p >= s.gather(-1, kept - 1))
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+               layout="interleaved"):
+    """One token per guided row: argmax when temperature is 0, else a draw from
+    `sampling_probs` with torch.multinomial. logits [2B, V] -> int64 [B]."""
+    p = sampling_probs(logits, cfg_weight, temperature, top_k, top_p, layout)
+    if temperature == 0:
+        return p.argmax(-1)
+    return torch.multinomial(p, 1, generator=generator)[:, 0]

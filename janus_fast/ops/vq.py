@@ -1,0 +1,89 @@
+"""VQ codebook ops: nearest-code search (vq_quantize) and code lookup (vq_lookup)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend, _checks, reference
+
+FAST = ("cuda", "triton")
+_REFERENCE_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _impl(backend: str, name: str):
+    if backend == "reference":
+        return getattr(reference, name)
+    if backend == "cuda":
+        return _backend.cuda_op(name)
+    return getattr(_backend.triton_kernels("vq"), name)
+
+
+@torch.library.custom_op("janus_fast::vq_quantize", mutates_args=())
+def _vq_quantize(z: torch.Tensor, codebook: torch.Tensor, l2_norm: bool, backend: str) -> torch.Tensor:
+    return _impl(backend, "vq_quantize")(z, codebook, l2_norm)
+
+
+@_vq_quantize.register_fake
+def _(z, codebook, l2_norm, backend):
+    return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
+@torch.library.custom_op("janus_fast::vq_lookup", mutates_args=())
+def _vq_lookup(indices: torch.Tensor, codebook: torch.Tensor, l2_norm: bool,
+               shape: Optional[list[int]], backend: str) -> torch.Tensor:
+    return _impl(backend, "vq_lookup")(indices, codebook, l2_norm, shape)
+
+
+@_vq_lookup.register_fake
+def _(indices, codebook, l2_norm, shape, backend):
+    size = tuple(shape) if shape is not None else (*indices.shape, codebook.shape[1])
+    return codebook.new_empty(size)
+
+
+def _check_codebook(codebook, backend: str, device) -> None:
+    dtypes = _REFERENCE_DTYPES if backend in ("reference", "auto") else _checks.FLOAT_DTYPES
+    _checks.tensor("codebook", codebook, ndim=2, dtypes=dtypes, device=device)
+    if codebook.shape[0] == 0 or codebook.shape[1] == 0:
+        raise ValueError(f"codebook must be a non-empty [K, D] tensor, got shape {tuple(codebook.shape)}")
+    if not codebook.is_contiguous():
+        raise ValueError("codebook must be contiguous; call .contiguous() first")
+
+
+def vq_quantize(z, codebook, *, l2_norm: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Nearest codebook row for each latent: z [N, D], codebook [K, D] -> int64 [N].
+
+    Squared L2 distance, after L2-normalising z rows and codebook rows when l2_norm (a zero row
+    stays zero); ties go to the lowest index.
+    """
+    _checks.tensor("z", z, ndim=2)
+    _check_codebook(codebook, backend, z.device)
+    _checks.tensor("z", z, dtypes=(codebook.dtype,))
+    _checks.same("latent width of z and codebook", z=z.shape[1], codebook=codebook.shape[1])
+    _checks.last_dim_contiguous("z", z)
+    chosen = _backend.resolve("vq_quantize", backend, z.device, FAST)
+    if chosen != "reference" and codebook.shape[1] > 64:
+        raise ValueError(f"the {chosen} vq_quantize supports D <= 64, got {codebook.shape[1]}")
+    return _vq_quantize(z, codebook, bool(l2_norm), chosen)
+
+
+def vq_lookup(indices, codebook, *, l2_norm: bool = True, shape=None, backend: str = "auto") -> torch.Tensor:
+    """Codebook rows for `indices` (L2-normalised when l2_norm) in the codebook's dtype.
+
+    indices: integer tensor of any shape, values in [0, K) -> [*indices.shape, D]; with
+    shape=(B, D, H, W) and B*H*W == indices.numel() the channels-first [B, D, H, W] tensor,
+    contiguous (index b*H*W + h*W + w lands at [b, :, h, w]).
+    """
+    _checks.tensor("indices", indices, dtypes=(torch.int32, torch.int64))
+    _check_codebook(codebook, backend, indices.device)
+    if shape is not None:
+        shape = [int(s) for s in shape]
+        if len(shape) != 4 or min(shape) < 0:
+            raise ValueError(f"shape must be (B, D, H, W) with non-negative sizes, got {shape}")
+        b, d, h, w = shape
+        _checks.same("shape's D and the codebook width", shape=d, codebook=codebook.shape[1])
+        _checks.same("B*H*W and the number of indices", shape=b * h * w, indices=indices.numel())
+    _checks.index_range("indices", indices, codebook.shape[0])
+    chosen = _backend.resolve("vq_lookup", backend, indices.device, FAST)
+    return _vq_lookup(indices.contiguous(), codebook, bool(l2_norm), shape, chosen)

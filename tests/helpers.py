@@ -1,0 +1,40 @@
+"""Shared test helpers: tiers, devices, and comparing a backend with the float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FULL = os.environ.get("JANUS_FAST_FULL_TESTS", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Backends a test can exercise on this machine: the interpreter stands in for the GPU.
+FAST_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def grid(quick: list, full: list | None = None) -> list:
+    """A parametrisation: `quick` in CI, `quick + full` under JANUS_FAST_FULL_TESTS=1."""
+    return quick + (full or []) if FULL else quick
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    """A NaN-filled buffer shaped like t, to catch elements a kernel never writes."""
+    return torch.full_like(t, float("nan"))
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_close_to_reference(actual, baseline, exact, *, factor: float = 2.0, floor: float = 1e-5,
+                              name: str = "output") -> None:
+    """flash-attn's rule: the kernel's error against the float64 `exact` result is at most
+    `factor` times the error of the plain-torch `baseline` at the same low precision, plus
+    `floor`. NaN or inf where `exact` is finite never passes."""
+    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    finite = torch.isfinite(exact)
+    bad = finite & ~torch.isfinite(actual.double())
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where the reference is finite"
+    err = max_error(actual[finite], exact[finite])
+    allowed = factor * max_error(baseline[finite], exact[finite]) + floor
+    assert err <= allowed, f"{name}: max error {err:.3e} > allowed {allowed:.3e} (torch baseline x{factor} + {floor})"
