@@ -1,7 +1,7 @@
 """Attention: dense (flash_attention), packed (varlen_attention) and KV-cache decode.
 
 Each public function validates its inputs, resolves the backend and calls a torch.library
-custom op; the differentiable ones carry a registered backward, so torch.compile and CUDA
+custom op whose outputs are contiguous; the differentiable ones carry a registered backward, so torch.compile and CUDA
 graphs see opaque ops with fake (meta) implementations.
 """
 
@@ -35,13 +35,13 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                    softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0 or k.shape[1] == 0:
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=_lse_dtype(q), device=q.device)
-        return torch.zeros_like(q), lse
+        return q.new_zeros(q.shape), lse
     return _impl(backend, "attention", "attention_forward")(q, k, v, causal, softmax_scale)
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, causal, softmax_scale, backend):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("janus_fast::attention_bwd", mutates_args=())
@@ -49,14 +49,14 @@ def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.numel() == 0 or k.shape[1] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     return _impl(backend, "attention_backward", "attention_backward")(
         dout.contiguous(), q, k, v, out, lse, causal, softmax_scale)
 
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, causal, softmax_scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -120,7 +120,7 @@ def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
 
 @_varlen_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("janus_fast::varlen_attention_bwd", mutates_args=())
@@ -140,7 +140,7 @@ def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 @_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
       softmax_scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup(ctx, inputs, output):
@@ -191,7 +191,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
 
 @_decode.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float | None = None,

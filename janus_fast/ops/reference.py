@@ -1,7 +1,7 @@
 """Plain-PyTorch reference implementations: the oracle of every test and the CPU fallback.
 
 Written for clarity, not speed. Low-precision inputs are computed in float32, float64 inputs in
-float64; results come back in the input dtype (log-sum-exp always in float32 or float64).
+float64; results come back contiguous in the input dtype (log-sum-exp always in float32 or float64).
 Tests, benchmarks and the "reference" backend all import these functions, so they cannot drift.
 """
 
@@ -66,7 +66,7 @@ def attention(q, k, v, causal=False, softmax_scale=None):
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
     out = (p @ vh).transpose(1, 2)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype).contiguous(), lse
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
@@ -90,9 +90,9 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None
     dk = (ds.transpose(-1, -2) @ qh) * scale
 
     def per_kv_head(t):  # [B, Hq, Sk, D] -> [B, Sk, Hkv, D]
-        return t.reshape(b, hkv, group, sk, d).sum(2).transpose(1, 2)
+        return t.reshape(b, hkv, group, sk, d).sum(2).transpose(1, 2).contiguous()
 
-    return dq.transpose(1, 2).to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
+    return dq.transpose(1, 2).to(q.dtype).contiguous(), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype)
 
 
 def _segments(cu_seqlens_q, cu_seqlens_k):
@@ -103,7 +103,7 @@ def _segments(cu_seqlens_q, cu_seqlens_k):
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None):
     """`attention` over packed sequences: sequence i is q[cu_q[i]:cu_q[i+1]] against
     k/v[cu_k[i]:cu_k[i+1]]. q [total_q, Hq, D] -> (out [total_q, Hq, D], lse [Hq, total_q])."""
-    out = torch.zeros_like(q)
+    out = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=_compute_dtype(q), device=q.device)
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         if qe == qs:
@@ -116,7 +116,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                               causal=False, softmax_scale=None):
     """Gradients of `varlen_attention`, sequence by sequence with `attention_backward`."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for qs, qe, ks, ke in _segments(cu_seqlens_q, cu_seqlens_k):
         if qe == qs or ke == ks:
             continue
@@ -138,7 +138,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     valid = torch.arange(k.shape[1], device=q.device)[None, :] < cache_seqlens[:, None].long()
     s = s.masked_fill(~valid[:, None, :], -math.inf)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhs,bshd->bhd", p, v).to(q.dtype)
+    return torch.einsum("bhs,bshd->bhd", p, v).to(q.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- VQ

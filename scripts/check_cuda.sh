@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Compile-check every CUDA kernel in csrc/ for sm_80 and sm_90 (kernels include CUDA headers
+# only, so this needs nvcc, not a CUDA build of torch), and syntax-check the torch bindings
+# against torch's headers. Skips with a message when nvcc is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC=${NVCC:-$(command -v nvcc || true)}
+if [ -z "$NVCC" ]; then
+  echo "check_cuda: nvcc not found; CUDA sources not compile-checked"
+  exit 0
+fi
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+count=0
+while IFS= read -r -d '' cu; do
+  "$NVCC" -c "$cu" -o "$out/$(basename "$cu").o" -std=c++17 -O3 -Icsrc \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+  count=$((count + 1))
+done < <(find csrc -name '*.cu' -print0 | sort -z)
+cuda_include=$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include
+torch_includes=$(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+py_include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+while IFS= read -r -d '' cpp; do
+  g++ -std=c++17 -fsyntax-only -Icsrc -I"$cuda_include" $torch_includes -I"$py_include" "$cpp"
+  count=$((count + 1))
+done < <(find csrc -name '*.cpp' -print0 | sort -z)
+echo "check_cuda: $count CUDA/C++ sources compile for sm_80 and sm_90"
