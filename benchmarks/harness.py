@@ -36,8 +36,11 @@ def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def record(benchmark, fn, *, label: str, **metrics_per_ms) -> float:
+def record(benchmark, fn, *, case: str, label: str, **metrics_per_ms) -> float:
     """Time fn, attach the derived throughput to the pytest-benchmark result and return ms.
+
+    `case` names the shape (a table row), `label` the contender (a table column: "triton",
+    "sdpa-flash", ...); benchmarks/render.py lays results out that way.
 
     metrics_per_ms maps a metric name to a function of the median milliseconds, e.g.
     tflops=lambda ms: flops / ms / 1e9. pytest-benchmark's own statistics (host wall clock,
@@ -45,6 +48,7 @@ def record(benchmark, fn, *, label: str, **metrics_per_ms) -> float:
     """
     ms = gpu_time_ms(fn)
     benchmark.extra_info.update(run_context())
+    benchmark.extra_info["case"] = case
     benchmark.extra_info["label"] = label
     benchmark.extra_info["median_ms"] = ms
     for name, f in metrics_per_ms.items():

@@ -1,0 +1,38 @@
+"""The tools people use today, written as they use them: the baselines janus_fast's benchmarks
+put beside our kernels (and `python -m janus_fast.bench` times on the CPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def official_cfg_sample(logits, cfg_weight: float, temperature: float = 1.0, generator=None):
+    """The official generation loop's sampling step: interleaved [2B, V] logits, guidance,
+    softmax and torch.multinomial."""
+    cond, uncond = logits[0::2], logits[1::2]
+    guided = uncond + cfg_weight * (cond - uncond)
+    probs = torch.softmax(guided / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def torch_vq_quantize(z, codebook):
+    """The official VQ quantizer: normalise, the full [N, K] distance matrix, argmin."""
+    z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    d = (z ** 2).sum(1, keepdim=True) + (codebook ** 2).sum(1) - 2 * z @ codebook.T
+    return d.argmin(dim=1)
+
+
+def torch_vq_lookup(indices, codebook, shape):
+    """The official decode_code lookup: embedding of the normalised codebook, then permute."""
+    b, d, h, w = shape
+    rows = F.embedding(indices, F.normalize(codebook, dim=-1))
+    return rows.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+
+
+def sdpa(q, k, v, causal: bool = False):
+    """torch SDPA on our [B, S, H, D] layout (GQA through enable_gqa); the kernel is chosen by
+    the caller's torch.nn.attention.sdpa_kernel context."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
