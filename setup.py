@@ -62,7 +62,7 @@ setup(
     packages=find_packages(include=["janus_fast", "janus_fast.*"]) + ["janus_fast.kernels"],
     package_dir={"janus_fast": "janus_fast", "janus_fast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors"],
+    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tokenizers"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "transformers>=4.50", "tokenizers"],

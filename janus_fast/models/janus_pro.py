@@ -1,0 +1,222 @@
+"""JanusPro: a drop-in for the official MultiModalityCausalLM (same submodules, same state-dict
+keys, same methods), plus `generate_images` and `answer`."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import ops
+from .config import JanusProConfig
+from .llama import LlamaForCausalLM
+from .siglip import CLIPVisionTower, MlpProjector
+from .vq import VQModel
+
+
+class VisionHead(nn.Module):
+    """`gen_head`: image-token logits from LLM hidden states (Linear, exact GELU, Linear)."""
+
+    def __init__(self, n_embed: int, image_token_size: int):
+        super().__init__()
+        self.output_mlp_projector = nn.Linear(n_embed, n_embed)
+        self.vision_activation = nn.GELU()
+        self.vision_head = nn.Linear(n_embed, image_token_size)
+
+    def forward(self, x):
+        return self.vision_head(self.vision_activation(self.output_mlp_projector(x)))
+
+
+class JanusPro(nn.Module):
+    def __init__(self, config: JanusProConfig):
+        super().__init__()
+        self.config = config
+        h = config.language.hidden_size
+        self.vision_model = CLIPVisionTower(config.vision)
+        self.aligner = MlpProjector(config.vision.width, h)
+        self.gen_vision_model = VQModel(config.vq)
+        self.gen_aligner = MlpProjector(config.vq.codebook_dim, h)
+        self.gen_head = VisionHead(h, config.vq.codebook_size)
+        self.gen_embed = nn.Embedding(config.vq.codebook_size, config.vq.codebook_dim)
+        self.language_model = LlamaForCausalLM(config.language)
+        self.processor = None  # a JanusProcessor, set by from_pretrained when the tokenizer is there
+
+    @torch.no_grad()
+    def init_random_weights(self, std: float = 0.02) -> "JanusPro":
+        """Linear and embedding weights ~ N(0, std), biases 0 (the Llama/transformers init), so
+        a random model of any depth keeps finite activations in bf16; convolutions and norms
+        keep their PyTorch defaults. For demos and benchmarks: real weights come from
+        from_pretrained."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = torch.bfloat16, device=None,
+                        load_processor: bool = True) -> "JanusPro":
+        """Load an official release directory (or a transformers "janus" conversion). Weights go
+        straight from the files (memory-mapped) to `device` (default: cuda if available) in
+        `dtype` (None keeps the stored dtype); the processor is attached when the directory
+        holds a tokenizer."""
+        from ..checkpoint import load_model
+
+        model = load_model(cls, path, dtype=dtype, device=device)
+        if load_processor:
+            from ..processor import JanusProcessor
+
+            if JanusProcessor.has_tokenizer(path):
+                model.processor = JanusProcessor.from_pretrained(path)
+        return model
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
+        """config.json + safetensors (sharded above max_shard_size), written atomically; the
+        processor's files too when one is attached."""
+        from ..checkpoint import save_model
+
+        save_model(self, path, max_shard_size=max_shard_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.gen_embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gen_embed.weight.dtype
+
+    # ------------------------------------------------------------------ official methods
+    def prepare_inputs_embeds(self, input_ids, pixel_values, images_seq_mask, images_emb_mask, **kwargs):
+        """Text embeddings with the image embeddings scattered in at the image positions.
+
+        input_ids [b, T] (negative ids read as 0), pixel_values [b, n, 3, S, S],
+        images_seq_mask [b, T] (where image tokens go), images_emb_mask [b, n, tokens_per_image]
+        (which image tokens are real) -> [b, T, hidden]."""
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be [batch, n_images, 3, H, W], got {tuple(pixel_values.shape)}")
+        b, n = pixel_values.shape[:2]
+        per_image = self.config.vision.num_tokens
+        if tuple(images_emb_mask.shape) != (b, n, per_image):
+            raise ValueError(f"images_emb_mask must be [{b}, {n}, {per_image}], got {tuple(images_emb_mask.shape)}")
+        if tuple(images_seq_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"images_seq_mask {tuple(images_seq_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        n_slots, n_embeds = int(images_seq_mask.sum()), int(images_emb_mask.sum())
+        if n_slots != n_embeds:
+            raise ValueError(f"{n_slots} image positions in images_seq_mask but {n_embeds} image embeddings in "
+                             f"images_emb_mask: the <image_placeholder> tokens do not match the images")
+        emb = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
+        if n_slots:
+            images = pixel_values.flatten(0, 1).to(self.aligner.layers[0].weight.dtype)
+            image_embeds = self.aligner(self.vision_model(images)).reshape(b, n * per_image, -1)
+            emb = emb.clone()
+            emb[images_seq_mask.bool()] = image_embeds[images_emb_mask.reshape(b, -1).bool()].to(emb.dtype)
+        return emb
+
+    def prepare_gen_img_embeds(self, image_ids):
+        return self.gen_aligner(self.gen_embed(image_ids))
+
+    # ------------------------------------------------------------------ high level
+    def _processor(self, processor):
+        proc = processor if processor is not None else self.processor
+        if proc is None:
+            raise ValueError("no processor: load the model with from_pretrained from a directory that holds "
+                             "tokenizer.json, or pass processor=JanusProcessor.from_pretrained(...)")
+        return proc
+
+    def _generation_prompt_ids(self, proc, prompt: str) -> list[int]:
+        conversation = [{"role": proc.roles[0], "content": prompt}, {"role": proc.roles[1], "content": ""}]
+        text = proc.apply_sft_template_for_multi_turn_prompts(conversation, system_prompt="")
+        return proc.tokenizer.encode(text + proc.image_start_tag)
+
+    @torch.inference_mode()
+    def generate_images(self, prompt: str | Sequence[str], parallel_size: int = 16, cfg_weight: float = 5.0,
+                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                        seed: int | None = None, processor=None,
+                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Text -> images as the official generation script does, for one prompt or several
+        (of any lengths) in one batch: uint8 [len(prompts) * parallel_size, S, S, 3] on the CPU,
+        prompt by prompt. Classifier-free guidance pairs each prompt row with an unconditional
+        row (the prompt's first and last tokens around pads, pads attended). `seed` makes the
+        result reproducible; `progress(step, total)` is called after each image token."""
+        proc = self._processor(processor)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or parallel_size < 1:
+            raise ValueError("need at least one prompt and parallel_size >= 1")
+        pad = proc.pad_id
+        rows = []
+        for text in prompts:
+            ids = self._generation_prompt_ids(proc, text)
+            uncond = ids[:1] + [pad] * max(len(ids) - 2, 0) + ids[1:][-1:]
+            rows += [ids, uncond] * parallel_size
+        lm = self.language_model
+        device = self.device
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, longest - len(r):] = torch.tensor(r)
+            mask[i, longest - len(r):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        n_images, n_tokens = len(rows) // 2, self.config.vq.num_tokens
+        cache = lm.model.new_cache(len(rows), longest + n_tokens)
+        h = lm.model(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask, past_key_values=cache,
+                     use_cache=True).last_hidden_state[:, -1]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        codes = torch.empty(n_images, n_tokens, dtype=torch.long, device=device)
+        with ops.no_value_checks():
+            for i in range(n_tokens):
+                codes[:, i] = ops.cfg_sample(self.gen_head(h), cfg_weight=cfg_weight, temperature=temperature,
+                                             top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
+                                             generator=generator)
+                if i + 1 < n_tokens:
+                    h = lm.model.decode_step(self.prepare_gen_img_embeds(codes[:, i]).repeat_interleave(2, 0), cache)
+                    cache.max_seqlen += 1
+                if progress is not None:
+                    progress(i + 1, n_tokens)
+        return self.decode_images(codes)
+
+    @torch.inference_mode()
+    def decode_images(self, codes: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Image token ids [N, grid*grid] -> uint8 [N, S, S, 3] on the CPU (clip((x+1)/2*255),
+        truncated as the official script's uint8 assignment does)."""
+        vq = self.config.vq
+        out = []
+        for chunk in codes.split(batch_size):
+            x = self.gen_vision_model.decode_code(chunk, (chunk.shape[0], vq.codebook_dim, vq.grid, vq.grid))
+            x = ((x.float() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
+            out.append(x.permute(0, 2, 3, 1).cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list:
+        """uint8 [N, H, W, 3] -> list of PIL images."""
+        from PIL import Image
+
+        return [Image.fromarray(img.numpy()) for img in images]
+
+    @torch.inference_mode()
+    def answer(self, image, question: str, max_new_tokens: int = 512, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, processor=None) -> str:
+        """Image(s) + question -> the assistant's answer, as the official inference script does.
+        `image` is a PIL image, a path, a list of those, or None for a text-only question."""
+        from ..processor import load_image
+
+        proc = self._processor(processor)
+        images = [] if image is None else [load_image(x) for x in (image if isinstance(image, (list, tuple)) else [image])]
+        content = "".join(f"{proc.image_tag}\n" for _ in images) + question
+        conversation = [{"role": proc.roles[0], "content": content}, {"role": proc.roles[1], "content": ""}]
+        inputs = proc(conversations=conversation, images=images, force_batchify=True).to(self.device, self.dtype)
+        embeds = self.prepare_inputs_embeds(**inputs)
+        tok = proc.tokenizer
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        out = self.language_model.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+                                           pad_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                           eos_token_id=tok.eos_token_id, max_new_tokens=max_new_tokens,
+                                           do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                           generator=generator)
+        return tok.decode(out[0].tolist(), skip_special_tokens=True)

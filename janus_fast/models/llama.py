@@ -1,0 +1,361 @@
+"""The Llama LLM of Janus-Pro (DeepSeek-LLM) with the official module names, a static KV cache and
+janus_fast.ops attention.
+
+Attention paths (chosen once per forward, shared by all layers):
+  dense   no cache and no padding mask: ops.flash_attention(causal=True) over [B, T].
+  packed  a padding mask and/or earlier cached tokens: the real tokens are packed and run through
+          ops.varlen_attention (causal, bottom-right aligned), so left padding needs no additive
+          mask. The cache keeps each row's real tokens left-aligned: row b holds cache.seqlens[b]
+          tokens, and a token's rotary position is its index in that row (0 at the first real
+          token, as the official `generate` computes position ids from the attention mask).
+  decode  one new token per row with a cache: `LlamaModel.decode_step`, a small function over the
+          static cache with ops.decode_attention and per-row lengths, free of host syncs so a
+          later engine can capture it in a CUDA graph or replace it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32, cast back before the weight (the Llama convention).
+        x32 = x.float() if x.dtype != torch.float64 else x
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [*positions.shape, 1, head_dim] for rotate-half RoPE, computed in fp32 and cast
+    to `dtype` (as the reference Llama does)."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Static KV cache: per layer k/v [B, capacity, Hkv, D]; row b holds its first seqlens[b]
+    slots (real tokens only, left-aligned). `max_seqlen` is a host-side upper bound of seqlens so
+    growing the cache never reads device memory."""
+
+    def __init__(self, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (batch, capacity, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.max_seqlen = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def get_seq_length(self) -> int:
+        return self.max_seqlen
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more tokens per row (reallocating at least 2x when it must grow)."""
+        need = self.max_seqlen + n
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                grown = t.new_zeros((t.shape[0], cap, *t.shape[2:]))
+                grown[:, : t.shape[1]] = t
+                buf[i] = grown
+
+
+@dataclass
+class BaseModelOutputWithPast:
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, i):
+        return (self.last_hidden_state, self.past_key_values)[i]
+
+
+@dataclass
+class CausalLMOutputWithPast:
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+
+    def __getitem__(self, i):
+        return (self.logits, self.past_key_values)[i]
+
+
+@dataclass
+class _Packing:
+    """Where the real tokens of a [B, T] chunk go: index pairs, cache slots and cu_seqlens."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    slots: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    kv_select: torch.Tensor | None  # [B, capacity] bool: cached keys each row attends to
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def qkv(self, x, cos, sin):
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, packing: _Packing | None):
+        b, t = x.shape[:2]
+        q, k, v = self.qkv(x, cos, sin)
+        if packing is None:  # dense: fresh causal sequences, no padding
+            if cache is not None:
+                cache.k[layer][:, :t] = k
+                cache.v[layer][:, :t] = v
+            out = ops.flash_attention(q, k, v, causal=True)
+        else:
+            p = packing
+            k_new, v_new = k[p.rows, p.cols], v[p.rows, p.cols]
+            if cache is not None:
+                cache.k[layer][p.rows, p.slots] = k_new
+                cache.v[layer][p.rows, p.slots] = v_new
+                k_new, v_new = cache.k[layer][p.kv_select], cache.v[layer][p.kv_select]
+            packed = ops.varlen_attention(q[p.rows, p.cols], k_new, v_new, p.cu_q, p.cu_k, p.max_q, p.max_k,
+                                          causal=True)
+            out = q.new_zeros(q.shape)
+            out[p.rows, p.cols] = packed
+        return self.o_proj(out.reshape(b, t, -1))
+
+    def decode(self, x, cos, sin, layer: int, cache: KVCache, rows: torch.Tensor):
+        """x [B, H]: write this token's k/v at slot seqlens[b], attend to seqlens[b] + 1 keys."""
+        q, k, v = self.qkv(x, cos, sin)
+        slots = cache.seqlens.long()
+        cache.k[layer][rows, slots] = k
+        cache.v[layer][rows, slots] = v
+        out = ops.decode_attention(q, cache.k[layer], cache.v[layer], cache.seqlens + 1)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, attend):
+        """`attend(self_attn, normed_h)` runs the attention path the caller chose (dense,
+        packed or decode), so the three paths share one block definition."""
+        h = h + attend(self.self_attn, self.input_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        cfg, w = self.config, self.layers[0].self_attn.k_proj.weight
+        return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim,
+                       w.dtype, w.device)
+
+    def _rope(self, positions, dtype):
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+
+    def decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row: x [B, H] embeddings -> final-normed hidden [B, H]; appends to the
+        cache and advances cache.seqlens in place. No host syncs, no allocation that depends on
+        values: the piece a CUDA-graph engine captures or replaces. The caller keeps capacity
+        (`cache.reserve(1)`) and `cache.max_seqlen`."""
+        cos, sin = self._rope(cache.seqlens.long(), x.dtype)  # [B, 1, D]: broadcast over heads
+        rows = torch.arange(x.shape[0], device=x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, lambda attn, y, i=i: attn.decode(y, cos, sin, i, cache, rows))
+        cache.seqlens.add_(1)
+        return self.norm(x)
+
+    def _packing(self, mask: torch.Tensor | None, b: int, t: int, cache: KVCache | None, device):
+        """Positions [B, T] and the packing of the real tokens (host syncs: prefill only)."""
+        starts = cache.seqlens.long() if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
+        real = mask.bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
+        rank = real.long().cumsum(1) - 1
+        positions = (starts[:, None] + rank).clamp(min=0)
+        n_new = real.sum(1)
+        rows, cols = real.nonzero(as_tuple=True)
+        lengths_k = starts + n_new
+        zero = torch.zeros(1, dtype=torch.int32, device=device)
+        cu_q = torch.cat([zero, n_new.cumsum(0).int()])
+        cu_k = torch.cat([zero, lengths_k.cumsum(0).int()])
+        kv_select = None
+        if cache is not None:
+            kv_select = torch.arange(cache.capacity, device=device)[None, :] < lengths_k[:, None]
+        return positions, _Packing(rows, cols, (starts[:, None] + rank)[rows, cols], cu_q, cu_k,
+                                   int(n_new.max()), int(lengths_k.max()), kv_select)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
+                use_cache: bool | None = None, return_dict: bool = True) -> BaseModelOutputWithPast:
+        """input_ids [B, T] or inputs_embeds [B, T, H]; attention_mask [B, T] or [B, past + T]
+        (1 = real token; only its last T columns are read: the cache holds no padding);
+        past_key_values: a KVCache from an earlier call (updated in place and returned).
+        return_dict is accepted for transformers compatibility: the result is always an object."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if h.dim() != 3:
+            raise ValueError(f"inputs must be [batch, seq] ids or [batch, seq, hidden] embeddings, got {tuple(h.shape)}")
+        b, t, _ = h.shape
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be a janus_fast KVCache, got {type(cache).__name__}")
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"past_key_values holds {cache.batch_size} rows, inputs have {b}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
+                raise ValueError(f"attention_mask must be [batch, past + seq] = [{b}, >= {t}], "
+                                 f"got {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, -t:]
+            if bool(mask.all()):
+                mask = None
+        if cache is None and use_cache:
+            cache = self.new_cache(b, t)
+        if cache is not None:
+            cache.reserve(t)
+        if t == 1 and mask is None and cache is not None and cache.max_seqlen > 0:
+            with ops.no_value_checks():  # cache lengths are kept by us: no device reads per layer
+                out = self.decode_step(h[:, 0], cache)[:, None]
+            cache.max_seqlen += 1
+            return BaseModelOutputWithPast(out, cache)
+        if mask is None and (cache is None or cache.max_seqlen == 0):
+            positions = torch.arange(t, device=h.device).expand(b, t)
+            packing = None
+        else:
+            positions, packing = self._packing(mask, b, t, cache, h.device)
+        cos, sin = self._rope(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, lambda attn, y, i=i: attn(y, cos, sin, i, cache, packing))
+        if cache is not None:
+            cache.seqlens += t if mask is None else mask.sum(1).int()
+            cache.max_seqlen += t
+        return BaseModelOutputWithPast(self.norm(h), cache if use_cache or past_key_values is not None else None)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
+                use_cache: bool | None = None, return_dict: bool = True) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         past_key_values=past_key_values, use_cache=use_cache)
+        return CausalLMOutputWithPast(self.lm_head(out.last_hidden_state), out.past_key_values)
+
+    def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator):
+        """Next token [B] from logits [B, V]: argmax, or a draw through ops.cfg_sample with the
+        logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance)."""
+        if not do_sample:
+            return logits.argmax(-1)
+        both = torch.cat([logits, logits]).float()
+        return ops.cfg_sample(both, cfg_weight=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator, layout="halves")
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 pad_token_id=None, bos_token_id=None, eos_token_id=None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Text generation as transformers' `generate` for a left-padded batch: returns the new
+        token ids [B, n <= max_new_tokens] (after input_ids when those were given instead of
+        embeddings); rows that produced EOS are padded with pad_token_id (default: EOS); stops
+        when every row is done. bos_token_id and use_cache are accepted for compatibility."""
+        del bos_token_id, use_cache
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs a left-padded batch: attention_mask[:, -1] must be 1 in every row")
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        cache = self.model.new_cache(b, t + max_new_tokens)
+        h = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+                       use_cache=True).last_hidden_state[:, -1]
+        eos_t = torch.tensor(eos, dtype=torch.long, device=h.device)
+        done = torch.zeros(b, dtype=torch.bool, device=h.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            sampled = self.sample(self.lm_head(h), do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(sampled, pad), sampled)
+            tokens.append(nxt)
+            done |= torch.isin(nxt, eos_t)
+            if step == max_new_tokens - 1 or (eos and bool(done.all())):
+                break
+            cache.reserve(1)
+            # Finished rows keep decoding their sampled token (their output is pad): pad ids
+            # need not be valid embeddings.
+            with ops.no_value_checks():  # the cache lengths are ours: skip per-layer device reads
+                h = self.model.decode_step(self.model.embed_tokens(sampled), cache)
+            cache.max_seqlen += 1
+        new = torch.stack(tokens, 1) if tokens else torch.zeros(b, 0, dtype=torch.long, device=h.device)
+        return torch.cat([input_ids, new], 1) if input_ids is not None else new
