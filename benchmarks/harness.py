@@ -13,6 +13,9 @@ import torch
 
 import janus_fast
 
+# How a benchmark may run its contender: called from Python, or replayed from a CUDA graph.
+MODES = ["eager", "graph"]
+
 
 @functools.cache
 def run_context() -> dict:
@@ -36,16 +39,34 @@ def gpu_time_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def record(benchmark, fn, *, case: str, label: str, **metrics_per_ms) -> float:
+def cuda_graph(fn):
+    """The replay of a CUDA graph of fn (warmed up on a side stream first, so kernels compile
+    outside the capture): times the kernels alone, without Python and launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def record(benchmark, fn, *, case: str, label: str, graph: bool = False, **metrics_per_ms) -> float:
     """Time fn, attach the derived throughput to the pytest-benchmark result and return ms.
 
     `case` names the shape (a table row), `label` the contender (a table column: "triton",
-    "sdpa-flash", ...); benchmarks/render.py lays results out that way.
+    "sdpa-flash", ...); benchmarks/render.py lays results out that way. graph=True times the
+    replay of a CUDA graph of fn instead of eager calls (label gets " (graph)").
 
     metrics_per_ms maps a metric name to a function of the median milliseconds, e.g.
     tflops=lambda ms: flops / ms / 1e9. pytest-benchmark's own statistics (host wall clock,
     one synchronised round per call) are kept alongside for reference.
     """
+    if graph:
+        fn, label = cuda_graph(fn), f"{label} (graph)"
     ms = gpu_time_ms(fn)
     benchmark.extra_info.update(run_context())
     benchmark.extra_info["case"] = case

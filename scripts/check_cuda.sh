@@ -17,7 +17,8 @@ while IFS= read -r -d '' cu; do
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   count=$((count + 1))
 done < <(find csrc -name '*.cu' -print0 | sort -z)
-cuda_include=$(dirname "$(dirname "$(readlink -f "$NVCC")")")/include
+# nvcc may be a wrapper script: ask it where its own headers are
+cuda_include=$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
 torch_includes=$(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 py_include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 while IFS= read -r -d '' cpp; do

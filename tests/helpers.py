@@ -38,3 +38,13 @@ def assert_close_to_reference(actual, baseline, exact, *, factor: float = 2.0, f
     err = max_error(actual[finite], exact[finite])
     allowed = factor * max_error(baseline[finite], exact[finite]) + floor
     assert err <= allowed, f"{name}: max error {err:.3e} > allowed {allowed:.3e} (torch baseline x{factor} + {floor})"
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square test of observed `counts` against `probs` (tokens with
+    probability 0 are left out; the caller checks they were never drawn)."""
+    keep = probs > 0
+    expected = probs[keep].double() * counts.sum()
+    stat = ((counts[keep].double() - expected) ** 2 / expected).sum()
+    dof = max(int(keep.sum()) - 1, 1)
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from janus_fast import ops
+from tests.test_vq import without_near_ties
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +50,7 @@ def test_vq_ops_replay():
     ids = torch.randint(0, 4096, (2 * 24 * 24,), device="cuda")
     graph_q, tokens = capture(lambda: ops.vq_quantize(z, codebook))
     graph_l, image = capture(lambda: ops.vq_lookup(ids, codebook, shape=(2, 8, 24, 24)))
-    z.normal_()
+    z.copy_(without_near_ties(torch.randn_like(z), codebook, l2_norm=True, keep_shape=True))
     ids.random_(0, 4096)
     graph_q.replay()
     graph_l.replay()

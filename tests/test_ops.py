@@ -66,7 +66,7 @@ def opcheck_cases():
         (torch.ops.janus_fast.vq_lookup, (torch.randint(0, 16, (8,)), torch.randn(16, 8), True, [2, 8, 2, 2],
                                           "reference")),
         (torch.ops.janus_fast.cfg_sample, (torch.randn(6, 11), 3.0, 1.0, 4, 0.9, torch.tensor([5, 0]),
-                                           "interleaved", "reference")),
+                                           "interleaved", False, True, "reference")),
     ]
 
 

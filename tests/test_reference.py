@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from janus_fast.ops import reference as ref
+from tests.helpers import chi_square_pvalue
 
 
 def explicit_attention(q, k, v, causal, scale):
@@ -158,14 +159,6 @@ def test_sampling_filters_keep_ties_together():
     assert (ref.sampling_probs(logits, 1.0, 1.0, 2, 1.0) > 0).tolist() == [[True, True, True, False], [True] * 4]
     p = ref.sampling_probs(logits, 1.0, 1.0, 0, 0.5)
     assert (p > 0).tolist() == [[True, False, False, False], [True] * 4]
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    keep = probs > 0
-    expected = probs[keep] * counts.sum()
-    stat = ((counts[keep] - expected) ** 2 / expected).sum()
-    dof = int(keep.sum()) - 1
-    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2).item()
 
 
 @pytest.mark.parametrize("layout", ["interleaved", "halves"])

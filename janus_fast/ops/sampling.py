@@ -10,15 +10,25 @@ FAST = ("cuda", "triton")
 LAYOUTS = ("interleaved", "halves")
 
 
-def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout):
-    """The reference draw, made reproducible from the (seed, offset) pair in `seed`."""
-    s, offset = seed.tolist()
+def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
+                      return_ids=False):
+    """The reference draw, made reproducible from the (seed, offset) pair in `seed`; the same
+    contract as the kernels (advance the offset, pair-duplicated ids) around reference.cfg_sample."""
+    s, offset = seed[:2].tolist()
     generator = torch.Generator(device=logits.device)
     generator.manual_seed((s * 0x9E3779B97F4A7C15 + offset) % (1 << 63))
-    return reference.cfg_sample(logits, cfg_weight, temperature, top_k, top_p, generator, layout)
+    tokens = reference.cfg_sample(logits, cfg_weight, temperature, top_k, top_p, generator, layout)
+    if advance:
+        seed[1] += 1
+    ids = logits.new_empty((0,), dtype=torch.int64)
+    if return_ids:
+        ids = tokens.repeat_interleave(2) if layout == "interleaved" else tokens.repeat(2)
+    return tokens, ids
 
 
 def _impl(backend: str):
+    """(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids)
+    -> (tokens [B], ids [2B] or empty)."""
     if backend == "reference":
         return _reference_sample
     if backend == "cuda":
@@ -26,15 +36,26 @@ def _impl(backend: str):
     return _backend.triton_kernels("sampling").cfg_sample
 
 
-@torch.library.custom_op("janus_fast::cfg_sample", mutates_args=())
-def _cfg_sample(logits: torch.Tensor, cfg_weight: float, temperature: float, top_k: int,
-                top_p: float, seed: torch.Tensor, layout: str, backend: str) -> torch.Tensor:
-    return _impl(backend)(logits, cfg_weight, temperature, top_k, top_p, seed, layout)
+@torch.library.custom_op("janus_fast::cfg_sample", mutates_args=("seed",))
+def _cfg_sample(logits: torch.Tensor, cfg_weight: float, temperature: float, top_k: int, top_p: float,
+                seed: torch.Tensor, layout: str, advance: bool, return_ids: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(backend)(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids)
 
 
 @_cfg_sample.register_fake
-def _(logits, cfg_weight, temperature, top_k, top_p, seed, layout, backend):
-    return logits.new_empty((logits.shape[0] // 2,), dtype=torch.int64)
+def _(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids, backend):
+    b = logits.shape[0] // 2
+    return (logits.new_empty((b,), dtype=torch.int64),
+            logits.new_empty((2 * b if return_ids else 0,), dtype=torch.int64))
+
+
+def new_rng_state(seed: int, offset: int = 0, device="cuda") -> torch.Tensor:
+    """A persistent random state for `cfg_sample(..., rng_state=)`: int64 [3] holding (seed,
+    offset, 0). Each call reads it and adds 1 to the offset in the same launch (the third entry
+    is the kernel's arrival counter, kept at 0 between launches), so a captured CUDA graph draws
+    a new stream on every replay."""
+    return torch.tensor([seed, offset, 0], dtype=torch.int64, device=device)
 
 
 def _draw_seed(generator, device) -> torch.Tensor:
@@ -49,7 +70,8 @@ def _draw_seed(generator, device) -> torch.Tensor:
 
 def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, generator=None, layout: str = "interleaved",
-               backend: str = "auto") -> torch.Tensor:
+               rng_state: torch.Tensor | None = None, return_ids: bool = False,
+               backend: str = "auto"):
     """One token per image from [2B, V] conditional/unconditional logits -> int64 [B].
 
     guided = u + cfg_weight·(c − u) in fp32; layout "interleaved" has conditional rows even and
@@ -57,6 +79,11 @@ def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: in
     temperature 0 takes the argmax (lowest index on ties); otherwise top_k (0 = off) and top_p
     (1 = off) filter softmax(guided / temperature) as `reference.sampling_probs` defines, and one
     token is drawn. `generator` makes the draw reproducible.
+
+    rng_state (from `new_rng_state`) replaces the generator with a persistent device state that
+    the launch itself advances: the fast backends then need exactly one launch per step. With
+    return_ids=True the result is (tokens [B], ids [2B]): the tokens pair-duplicated in the
+    logits' layout, the ids the next step embeds.
     """
     _checks.tensor("logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
     if logits.shape[0] % 2 or logits.shape[1] == 0:
@@ -71,5 +98,16 @@ def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: in
     chosen = _backend.resolve("cfg_sample", backend, logits.device, FAST)
     if chosen != "reference" and logits.dtype == torch.float64:
         raise TypeError(f"the {chosen} cfg_sample takes float16, bfloat16 or float32 logits, got float64")
-    seed = _draw_seed(generator, logits.device)
-    return _cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, chosen)
+    if rng_state is None:
+        state, advance = _draw_seed(generator, logits.device), False
+    else:
+        if generator is not None:
+            raise ValueError("pass either generator or rng_state, not both")
+        _checks.tensor("rng_state", rng_state, ndim=1, dtypes=(torch.int64,), device=logits.device)
+        if rng_state.shape[0] != 3 or not rng_state.is_contiguous():
+            raise ValueError(f"rng_state must be a contiguous int64 [3] tensor (seed, offset, 0) as "
+                             f"new_rng_state makes, got shape {tuple(rng_state.shape)}")
+        state, advance = rng_state, True
+    tokens, ids = _cfg_sample(logits, cfg_weight, temperature, top_k, top_p, state, layout, advance,
+                              bool(return_ids), chosen)
+    return (tokens, ids) if return_ids else tokens

@@ -51,11 +51,16 @@ def _check_codebook(codebook, backend: str, device) -> None:
         raise ValueError("codebook must be contiguous; call .contiguous() first")
 
 
-def vq_quantize(z, codebook, *, l2_norm: bool = True, backend: str = "auto") -> torch.Tensor:
+def vq_quantize(z, codebook, *, l2_norm: bool = True, return_rows: bool = False, backend: str = "auto"):
     """Nearest codebook row for each latent: z [N, D], codebook [K, D] -> int64 [N].
 
-    Squared L2 distance, after L2-normalising z rows and codebook rows when l2_norm (a zero row
-    stays zero); ties go to the lowest index.
+    Squared L2 distance, after L2-normalising z rows and codebook rows when l2_norm (x / max(||x||,
+    1e-12), F.normalize: a zero row stays zero, so a zero latent is at distance ||c||^2 from
+    every code and takes the first code of smallest norm); ties go to the lowest index. The fast
+    backends compute the expanded distance ||c||^2 - 2 z.c in fp32 without an N x K matrix; they
+    can differ from the reference only where two codes' distances agree to ~1e-6 (rounding).
+    return_rows=True also returns the selected (normalised) rows [N, D] in the codebook's dtype,
+    as vq_lookup gives them (for a straight-through estimator).
     """
     _checks.tensor("z", z, ndim=2)
     _check_codebook(codebook, backend, z.device)
@@ -65,7 +70,11 @@ def vq_quantize(z, codebook, *, l2_norm: bool = True, backend: str = "auto") -> 
     chosen = _backend.resolve("vq_quantize", backend, z.device, FAST)
     if chosen != "reference" and codebook.shape[1] > 64:
         raise ValueError(f"the {chosen} vq_quantize supports D <= 64, got {codebook.shape[1]}")
-    return _vq_quantize(z, codebook, bool(l2_norm), chosen)
+    indices = _vq_quantize(z, codebook, bool(l2_norm), chosen)
+    if not return_rows:
+        return indices
+    lookup = _backend.resolve("vq_lookup", backend, z.device, FAST)
+    return indices, _vq_lookup(indices, codebook, bool(l2_norm), None, lookup)
 
 
 def vq_lookup(indices, codebook, *, l2_norm: bool = True, shape=None, backend: str = "auto") -> torch.Tensor:

@@ -1,0 +1,35 @@
+// Plain C++ launcher for the CFG sampling kernel (sampling.cu); no torch types.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace janus_fast {
+namespace sampling {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+struct CfgSampleParams {
+  const void* logits;  // [2B, V], rows `row_stride` elements apart, unit stride within a row
+  DType dtype;
+  int64_t row_stride;
+  int64_t batch;  // B (output rows)
+  int64_t vocab;  // V, 1 .. 2^31 - 1
+  float cfg_weight;
+  float temperature;  // 0: argmax
+  int64_t top_k;      // 0 or >= V: off
+  float top_p;        // 1: off
+  bool interleaved;   // cond rows 2b / uncond 2b+1; else cond b / uncond B+b
+  int64_t* seed;      // device (seed, offset[, arrival counter]); see launch_cfg_sample
+  bool advance;       // add 1 to seed[1] in this launch (seed[2] must be 0; it is reset)
+  int64_t* tokens;    // [B]
+  int64_t* ids;       // [2B] pair-duplicated tokens in the input layout, or nullptr
+};
+
+// One block per output row; the stream of random numbers is the one kernels/sampling.py
+// documents (Philox4x32-10, counter (j / 4, b, offset_lo, offset_hi), key = seed).
+cudaError_t launch_cfg_sample(const CfgSampleParams& params, cudaStream_t stream);
+
+}  // namespace sampling
+}  // namespace janus_fast

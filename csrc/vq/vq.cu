@@ -1,0 +1,305 @@
+// VQ codebook kernels: lookup (gather + normalise, optionally channels-first) and the
+// nearest-code search. Maths and conventions match kernels/vq.py:
+//   normalise(x) = x / max(||x||, 1e-12) in fp32 with IEEE sqrt/division (__fsqrt_rn,
+//   __fdiv_rn: exact rounding even under --use_fast_math), so a zero row stays zero;
+//   quantize: idx_i = argmin_k ||c_k||^2 - 2 z_i . c_k, fp32, ties to the lowest k.
+// The search never stores an N x K matrix: a pre-pass writes the normalised codebook once per
+// call (fp32, zero-padded to DP columns) and fills the output with all-ones; the main kernel
+// stages codebook tiles in shared memory, keeps a running argmin per latent in registers, and
+// merges the per-split winners with a 64-bit atomicMin on (order-preserving distance bits << 32
+// | index), which also sends ties to the lowest index; a last pass keeps the index bits.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "vq/vq.h"
+
+namespace janus_fast {
+namespace vq {
+namespace {
+
+constexpr float kEps = 1e-12f;
+constexpr int kThreads = 256;
+
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  static __device__ __forceinline__ float to(float x) { return x; }
+  static __device__ __forceinline__ float from(float x) { return x; }
+};
+template <>
+struct Cvt<__half> {
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+
+__device__ __forceinline__ float norm_denominator(float sum_sq) {
+  return fmaxf(__fsqrt_rn(sum_sq), kEps);
+}
+
+// ------------------------------------------------------------------------------- lookup
+
+// One thread per looked-up row: for channels-first output, neighbouring threads write
+// neighbouring addresses of each channel plane.
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+    lookup_kernel(const I* __restrict__ indices, const T* __restrict__ codebook, T* __restrict__ out,
+                  int64_t n, int64_t k, int64_t d, int64_t hw, bool l2_norm, bool channels_first) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t code = static_cast<int64_t>(indices[i]);
+    const bool valid = code >= 0 && code < k;
+    const T* row = codebook + (valid ? code : 0) * d;
+    float denom = 1.f;
+    if (l2_norm && valid) {
+      float sum_sq = 0.f;
+      for (int64_t j = 0; j < d; ++j) {
+        const float x = Cvt<T>::to(row[j]);
+        sum_sq = fmaf(x, x, sum_sq);
+      }
+      denom = norm_denominator(sum_sq);
+    }
+    T* dst = out + i * d;
+    int64_t step = 1;
+    if (channels_first) {
+      const int64_t b = i / hw;
+      dst = out + b * d * hw + (i - b * hw);
+      step = hw;
+    }
+    for (int64_t j = 0; j < d; ++j) {
+      float x = valid ? Cvt<T>::to(row[j]) : __int_as_float(0x7fc00000);  // NaN
+      if (l2_norm) x = __fdiv_rn(x, denom);
+      dst[j * step] = Cvt<T>::from(x);
+    }
+  }
+}
+
+int grid_for(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < (1 << 20) ? (blocks > 0 ? blocks : 1) : (1 << 20));
+}
+
+template <typename T>
+cudaError_t lookup_dispatch(const void* indices, bool index_is_int64, const void* codebook, void* out,
+                            int64_t n, int64_t k, int64_t d, int64_t hw, bool l2_norm,
+                            bool channels_first, cudaStream_t stream) {
+  const T* cb = static_cast<const T*>(codebook);
+  T* o = static_cast<T*>(out);
+  if (index_is_int64) {
+    lookup_kernel<T, int64_t><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<const int64_t*>(indices), cb, o, n, k, d, hw, l2_norm, channels_first);
+  } else {
+    lookup_kernel<T, int32_t><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<const int32_t*>(indices), cb, o, n, k, d, hw, l2_norm, channels_first);
+  }
+  return cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------- quantize
+
+// Normalised, zero-padded fp32 codebook rows + their squared norms; the output (reused as the
+// packed-argmin buffer) is filled with all-ones, the largest key.
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads)
+    prepare_kernel(const T* __restrict__ codebook, float* __restrict__ work, float* __restrict__ sq,
+                   unsigned long long* __restrict__ packed, int64_t k, int d, int64_t n, bool l2_norm) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = start; i < k; i += stride) {
+    float x[DP];
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < DP; ++j) {
+      x[j] = j < d ? Cvt<T>::to(codebook[i * d + j]) : 0.f;
+      sum_sq = fmaf(x[j], x[j], sum_sq);
+    }
+    if (l2_norm) {
+      const float denom = norm_denominator(sum_sq);
+      sum_sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < DP; ++j) {
+        x[j] = __fdiv_rn(x[j], denom);
+        sum_sq = fmaf(x[j], x[j], sum_sq);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < DP; ++j) work[i * DP + j] = x[j];
+    sq[i] = sum_sq;
+  }
+  for (int64_t i = start; i < n; i += stride) packed[i] = ~0ull;
+}
+
+// Distance bits that order like the floats (NaN aside), above them the index: the minimum of
+// two keys is the smaller distance, then the lower index.
+__device__ __forceinline__ unsigned long long pack(float dist, int64_t idx) {
+  unsigned int bits = __float_as_uint(dist == 0.f ? 0.f : dist);
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<unsigned long long>(bits) << 32) | static_cast<unsigned int>(idx);
+}
+
+// Block (x, y): LAT * kThreads latents against codebook tiles [y * tiles_per_split, ...).
+template <typename T, int DP, int LAT, int TK>
+__global__ void __launch_bounds__(kThreads)
+    quantize_kernel(const T* __restrict__ z, int64_t stride_z, const float* __restrict__ work,
+                    const float* __restrict__ sq, unsigned long long* __restrict__ packed, int64_t n,
+                    int64_t k, int d, bool l2_norm, int64_t tiles_per_split) {
+  __shared__ float4 s_code[TK * DP / 4];
+  __shared__ float s_sq[TK];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * (kThreads * LAT) + threadIdx.x;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split * TK;
+  const int64_t k_end = k_begin + tiles_per_split * TK < k ? k_begin + tiles_per_split * TK : k;
+
+  float zr[LAT][DP];
+  float best[LAT];
+  int64_t best_idx[LAT];
+#pragma unroll
+  for (int l = 0; l < LAT; ++l) {
+    const int64_t row = base + l * kThreads;
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < DP; ++j) {
+      zr[l][j] = (row < n && j < d) ? Cvt<T>::to(z[row * stride_z + j]) : 0.f;
+      sum_sq = fmaf(zr[l][j], zr[l][j], sum_sq);
+    }
+    if (l2_norm) {
+      const float denom = norm_denominator(sum_sq);
+#pragma unroll
+      for (int j = 0; j < DP; ++j) zr[l][j] = __fdiv_rn(zr[l][j], denom);
+    }
+    best[l] = __int_as_float(0x7f800000);  // +inf
+    best_idx[l] = k_begin;
+  }
+
+  for (int64_t tile = k_begin; tile < k_end; tile += TK) {
+    const int count = static_cast<int>(k_end - tile < TK ? k_end - tile : TK);
+    __syncthreads();  // the previous tile is no longer read
+    const float4* src = reinterpret_cast<const float4*>(work + tile * DP);
+    for (int v = threadIdx.x; v < count * (DP / 4); v += kThreads) s_code[v] = src[v];
+    for (int c = threadIdx.x; c < count; c += kThreads) s_sq[c] = sq[tile + c];
+    __syncthreads();
+    for (int c = 0; c < count; ++c) {
+      float e[DP];
+#pragma unroll
+      for (int v = 0; v < DP / 4; ++v) {
+        const float4 q = s_code[c * (DP / 4) + v];
+        e[4 * v] = q.x;
+        e[4 * v + 1] = q.y;
+        e[4 * v + 2] = q.z;
+        e[4 * v + 3] = q.w;
+      }
+      const float code_sq = s_sq[c];
+#pragma unroll
+      for (int l = 0; l < LAT; ++l) {
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < DP; ++j) dot = fmaf(zr[l][j], e[j], dot);
+        const float dist = code_sq - 2.f * dot;
+        if (dist < best[l]) {  // strict: the earlier (lower) index wins a tie
+          best[l] = dist;
+          best_idx[l] = tile + c;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int l = 0; l < LAT; ++l) {
+    const int64_t row = base + l * kThreads;
+    if (row < n) atomicMin(packed + row, pack(best[l], best_idx[l]));
+  }
+}
+
+__global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = static_cast<int64_t>(static_cast<unsigned long long>(out[i]) & 0xffffffffull);
+  }
+}
+
+template <typename T, int DP>
+cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
+                              float* work, float* sq, int64_t n, int64_t k, int d, bool l2_norm,
+                              int num_sms, cudaStream_t stream) {
+  constexpr int LAT = DP <= 8 ? 4 : (DP <= 16 ? 2 : 1);  // latents per thread: reuse each smem read
+  constexpr int TK = 4096 / DP;                           // 16 KiB codebook tile
+  auto* packed = reinterpret_cast<unsigned long long*>(out);
+  prepare_kernel<T, DP><<<grid_for(k > n ? k : n), kThreads, 0, stream>>>(
+      static_cast<const T*>(codebook), work, sq, packed, k, d, n, l2_norm);
+  // Split the codebook across blocks until the grid covers the GPU about twice.
+  const int64_t blocks_n = (n + kThreads * LAT - 1) / (kThreads * LAT);
+  const int64_t tiles = (k + TK - 1) / TK;
+  int64_t splits = (2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1) + blocks_n - 1) / blocks_n;
+  splits = splits < tiles ? splits : tiles;
+  splits = splits > 0 ? splits : 1;
+  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
+  splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+  const dim3 grid(static_cast<unsigned int>(blocks_n), static_cast<unsigned int>(splits));
+  quantize_kernel<T, DP, LAT, TK><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm, tiles_per_split);
+  unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t quantize_by_width(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
+                              float* work, float* sq, int64_t n, int64_t k, int64_t d, bool l2_norm,
+                              int num_sms, cudaStream_t stream) {
+  const int di = static_cast<int>(d);
+  switch (vq_padded_dim(d)) {
+    case 8: return quantize_dispatch<T, 8>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
+    case 16: return quantize_dispatch<T, 16>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
+    case 32: return quantize_dispatch<T, 32>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
+    case 64: return quantize_dispatch<T, 64>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int vq_padded_dim(int64_t d) {
+  if (d < 1 || d > 64) return 0;
+  return d <= 8 ? 8 : (d <= 16 ? 16 : (d <= 32 ? 32 : 64));
+}
+
+cudaError_t launch_vq_lookup(const void* indices, bool index_is_int64, const void* codebook,
+                             void* out, DType dtype, int64_t n, int64_t k, int64_t d, int64_t hw,
+                             bool l2_norm, bool channels_first, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (channels_first && hw <= 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return lookup_dispatch<float>(indices, index_is_int64, codebook, out, n, k, d, hw, l2_norm, channels_first, stream);
+    case DType::kFloat16:
+      return lookup_dispatch<__half>(indices, index_is_int64, codebook, out, n, k, d, hw, l2_norm, channels_first, stream);
+    case DType::kBFloat16:
+      return lookup_dispatch<__nv_bfloat16>(indices, index_is_int64, codebook, out, n, k, d, hw, l2_norm, channels_first, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
+                               float* codebook_work, float* sq_work, DType dtype, int64_t n,
+                               int64_t k, int64_t d, bool l2_norm, int num_sms,
+                               cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (k < 1 || k > 0xffffffffll || vq_padded_dim(d) == 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return quantize_by_width<float>(z, stride_z, codebook, out, codebook_work, sq_work, n, k, d, l2_norm, num_sms, stream);
+    case DType::kFloat16:
+      return quantize_by_width<__half>(z, stride_z, codebook, out, codebook_work, sq_work, n, k, d, l2_norm, num_sms, stream);
+    case DType::kBFloat16:
+      return quantize_by_width<__nv_bfloat16>(z, stride_z, codebook, out, codebook_work, sq_work, n, k, d, l2_norm, num_sms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace vq
+}  // namespace janus_fast

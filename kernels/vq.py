@@ -1,0 +1,143 @@
+"""Triton VQ codebook ops: nearest-code search (vq_quantize) and code lookup (vq_lookup).
+
+Maths (all in fp32, whatever the input dtype):
+    normalise(x) = x / max(||x||_2, 1e-12)          (F.normalize: a zero row stays zero)
+    vq_quantize:  idx_n = argmin_k ||c_k||^2 - 2 z_n . c_k     (z, c normalised when l2_norm)
+                  the expanded squared distance without the per-row constant ||z_n||^2; a running
+                  argmin over codebook tiles, ties to the lowest index (strict < across tiles,
+                  leftmost within a tile); no N x K matrix is ever stored.
+    vq_lookup:    out_n = normalise(c_{idx_n}) (or c_{idx_n}), cast to the codebook dtype, written
+                  row-major [N, D] or straight into channels-first [B, D, H, W] (n = b*H*W + h*W + w).
+Norms use IEEE sqrt/division (sqrt_rn/div_rn) to round like torch. The codebook is normalised once
+per vq_quantize call by a small pre-pass into an fp32, transposed [D, K] copy plus ||c_k||^2; the
+dot products are D fp32 rank-1 updates in a fixed order (no tl.dot: exact ties must stay exact).
+Out-of-range indices (the ops layer rejects them; a CUDA graph cannot) give NaN rows instead of
+reading outside the codebook.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _normalise_rows(x, L2_NORM: tl.constexpr):
+    """x [R, D] fp32 -> rows scaled to unit norm (F.normalize) when L2_NORM."""
+    if L2_NORM:
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        x = tl.div_rn(x, tl.maximum(norm, 1e-12)[:, None])
+    return x
+
+
+# --------------------------------------------------------------------------------- lookup
+
+
+@triton.jit
+def _vq_lookup_kernel(idx_ptr, cb_ptr, out_ptr, N, K, D, HW,
+                      L2_NORM: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    idx = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    valid = row_ok & (idx >= 0) & (idx < K)
+    x = tl.load(cb_ptr + idx[:, None] * D + cols[None, :], mask=valid[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    x = _normalise_rows(x, L2_NORM)
+    x = tl.where(valid[:, None], x, float("nan"))
+    if CHANNELS_FIRST:
+        b = rows // HW
+        offs = (b * D * HW + rows % HW)[:, None] + (cols * HW)[None, :]
+    else:
+        offs = rows[:, None] * D + cols[None, :]
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def vq_lookup(indices, codebook, l2_norm, shape):
+    k, d = codebook.shape
+    n = indices.numel()
+    size = tuple(shape) if shape is not None else (*indices.shape, d)
+    out = torch.empty(size, dtype=codebook.dtype, device=codebook.device)
+    if n == 0:
+        return out
+    hw = shape[2] * shape[3] if shape is not None else 1
+    block_d = triton.next_power_of_2(d)
+    block_n = max(1, min(128, 4096 // block_d))
+    _vq_lookup_kernel[(triton.cdiv(n, block_n),)](
+        indices.reshape(-1), codebook, out, n, k, d, hw,
+        L2_NORM=bool(l2_norm), CHANNELS_FIRST=shape is not None, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+# --------------------------------------------------------------------------------- quantize
+
+
+@triton.jit
+def _prepare_codebook_kernel(cb_ptr, cbt_ptr, sq_ptr, K, D,
+                             L2_NORM: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
+    """cbt[d, k] = normalised c_k[d] (fp32, transposed so each dimension is a contiguous row),
+    sq[k] = ||normalised c_k||^2."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < K
+    cols = tl.arange(0, D_PAD)
+    col_ok = cols < D
+    x = tl.load(cb_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0).to(tl.float32)
+    x = _normalise_rows(x, L2_NORM)
+    tl.store(cbt_ptr + cols[None, :] * K + rows[:, None], x, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(sq_ptr + rows, tl.sum(x * x, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
+                        D: tl.constexpr, L2_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    dims = tl.arange(0, D_PAD)
+    z = tl.load(z_ptr + rows[:, None] * stride_z + dims[None, :],
+                mask=row_ok[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
+    denom = tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), 1e-12)
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_N], tl.int32)
+    for start in range(0, K, BLOCK_K):
+        codes = start + tl.arange(0, BLOCK_K)
+        code_ok = codes < K
+        # z.c as D rank-1 updates in a fixed order: every (latent, code) pair is rounded the
+        # same way wherever it sits in the tile, so duplicate codes tie exactly (a tl.dot need
+        # not guarantee that). A runtime loop over d (re-reading z columns from L1) keeps the
+        # registers bounded for D up to 64; unrolled, it spills.
+        dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for d in range(D):
+            zd = tl.load(z_ptr + rows * stride_z + d, mask=row_ok, other=0.0).to(tl.float32)
+            if L2_NORM:
+                zd = tl.div_rn(zd, denom)
+            cd = tl.load(cbt_ptr + d * K + codes, mask=code_ok, other=0.0)
+            dot += zd[:, None] * cd[None, :]
+        sq = tl.load(sq_ptr + codes, mask=code_ok, other=float("inf"))
+        dist = sq[None, :] - 2.0 * dot
+        tile_min = tl.min(dist, axis=1)
+        tile_arg = tl.argmin(dist, axis=1, tie_break_left=True)
+        better = tile_min < best  # strict: an equal distance in a later tile keeps the lower index
+        best = tl.where(better, tile_min, best)
+        best_idx = tl.where(better, start + tile_arg, best_idx)
+    tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+
+
+def vq_quantize(z, codebook, l2_norm):
+    n, d = z.shape
+    k = codebook.shape[0]
+    out = torch.empty(n, dtype=torch.int64, device=z.device)
+    if n == 0:
+        return out
+    d_pad = triton.next_power_of_2(d)
+    cbt = torch.empty((d, k), dtype=torch.float32, device=z.device)
+    sq = torch.empty(k, dtype=torch.float32, device=z.device)
+    block_k = 128
+    _prepare_codebook_kernel[(triton.cdiv(k, block_k),)](
+        codebook, cbt, sq, k, d, L2_NORM=bool(l2_norm), BLOCK_K=block_k, D_PAD=d_pad)
+    block_n = 64
+    _vq_quantize_kernel[(triton.cdiv(n, block_n),)](
+        z, z.stride(0), cbt, sq, out, n, k, D=d,
+        L2_NORM=bool(l2_norm), BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=d_pad, num_warps=8)
+    return out

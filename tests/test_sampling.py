@@ -1,0 +1,266 @@
+"""cfg_sample: the Triton kernel (the interpreter on CPU) and the CUDA kernel (GPU) against
+janus_fast/ops/reference.py.
+
+Draws are checked statistically: many identical rows in ONE launch with a fixed seed, a
+chi-square test of the token frequencies against reference.sampling_probs (deterministic, so not
+flaky), and no token outside the reference's kept set, ever. Filter thresholds in these tests sit
+well inside gaps of the distribution (or on exact ties), where the fp32 rounding of the kernels
+and of the reference cannot disagree.
+"""
+
+import pytest
+import torch
+
+from janus_fast import ops
+from janus_fast.ops import reference as ref
+from janus_fast.ops.sampling import new_rng_state
+from tests.helpers import DEVICE, chi_square_pvalue, grid
+
+BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+LAYOUTS = ["interleaved", "halves"]
+
+
+def pair(cond: torch.Tensor, uncond: torch.Tensor, layout: str) -> torch.Tensor:
+    """[2B, V] logits from cond/uncond [B, V] in `layout`."""
+    if layout == "interleaved":
+        return torch.stack([cond, uncond], 1).reshape(-1, cond.shape[1])
+    return torch.cat([cond, uncond])
+
+
+def repeated(cond_row: torch.Tensor, uncond_row: torch.Tensor, n: int, layout: str) -> torch.Tensor:
+    return pair(cond_row.expand(n, -1), uncond_row.expand(n, -1), layout).contiguous()
+
+
+def seed_tensor(seed: int, offset: int = 0) -> torch.Tensor:
+    return torch.tensor([seed, offset], dtype=torch.int64, device=DEVICE)
+
+
+def draw(logits, backend, *, seed=1234, offset=0, **kw):
+    """Tokens from the kernel behind `backend` for a fixed (seed, offset)."""
+    kw.setdefault("cfg_weight", 2.0)
+    kw.setdefault("temperature", 1.0)
+    kw.setdefault("top_k", 0)
+    kw.setdefault("top_p", 1.0)
+    kw.setdefault("layout", "interleaved")
+    return torch.ops.janus_fast.cfg_sample(logits, kw["cfg_weight"], kw["temperature"], kw["top_k"],
+                                           kw["top_p"], seed_tensor(seed, offset), kw["layout"], False, False,
+                                           backend)[0]
+
+
+def check_frequencies(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    """No token the reference filtered out; frequencies consistent with `probs` (float64 [V])."""
+    counts = torch.bincount(tokens.cpu(), minlength=probs.numel()).double()
+    dropped = counts[probs.cpu() == 0]
+    assert dropped.sum() == 0, f"{int(dropped.sum())} draws of filtered-out tokens"
+    p = chi_square_pvalue(counts, probs.cpu())
+    assert p > 1e-4, f"chi-square p-value {p:.2e}: counts {counts.tolist()} vs probs {probs.tolist()}"
+
+
+def top_p_in_gap(probs: torch.Tensor, keep: int) -> float:
+    """A top_p that keeps exactly the `keep` most probable tokens of a tie-free distribution,
+    halfway between two exclusive prefix masses (far from any rounding boundary)."""
+    s = probs.double().sort(descending=True).values
+    exclusive = s.cumsum(0) - s
+    return float((exclusive[keep - 1] + exclusive[keep]) / 2)
+
+
+# ---------------------------------------------------------------------------- temperature 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("b,v,dtype", grid(
+    [(1, 1, torch.float32), (3, 37, torch.float32), (2, 4097, torch.float16), (5, 300, torch.bfloat16)],
+    [(16, 16384, torch.bfloat16), (2, 102400, torch.float32), (1, 131072, torch.float16)]))
+def test_temperature_zero_is_reference_argmax(backend, layout, b, v, dtype):
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the interpreter has no bfloat16 arithmetic; bf16 runs on the GPU")
+    cond, uncond = torch.randn(b, v, device=DEVICE), torch.randn(b, v, device=DEVICE)
+    if v > 3:  # an exact tie for the maximum: the lowest index must win
+        cond[0, 1], uncond[0, 1] = 100.0, 100.0
+        cond[0, v - 2], uncond[0, v - 2] = 100.0, 100.0
+    logits = pair(cond, uncond, layout).to(dtype)
+    tokens = draw(logits, backend, temperature=0.0, cfg_weight=3.0, layout=layout)
+    assert torch.equal(tokens, ref.cfg_sample(logits, 3.0, 0.0, layout=layout))
+    if v > 3:
+        assert tokens[0].item() == 1
+
+
+# ---------------------------------------------------------------------------- distributions
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("v,w,t", grid([(11, 2.0, 0.8)], [(64, 5.0, 0.3), (5, -1.0, 2.5)]))
+def test_frequencies_match_guided_probabilities(backend, layout, v, w, t):
+    n = 20000
+    cond, uncond = torch.randn(1, v, device=DEVICE), torch.randn(1, v, device=DEVICE)
+    tokens = draw(repeated(cond, uncond, n, layout), backend, cfg_weight=w, temperature=t, layout=layout)
+    check_frequencies(tokens, ref.sampling_probs(pair(cond, uncond, layout), w, t, layout=layout)[0].double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["top_k", "top_p", "both", "top_p_zero", "top_k_one"])
+def test_filtered_frequencies(backend, case):
+    v, n, t = 13, 10000, 0.7
+    cond, uncond = torch.randn(1, v, device=DEVICE), torch.randn(1, v, device=DEVICE)
+    one = pair(cond, uncond, "interleaved")
+    full = ref.sampling_probs(one, 1.5, t)[0]
+    top_k, top_p = {"top_k": (5, 1.0), "top_p": (0, None), "both": (6, None), "top_p_zero": (0, 0.0),
+                    "top_k_one": (1, 1.0)}[case]
+    if top_p is None:
+        top_p = top_p_in_gap(ref.sampling_probs(one, 1.5, t, top_k=top_k)[0], 3)
+    tokens = draw(repeated(cond, uncond, n, "interleaved"), backend, cfg_weight=1.5, temperature=t,
+                  top_k=top_k, top_p=top_p)
+    probs = ref.sampling_probs(one, 1.5, t, top_k, top_p)[0].double()
+    assert int((probs > 0).sum()) == {"top_k": 5, "top_p": 3, "both": 3, "top_p_zero": 1, "top_k_one": 1}[case]
+    assert (full > 0).all()
+    check_frequencies(tokens, probs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k,top_p", [(2, 1.0), (0, "tie")])
+def test_ties_are_kept_together(backend, top_k, top_p):
+    # guided == cond == uncond exactly: [3, 2, 2, 2, 1, 0, ...]; the three 2s share one fate
+    g = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0, -1.0]], device=DEVICE)
+    n = 10000
+    if top_p == "tie":  # the boundary falls inside the group of 2s: the whole group stays
+        p = torch.softmax(g[0].double(), 0)
+        top_p = float(p[0] + p[1] / 2)
+    logits = repeated(g, g, n, "interleaved")
+    tokens = draw(logits, backend, cfg_weight=4.0, top_k=top_k, top_p=top_p)
+    probs = ref.sampling_probs(logits[:2], 4.0, 1.0, top_k, top_p)[0].double()
+    assert (probs > 0).tolist() == [True] * 4 + [False] * 3
+    check_frequencies(tokens, probs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("v,top_k,top_p", grid([(5000, 50, 1.0), (4099, 0, 0.5), (300, 7, 0.9)],
+                                               [(102400, 50, 0.9), (131072, 1000, 1.0)]))
+def test_never_returns_a_filtered_token(backend, layout, v, top_k, top_p):
+    b = 6
+    cond, uncond = torch.randn(b, v, device=DEVICE) * 3, torch.randn(b, v, device=DEVICE) * 3
+    logits = pair(cond, uncond, layout)
+    kept = ref.sampling_probs(logits, 2.0, 1.0, top_k, top_p, layout) > 0
+    for offset in range(3):
+        tokens = draw(logits, backend, top_k=top_k, top_p=top_p, layout=layout, offset=offset)
+        assert kept[torch.arange(b), tokens].all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_of_one(backend):
+    logits = torch.randn(8, 1, device=DEVICE)
+    for kw in ({}, {"temperature": 0.0}, {"top_k": 1}, {"top_p": 0.0}, {"top_k": 3, "top_p": 0.5}):
+        assert draw(logits, backend, **kw).tolist() == [0] * 4
+
+
+# ---------------------------------------------------------------------------- random stream
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_and_offset_select_the_stream(backend):
+    logits = torch.randn(128, 500, device=DEVICE)
+    first = draw(logits, backend, seed=7, offset=3)
+    assert torch.equal(first, draw(logits, backend, seed=7, offset=3))
+    assert (first != draw(logits, backend, seed=7, offset=4)).float().mean() > 0.5
+    assert (first != draw(logits, backend, seed=8, offset=3)).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rng_state_advances_in_the_launch_and_ids_follow_the_layout(backend, layout):
+    logits = torch.randn(2 * 33, 257, device=DEVICE)
+    state = new_rng_state(11, 5, device=DEVICE)
+    tokens, ids = ops.cfg_sample(logits, cfg_weight=2.0, rng_state=state, return_ids=True, layout=layout,
+                                 backend=backend)
+    assert state.tolist() == [11, 6, 0]
+    assert torch.equal(tokens, draw(logits, backend, seed=11, offset=5, layout=layout))
+    expected_ids = tokens.repeat_interleave(2) if layout == "interleaved" else tokens.repeat(2)
+    assert torch.equal(ids, expected_ids)
+    again = ops.cfg_sample(logits, cfg_weight=2.0, rng_state=state, layout=layout, backend=backend)
+    assert state.tolist() == [11, 7, 0]
+    assert torch.equal(again, draw(logits, backend, seed=11, offset=6, layout=layout))
+    assert not torch.equal(again, tokens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generator_path(backend):
+    logits = torch.randn(10, 40, device=DEVICE)
+    gen = lambda s: torch.Generator(device=DEVICE).manual_seed(s)
+    a = ops.cfg_sample(logits, cfg_weight=2.0, generator=gen(3), backend=backend)
+    assert torch.equal(a, ops.cfg_sample(logits, cfg_weight=2.0, generator=gen(3), backend=backend))
+    tokens, ids = ops.cfg_sample(logits, cfg_weight=2.0, generator=gen(3), return_ids=True, backend=backend)
+    assert torch.equal(tokens, a) and torch.equal(ids, a.repeat_interleave(2))
+
+
+def test_empty_batch():
+    state = new_rng_state(1, device=DEVICE)
+    tokens, ids = ops.cfg_sample(torch.randn(0, 9, device=DEVICE), cfg_weight=1.0, rng_state=state,
+                                 return_ids=True, backend="triton")
+    assert tokens.shape == (0,) and ids.shape == (0,) and state.tolist() == [1, 1, 0]
+
+
+def test_rng_state_errors():
+    logits = torch.randn(4, 9, device=DEVICE)
+    with pytest.raises(ValueError, match="rng_state must be a contiguous int64 \\[3\\]"):
+        ops.cfg_sample(logits, cfg_weight=1.0, rng_state=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match="rng_state must have dtype"):
+        ops.cfg_sample(logits, cfg_weight=1.0, rng_state=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="either generator or rng_state"):
+        ops.cfg_sample(logits, cfg_weight=1.0, rng_state=new_rng_state(0, device=DEVICE),
+                       generator=torch.Generator(device=DEVICE))
+
+
+# ---------------------------------------------------------------------------- op registration
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    logits = torch.randn(6, 11, device=DEVICE)
+    torch.library.opcheck(torch.ops.janus_fast.cfg_sample,
+                          (logits, 3.0, 1.0, 4, 0.9, seed_tensor(5), "halves", False, False, backend))
+    torch.library.opcheck(torch.ops.janus_fast.cfg_sample,
+                          (logits, 3.0, 0.0, 0, 1.0, new_rng_state(5, device=DEVICE), "interleaved", True, True,
+                           backend))
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_extension_op():
+    logits = torch.randn(6, 11, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.janus_fast_C.cfg_sample,
+                          (logits, 3.0, 0.7, 4, 0.9, new_rng_state(5), "interleaved", True, True))
+
+
+@pytest.mark.gpu
+def test_cuda_and_triton_share_the_random_stream():
+    # Same Philox stream and counters; only log() rounding differs, so nearly every draw agrees.
+    logits = torch.randn(2 * 512, 1000, device="cuda")
+    a, b = draw(logits, "cuda", seed=99, offset=2), draw(logits, "triton", seed=99, offset=2)
+    assert (a == b).float().mean() > 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_graph_replays_advance_the_rng_state(backend):
+    logits = torch.randn(64, 16384, device="cuda", dtype=torch.bfloat16)
+    state = new_rng_state(3)
+    step = lambda: ops.cfg_sample(logits, cfg_weight=5.0, rng_state=state, return_ids=True, backend=backend)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, ids = step()
+    start = state[1].item()
+    draws = []
+    for _ in range(3):
+        graph.replay()
+        draws.append(tokens.clone())
+    assert state[1].item() == start + 3 and state[2].item() == 0
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert torch.equal(draws[2], draw(logits, backend, seed=3, offset=start + 2, cfg_weight=5.0))
+    assert torch.equal(ids, draws[2].repeat_interleave(2))
+
