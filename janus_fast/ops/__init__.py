@@ -7,7 +7,7 @@ available for the tensors' device and the plain-PyTorch reference on the CPU.
 from ._backend import backends
 from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
-from .sampling import cfg_sample
+from .sampling import cfg_sample, new_rng_state
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "cfg_sample",
     "decode_attention",
     "flash_attention",
+    "new_rng_state",
     "no_value_checks",
     "varlen_attention",
     "vq_lookup",
