@@ -164,17 +164,19 @@ class JanusPro(nn.Module):
         cache = lm.model.new_cache(len(rows), longest + n_tokens)
         h = lm.model(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask, past_key_values=cache,
                      use_cache=True).last_hidden_state[:, -1]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        # The random state lives on the device and each sampling launch advances it: one launch
+        # per step, no host sync, and the same seed gives the same images.
+        if seed is None:
+            seed = int(torch.randint(0, 1 << 62, ()))
+        rng_state = ops.new_rng_state(seed, device=device)
         codes = torch.empty(n_images, n_tokens, dtype=torch.long, device=device)
         with ops.no_value_checks():
             for i in range(n_tokens):
-                codes[:, i] = ops.cfg_sample(self.gen_head(h), cfg_weight=cfg_weight, temperature=temperature,
-                                             top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
-                                             generator=generator)
+                codes[:, i], pair_ids = ops.cfg_sample(
+                    self.gen_head(h), cfg_weight=cfg_weight, temperature=temperature, top_k=top_k or 0,
+                    top_p=1.0 if top_p is None else top_p, rng_state=rng_state, return_ids=True)
                 if i + 1 < n_tokens:
-                    h = lm.model.decode_step(self.prepare_gen_img_embeds(codes[:, i]).repeat_interleave(2, 0), cache)
+                    h = lm.model.decode_step(self.prepare_gen_img_embeds(pair_ids), cache)
                     cache.max_seqlen += 1
                 if progress is not None:
                     progress(i + 1, n_tokens)
