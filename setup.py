@@ -46,8 +46,8 @@ def extension_kwargs():
         "janus_fast._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # No -std here: torch's BuildExtension picks the standard its own headers need.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         py_limited_api=False,
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}

@@ -29,6 +29,17 @@ def test_auto_uses_reference_on_cpu():
     assert _backend.resolve("vq_lookup", "auto", torch.device("cpu"), ("cuda", "triton")) == "reference"
 
 
+def test_auto_leaves_inputs_the_kernels_do_not_take_to_the_reference():
+    cuda = torch.device("cuda")  # resolution happens before any device is touched
+    assert _backend.resolve("vq_quantize", "auto", cuda, ("cuda", "triton"), fast_inputs=False) == "reference"
+
+
+def test_subnormal_temperature_is_argmax():
+    logits = torch.randn(6, 30)
+    greedy = ops.cfg_sample(logits, cfg_weight=2.0, temperature=0.0)
+    assert torch.equal(ops.cfg_sample(logits, cfg_weight=2.0, temperature=1e-40), greedy)
+
+
 def test_forced_backends_explain_why_unavailable(monkeypatch):
     cb = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):

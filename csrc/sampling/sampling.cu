@@ -296,6 +296,7 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(CfgSampleParams p,
       __threadfence();
       const unsigned long long arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.seed + 2), 1ull);
       if (arrived == gridDim.x - 1) {
+        __threadfence();  // pairs with the others' fence: their reads happen before this write
         p.seed[1] = offset + 1;
         p.seed[2] = 0;
       }

@@ -38,7 +38,8 @@ void check_launch(cudaError_t err, const char* op) {
 
 at::Tensor vq_lookup_cuda(const at::Tensor& indices, const at::Tensor& codebook, bool l2_norm,
                           at::OptionalIntArrayRef shape) {
-  TORCH_CHECK(indices.is_cuda() && codebook.is_cuda(), "vq_lookup: tensors must be on a CUDA device");
+  TORCH_CHECK(indices.is_cuda() && indices.device() == codebook.device(),
+              "vq_lookup: indices and codebook must be on the same CUDA device");
   TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
               "vq_lookup: indices must be int32 or int64");
   TORCH_CHECK(codebook.dim() == 2 && codebook.is_contiguous(), "vq_lookup: codebook must be a contiguous [K, D] tensor");
@@ -65,7 +66,8 @@ at::Tensor vq_lookup_cuda(const at::Tensor& indices, const at::Tensor& codebook,
 }
 
 at::Tensor vq_quantize_cuda(const at::Tensor& z, const at::Tensor& codebook, bool l2_norm) {
-  TORCH_CHECK(z.is_cuda() && codebook.is_cuda(), "vq_quantize: tensors must be on a CUDA device");
+  TORCH_CHECK(z.is_cuda() && z.device() == codebook.device(),
+              "vq_quantize: z and codebook must be on the same CUDA device");
   TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1),
               "vq_quantize: z [N, D] and codebook [K, D] must share D");
   TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "vq_quantize: z and codebook must share a dtype");

@@ -67,14 +67,17 @@ def _usable(backend: str, op: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve(op: str, requested: str, device: torch.device, fast: tuple[str, ...]) -> str:
-    """The concrete backend for `op` on `device`; `fast` lists its fast backends, best first."""
+def resolve(op: str, requested: str, device: torch.device, fast: tuple[str, ...], *,
+            fast_inputs: bool = True) -> str:
+    """The concrete backend for `op` on `device`; `fast` lists its fast backends, best first.
+    fast_inputs=False says the inputs are outside what the fast backends take (float64, say):
+    "auto" then uses the reference, and a forced fast backend is left to the op's own checks."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
         return requested
     if requested == "auto":
-        if device.type == "cuda":
+        if device.type == "cuda" and fast_inputs:
             for backend in fast:
                 if _usable(backend, op, device) is None:
                     return backend

@@ -101,7 +101,8 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     _check_qkv(q, k, v, backend, ndim=4)
     _checks.same("batch sizes of q and k", q=q.shape[0], k=k.shape[0])
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
-    chosen = _backend.resolve("flash_attention", backend, q.device, FAST)
+    chosen = _backend.resolve("flash_attention", backend, q.device, FAST,
+                              fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
     return _attention_fwd(q, k, v, bool(causal), scale, chosen)[0]
 
 
@@ -175,7 +176,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     _checks.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
     _checks.same("cu_seqlens lengths", cu_seqlens_q=cu_seqlens_q.numel(), cu_seqlens_k=cu_seqlens_k.numel())
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
-    chosen = _backend.resolve("varlen_attention", backend, q.device, FAST)
+    chosen = _backend.resolve("varlen_attention", backend, q.device, FAST,
+                              fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
     return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        bool(causal), scale, chosen)[0]
 
@@ -209,5 +211,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float
     _checks.same("batch sizes of q and cache_seqlens", q=q.shape[0], cache_seqlens=cache_seqlens.shape[0])
     _checks.index_range("cache_seqlens", cache_seqlens, k_cache.shape[1] + 1)
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
-    chosen = _backend.resolve("decode_attention", backend, q.device, FAST)
+    chosen = _backend.resolve("decode_attention", backend, q.device, FAST,
+                              fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
     return _decode(q, k_cache, v_cache, cache_seqlens, scale, chosen)

@@ -76,7 +76,7 @@ def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: in
 
     guided = u + cfg_weight·(c − u) in fp32; layout "interleaved" has conditional rows even and
     unconditional rows odd (the official loop), "halves" conditional rows first (transformers).
-    temperature 0 takes the argmax (lowest index on ties); otherwise top_k (0 = off) and top_p
+    temperature 0 (or any below float32's smallest normal) takes the argmax (lowest index on ties); otherwise top_k (0 = off) and top_p
     (1 = off) filter softmax(guided / temperature) as `reference.sampling_probs` defines, and one
     token is drawn. `generator` makes the draw reproducible.
 
@@ -95,7 +95,10 @@ def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: in
     top_p = _checks.finite_number("top_p", top_p, low=0.0, high=1.0)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    chosen = _backend.resolve("cfg_sample", backend, logits.device, FAST)
+    if temperature < torch.finfo(torch.float32).tiny:  # g / T would overflow fp32: that is the argmax
+        temperature = 0.0
+    chosen = _backend.resolve("cfg_sample", backend, logits.device, FAST,
+                              fast_inputs=logits.dtype in _checks.FLOAT_DTYPES)
     if chosen != "reference" and logits.dtype == torch.float64:
         raise TypeError(f"the {chosen} cfg_sample takes float16, bfloat16 or float32 logits, got float64")
     if rng_state is None:

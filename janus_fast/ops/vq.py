@@ -67,13 +67,14 @@ def vq_quantize(z, codebook, *, l2_norm: bool = True, return_rows: bool = False,
     _checks.tensor("z", z, dtypes=(codebook.dtype,))
     _checks.same("latent width of z and codebook", z=z.shape[1], codebook=codebook.shape[1])
     _checks.last_dim_contiguous("z", z)
-    chosen = _backend.resolve("vq_quantize", backend, z.device, FAST)
+    fast_inputs = codebook.dtype in _checks.FLOAT_DTYPES and codebook.shape[1] <= 64
+    chosen = _backend.resolve("vq_quantize", backend, z.device, FAST, fast_inputs=fast_inputs)
     if chosen != "reference" and codebook.shape[1] > 64:
         raise ValueError(f"the {chosen} vq_quantize supports D <= 64, got {codebook.shape[1]}")
     indices = _vq_quantize(z, codebook, bool(l2_norm), chosen)
     if not return_rows:
         return indices
-    lookup = _backend.resolve("vq_lookup", backend, z.device, FAST)
+    lookup = _backend.resolve("vq_lookup", backend, z.device, FAST, fast_inputs=fast_inputs)
     return indices, _vq_lookup(indices, codebook, bool(l2_norm), None, lookup)
 
 
@@ -94,5 +95,6 @@ def vq_lookup(indices, codebook, *, l2_norm: bool = True, shape=None, backend: s
         _checks.same("shape's D and the codebook width", shape=d, codebook=codebook.shape[1])
         _checks.same("B*H*W and the number of indices", shape=b * h * w, indices=indices.numel())
     _checks.index_range("indices", indices, codebook.shape[0])
-    chosen = _backend.resolve("vq_lookup", backend, indices.device, FAST)
+    chosen = _backend.resolve("vq_lookup", backend, indices.device, FAST,
+                              fast_inputs=codebook.dtype in _checks.FLOAT_DTYPES)
     return _vq_lookup(indices.contiguous(), codebook, bool(l2_norm), shape, chosen)
