@@ -23,7 +23,7 @@ PARALLEL_SIZE = 16
 
 @pytest.fixture(scope="module")
 def model():
-    from janus_fast.cli import build_random_checkpoint
+    from janus_fast.models.random_model import build_random_checkpoint
     from janus_fast.models import JanusPro
 
     path = os.environ.get("JANUS_FAST_BENCH_MODEL")
@@ -31,7 +31,7 @@ def model():
         import tempfile
 
         tmp = tempfile.mkdtemp(prefix="janus-bench-")
-        build_random_checkpoint(os.path.join(tmp, "ck"), "cuda", torch.bfloat16)
+        build_random_checkpoint(os.path.join(tmp, "ck"), "1b", "cuda", torch.bfloat16)
         path = os.path.join(tmp, "ck")
     return JanusPro.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
 

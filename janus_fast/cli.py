@@ -99,26 +99,9 @@ def cmd_chat(args) -> None:
     print(model.answer(args.image, args.question, max_new_tokens=args.max_new_tokens))
 
 
-def build_random_checkpoint(path: Path, device: str, dtype: torch.dtype, seed: int = 0):
-    """A random-weight Janus-Pro (1B sizes on a GPU, tiny on the CPU) with a toy byte-level
-    tokenizer, written as a real release directory at `path`."""
-    from .models import JanusPro, JanusProConfig
-    from .processor import JanusProcessor, toy_tokenizer
-
-    tokenizer = toy_tokenizer()
-    big = device.startswith("cuda")
-    config = JanusProConfig.janus_pro_1b() if big else JanusProConfig.tiny(vocab_size=len(tokenizer))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = JanusPro(config).init_random_weights().to(dtype)
-    model.processor = JanusProcessor(tokenizer, image_size=config.vision.image_size,
-                                     num_image_tokens=config.vision.num_tokens)
-    model.save_pretrained(path)
-    return config
-
-
 def cmd_demo(args) -> None:
     from .models.janus_pro import JanusPro
+    from .models.random_model import build_random_checkpoint
 
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -132,7 +115,7 @@ def cmd_demo(args) -> None:
     with tempfile.TemporaryDirectory(prefix="janus-fast-demo-") as tmp:
         ckpt = Path(tmp) / "janus-pro-random"
         t = time.perf_counter()
-        config = build_random_checkpoint(ckpt, device, dtype)
+        config = build_random_checkpoint(ckpt, "1b" if device.startswith("cuda") else "tiny", device, dtype)
         size = "1B" if config.language.hidden_size == 2048 else "tiny"
         print(f"[1/4] built a random {size} Janus-Pro on {device} ({dtype}) and saved it to {ckpt} "
               f"in {time.perf_counter() - t:.1f}s")
