@@ -3,7 +3,9 @@
 Maths (fp32 throughout; g and s are rounded exactly as torch rounds them: no FMA contraction,
 IEEE division), per output row b with conditional row c and unconditional row u
 ("interleaved": c = 2b, u = 2b + 1; "halves": c = b, u = B + b):
-    g_j = u_j + w (c_j - u_j);   temperature 0: token = argmax_j g_j (lowest index on ties)
+    g_j = u_j + w (c_j - u_j) (u_j where c_j == u_j);   a row with a NaN or +inf g_j, or no finite
+        g_j, gets token -1 (contract 1); g_j / T overflowing to +inf means temperature 0:
+    temperature 0: token = argmax_j g_j (lowest index on ties)
     s_j = g_j / T
     top_k: keep j iff key(s_j) >= t_k, t_k = the k-th largest key (fewer than k strictly above j)
     top_p: among the top-k survivors, with e_j = exp(s_j - max s), keep j iff
@@ -37,7 +39,7 @@ _INT32_MIN = tl.constexpr(-2147483648)
 def _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, SCALE: tl.constexpr):
     c = tl.load(logits_ptr + c_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(logits_ptr + u_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = u + cfg_weight * (c - u)
+    g = tl.where(c == u, u, u + cfg_weight * (c - u))  # -inf in both rows stays -inf, not NaN
     if SCALE:
         g = tl.div_rn(g, temperature)
     return g
@@ -155,29 +157,37 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
     u_off = u_row * stride_row
     seed = tl.load(seed_ptr)
     offset = tl.load(seed_ptr + 1)
+    # the greedy argmax of g, and the flags of contract 1: any NaN/+inf in g, any finite entry
+    top = tl.full([ROWS], float("-inf"), tl.float32)
+    top_idx = tl.zeros([ROWS], tl.int32)
+    bad = tl.zeros([ROWS], tl.int32)
+    finite = tl.zeros([ROWS], tl.int32)
     best = tl.full([ROWS], float("-inf"), tl.float32)
     best_idx = tl.zeros([ROWS], tl.int32)
-    if GREEDY:
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            g = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, False)
-            best, best_idx = _running_argmax(tl.where(mask, g, float("-inf")), start, best, best_idx)
-    else:
-        thr = tl.full([ROWS], _INT32_MIN, tl.int64)
-        if TOP_K or TOP_P:
-            thr = _threshold(logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, top_k,
-                             top_p, TOP_K, TOP_P, ROWS, BLOCK)
-        off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-        off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            s = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, True)
+    thr = tl.full([ROWS], _INT32_MIN, tl.int64)
+    if not GREEDY and (TOP_K or TOP_P):
+        thr = _threshold(logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, top_k,
+                         top_p, TOP_K, TOP_P, ROWS, BLOCK)
+    off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        g = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, False)
+        bad |= tl.max((mask & ((g != g) | (g == float("inf")))).to(tl.int32), axis=1)
+        finite |= tl.max((mask & (tl.abs(g) < float("inf"))).to(tl.int32), axis=1)
+        top, top_idx = _running_argmax(tl.where(mask, g, float("-inf")), start, top, top_idx)
+        if not GREEDY:
+            s = tl.div_rn(g, temperature)
             keep = mask & (_key(s) >= thr[:, None])
             score = s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK)
             best, best_idx = _running_argmax(tl.where(keep, score, float("-inf")), start, best, best_idx)
-    token = best_idx.to(tl.int64)
+    # g / T overflowing to +inf means a temperature too small for fp32: the argmax (reference)
+    if GREEDY:
+        token = top_idx.to(tl.int64)
+    else:
+        token = tl.where(best == float("inf"), top_idx, best_idx).to(tl.int64)
+    token = tl.where((bad != 0) | (finite == 0), -1, token)
     tl.store(tokens_ptr + rows, token, mask=row_ok)
     if WRITE_IDS:
         tl.store(ids_ptr + c_row, token, mask=row_ok)

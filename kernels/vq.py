@@ -11,8 +11,8 @@ Maths (all in fp32, whatever the input dtype):
 Norms use IEEE sqrt/division (sqrt_rn/div_rn) to round like torch. The codebook is normalised once
 per vq_quantize call by a small pre-pass into an fp32, transposed [D, K] copy plus ||c_k||^2; the
 dot products are D fp32 rank-1 updates in a fixed order (no tl.dot: exact ties must stay exact).
-Out-of-range indices (the ops layer rejects them; a CUDA graph cannot) give NaN rows instead of
-reading outside the codebook.
+A latent row with a non-finite entry gets index -1. Out-of-range indices (-1 among them) give
+NaN rows instead of reading outside the codebook.
 """
 import torch
 import triton
@@ -98,6 +98,7 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
     z = tl.load(z_ptr + rows[:, None] * stride_z + dims[None, :],
                 mask=row_ok[:, None] & (dims < D)[None, :], other=0.0).to(tl.float32)
     denom = tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), 1e-12)
+    finite = tl.sum((tl.abs(z) < float("inf")).to(tl.int32), axis=1) == D_PAD  # NaN fails too
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, K, BLOCK_K):
@@ -112,6 +113,7 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
             zd = tl.load(z_ptr + rows * stride_z + d, mask=row_ok, other=0.0).to(tl.float32)
             if L2_NORM:
                 zd = tl.div_rn(zd, denom)
+            zd = tl.where(finite, zd, 0.0)  # a non-finite row searches as zero, then gets -1
             cd = tl.load(cbt_ptr + d * K + codes, mask=code_ok, other=0.0)
             dot += zd[:, None] * cd[None, :]
         sq = tl.load(sq_ptr + codes, mask=code_ok, other=float("inf"))
@@ -121,7 +123,7 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
         better = tile_min < best  # strict: an equal distance in a later tile keeps the lower index
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, start + tile_arg, best_idx)
-    tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+    tl.store(out_ptr + rows, tl.where(finite, best_idx.to(tl.int64), -1), mask=row_ok)
 
 
 def vq_quantize(z, codebook, l2_norm):

@@ -176,3 +176,35 @@ def test_cfg_sample_frequencies_match_guided_probabilities(layout):
 def test_cfg_sample_temperature_zero_is_argmax_lowest_index():
     logits = torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 0.0]])
     assert ref.cfg_sample(logits, 5.0, 0.0).tolist() == [1]
+
+
+def test_guided_rows_that_cannot_be_drawn_from_give_minus_one():
+    cond, uncond = torch.randn(5, 6), torch.randn(5, 6)
+    cond[0, 1] = math.nan
+    cond[1, 2] = math.inf
+    cond[2] = -math.inf  # g all -inf
+    cond[3, :3] = uncond[3, :3] = -math.inf  # masked in both rows: -inf, not NaN
+    logits = torch.stack([cond, uncond], 1).reshape(10, 6)
+    g = ref.guided_logits(logits, 3.0)
+    assert g[3, :3].eq(-math.inf).all() and not g[3].isnan().any()
+    assert ref.unusable_rows(g).tolist() == [True, True, True, False, False]
+    for t, k, p in ((0.0, 0, 1.0), (1.0, 0, 1.0), (0.5, 2, 0.7)):
+        probs = ref.sampling_probs(logits, 3.0, t, k, p)
+        assert probs[:3].isnan().all() and not probs[3:].isnan().any() and (probs[3, :3] == 0).all()
+        tokens = ref.cfg_sample(logits, 3.0, t, k, p, generator=torch.Generator().manual_seed(0))
+        assert tokens[:3].tolist() == [-1] * 3 and tokens[3] >= 3 and tokens[4] >= 0
+
+
+def test_overflowing_temperature_is_argmax():
+    logits = torch.tensor([[1e30, 2e30, 3e30], [0.0, 0.0, 0.0]])
+    p = ref.sampling_probs(logits, 1.0, 1e-10)  # 3e30 / 1e-10 overflows
+    assert p.tolist() == [[0.0, 0.0, 1.0]]
+
+
+def test_vq_non_finite_latents_and_bad_indices():
+    cb = torch.randn(4, 3)
+    z = torch.randn(3, 3)
+    z[1, 0] = math.nan
+    assert ref.vq_quantize(z, cb)[1] == -1
+    rows = ref.vq_lookup(torch.tensor([0, -1, 4]), cb)
+    assert not rows[0].isnan().any() and rows[1:].isnan().all()

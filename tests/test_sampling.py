@@ -155,6 +155,49 @@ def test_vocabulary_of_one(backend):
         assert draw(logits, backend, **kw).tolist() == [0] * 4
 
 
+# ---------------------------------------------------------------------------- non-finite logits
+
+
+def non_finite_batch(v: int, layout: str) -> tuple[torch.Tensor, list[bool]]:
+    """[2B, V] logits whose pairs cover contract 1's cases, and which pairs must give -1."""
+    cond, uncond = torch.randn(7, v, device=DEVICE), torch.randn(7, v, device=DEVICE)
+    cond[0, v // 2] = float("nan")                    # NaN in the conditional row
+    uncond[1, 0] = float("inf")                        # inf - inf: NaN in g
+    cond[2, v - 1] = float("inf")                      # +inf in g
+    cond[3] = float("-inf")                            # g all -inf: no finite entry
+    cond[4, :v // 2] = uncond[4, :v // 2] = float("-inf")  # masked in both rows: impossible tokens
+    cond[5, 1:] = float("-inf")                        # one finite token left
+    return pair(cond, uncond, layout), [True, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 3, 1.0), (1.3, 0, 0.5),
+                                                     (1.0, 3, 0.8)])
+def test_non_finite_rows_get_minus_one(backend, temperature, top_k, top_p):
+    v = 37
+    for layout in LAYOUTS:
+        logits, bad = non_finite_batch(v, layout)
+        tokens, ids = ops.cfg_sample(logits, cfg_weight=2.0, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     layout=layout, rng_state=new_rng_state(3, device=DEVICE), return_ids=True,
+                                     backend=backend)
+        assert (tokens < 0).tolist() == bad
+        assert torch.equal(ids, tokens.repeat_interleave(2) if layout == "interleaved" else tokens.repeat(2))
+        kept = ref.sampling_probs(logits, 2.0, temperature, top_k, top_p, layout) > 0
+        good = ~torch.tensor(bad, device=DEVICE)
+        assert kept[good.nonzero()[:, 0], tokens[good]].all()
+        assert tokens[5] == 0
+        if temperature == 0:
+            assert torch.equal(tokens, ref.cfg_sample(logits, 2.0, 0.0, layout=layout))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_temperature_that_overflows_is_argmax(backend):
+    logits = torch.randn(10, 50, device=DEVICE) * 100
+    greedy = draw(logits, backend, temperature=0.0)
+    for top_k, top_p in ((0, 1.0), (5, 0.9)):
+        assert torch.equal(draw(logits, backend, temperature=1e-37, top_k=top_k, top_p=top_p), greedy)
+
+
 # ---------------------------------------------------------------------------- random stream
 
 
@@ -199,6 +242,14 @@ def test_empty_batch():
     tokens, ids = ops.cfg_sample(torch.randn(0, 9, device=DEVICE), cfg_weight=1.0, rng_state=state,
                                  return_ids=True, backend="triton")
     assert tokens.shape == (0,) and ids.shape == (0,) and state.tolist() == [1, 1, 0]
+
+
+def test_new_rng_state_default_device():
+    state = new_rng_state(4, 2)
+    assert state.tolist() == [4, 2, 0] and state.dtype == torch.int64
+    assert state.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        new_rng_state(1.5)
 
 
 def test_rng_state_errors():

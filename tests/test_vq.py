@@ -115,6 +115,19 @@ def test_quantize_zero_vectors(backend, l2_norm):
     assert got[:3].tolist() == [5, 5, 5]
 
 
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_quantize_non_finite_latents_get_minus_one(backend, l2_norm):
+    z, codebook = random_case(40, 300, 8, torch.float32, l2_norm)
+    z[3, 2], z[7, 0], z[8, 7], z[9] = float("nan"), float("inf"), float("-inf"), float("nan")
+    indices, rows = ops.vq_quantize(z, codebook, l2_norm=l2_norm, return_rows=True, backend=backend)
+    bad = torch.zeros(z.shape[0], dtype=torch.bool, device=DEVICE)
+    bad[[3, 7, 8, 9]] = True
+    assert torch.equal(indices < 0, bad) and (indices[bad] == -1).all()
+    assert torch.equal(indices[~bad], ref.vq_quantize(z[~bad], codebook, l2_norm))
+    assert rows[bad].isnan().all() and not rows[~bad].isnan().any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantize_return_rows(backend):
     z, codebook = random_case(50, 64, 8, torch.float32, True)
@@ -154,17 +167,34 @@ def test_lookup_matches_reference(backend, l2_norm, idx_shape, k, d, shape, inde
     assert_close_to_reference(got, ref.vq_lookup(indices, codebook, l2_norm, shape), exact, name="lookup")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_lookup_out_of_range(backend):
     codebook = torch.randn(16, 8, device=DEVICE)
     bad = torch.tensor([0, 16, -1], device=DEVICE)
     with pytest.raises(ValueError, match="indices must lie in \\[0, 16\\)"):
-        ops.vq_lookup(bad, codebook, backend=backend)
+        ops.vq_lookup(bad, codebook, check_indices=True, backend=backend)
     # without the (host-syncing) range check, a bad index gives a NaN row, never a stray read
     with ops.no_value_checks():
         rows = ops.vq_lookup(bad, codebook, backend=backend)
     torch.testing.assert_close(rows[0], ref.vq_lookup(bad[:1], codebook)[0])
     assert rows[1:].isnan().all()
+    assert torch.equal(rows.isnan(), ops.vq_lookup(bad, codebook, check_indices=False, backend=backend).isnan())
+    if DEVICE == "cpu":  # the check is free on the CPU and on by default
+        with pytest.raises(ValueError, match="indices must lie in"):
+            ops.vq_lookup(bad, codebook, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_lookup_on_cuda_does_not_sync_by_default(backend):
+    codebook = torch.randn(16, 8, device="cuda")
+    bad = torch.tensor([0, 16, -1], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows = ops.vq_lookup(bad, codebook, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rows[1:].isnan().all() and not rows[0].isnan().any()
 
 
 # ---------------------------------------------------------------------------- op registration

@@ -86,7 +86,8 @@ struct Row {
     }
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      const float g = __fadd_rn(u[l], __fmul_rn(weight, __fsub_rn(c[l], u[l])));
+      // u where c == u: a token masked to -inf in both rows stays -inf instead of NaN
+      const float g = c[l] == u[l] ? u[l] : __fadd_rn(u[l], __fmul_rn(weight, __fsub_rn(c[l], u[l])));
       s[l] = scaled ? __fdiv_rn(g, temperature) : g;
     }
   }
@@ -261,14 +262,22 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(CfgSampleParams p,
 
   const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(static_cast<uint64_t>(seed) >> 32));
   Best best{-__int_as_float(0x7f800000), kNoIndex};
+  Best top{-__int_as_float(0x7f800000), kNoIndex};  // the greedy argmax of g
+  int64_t flags = 0;  // bit 0: a NaN or +inf in g; bit 1: a finite g (contract 1)
   for (int64_t q = threadIdx.x; q < groups; q += kThreads) {
-    float s[4];
-    row.load(q, !greedy, s);
-    if (greedy) {
+    float g[4];
+    row.load(q, false, g);
 #pragma unroll
-      for (int l = 0; l < 4; ++l)
-        if (4 * q + l < p.vocab) best.offer(s[l], 4 * q + l);
-    } else {
+    for (int l = 0; l < 4; ++l) {
+      if (4 * q + l >= p.vocab) continue;
+      top.offer(g[l], 4 * q + l);
+      flags |= (g[l] != g[l] || g[l] == __int_as_float(0x7f800000)) ? 1 : 0;
+      flags |= fabsf(g[l]) < __int_as_float(0x7f800000) ? 2 : 0;
+    }
+    if (!greedy) {
+      float s[4];
+#pragma unroll
+      for (int l = 0; l < 4; ++l) s[l] = __fdiv_rn(g[l], p.temperature);
       const uint4 r = philox4x32_10(
           make_uint4(static_cast<unsigned int>(q), static_cast<unsigned int>(b),
                      static_cast<unsigned int>(offset), static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)),
@@ -282,9 +291,14 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(CfgSampleParams p,
       }
     }
   }
+  auto or_op = [](int64_t a, int64_t c) { return a | c; };
+  flags = block_reduce(flags, or_op, s_int);
   best = block_argmax(best, s_float, s_int);
+  top = block_argmax(top, s_float, s_int);
   if (threadIdx.x == 0) {
-    const int64_t token = best.index == kNoIndex ? 0 : best.index;  // only for an all-NaN row
+    // g / T overflowing to +inf is a temperature too small for fp32: the argmax (reference)
+    int64_t token = greedy || best.value == __int_as_float(0x7f800000) ? top.index : best.index;
+    if (flags != 2 || token == kNoIndex) token = -1;
     p.tokens[b] = token;
     if (p.ids != nullptr) {
       p.ids[c_row] = token;

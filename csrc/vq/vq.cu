@@ -7,7 +7,8 @@
 // call (fp32, zero-padded to DP columns) and fills the output with all-ones; the main kernel
 // stages codebook tiles in shared memory, keeps a running argmin per latent in registers, and
 // merges the per-split winners with a 64-bit atomicMin on (order-preserving distance bits << 32
-// | index), which also sends ties to the lowest index; a last pass keeps the index bits.
+// | index), which also sends ties to the lowest index; a last pass keeps the index bits. A latent
+// with a non-finite entry is never offered and gets -1.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -160,13 +161,16 @@ __global__ void __launch_bounds__(kThreads)
   float zr[LAT][DP];
   float best[LAT];
   int64_t best_idx[LAT];
+  bool finite[LAT];
 #pragma unroll
   for (int l = 0; l < LAT; ++l) {
     const int64_t row = base + l * kThreads;
     float sum_sq = 0.f;
+    finite[l] = true;
 #pragma unroll
     for (int j = 0; j < DP; ++j) {
       zr[l][j] = (row < n && j < d) ? Cvt<T>::to(z[row * stride_z + j]) : 0.f;
+      finite[l] = finite[l] && fabsf(zr[l][j]) < __int_as_float(0x7f800000);  // NaN fails too
       sum_sq = fmaf(zr[l][j], zr[l][j], sum_sq);
     }
     if (l2_norm) {
@@ -212,14 +216,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int l = 0; l < LAT; ++l) {
     const int64_t row = base + l * kThreads;
-    if (row < n) atomicMin(packed + row, pack(best[l], best_idx[l]));
+    // a non-finite latent is never offered: its key stays all-ones, which unpacks to -1
+    if (row < n && finite[l]) atomicMin(packed + row, pack(best[l], best_idx[l]));
   }
 }
 
 __global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = static_cast<int64_t>(static_cast<unsigned long long>(out[i]) & 0xffffffffull);
+    const unsigned long long key = static_cast<unsigned long long>(out[i]);
+    out[i] = key == ~0ull ? -1 : static_cast<int64_t>(key & 0xffffffffull);
   }
 }
 

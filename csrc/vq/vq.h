@@ -22,7 +22,8 @@ cudaError_t launch_vq_lookup(const void* indices, bool index_is_int64, const voi
 // Width of the padded, fp32, normalised codebook copy vq_quantize works on (d <= 64).
 int vq_padded_dim(int64_t d);
 
-// out[i] = argmin_k ||c_k||^2 - 2 z_i . c_k (z, c normalised when l2_norm), ties to the lowest k.
+// out[i] = argmin_k ||c_k||^2 - 2 z_i . c_k (z, c normalised when l2_norm), ties to the lowest k;
+// -1 where z_i has a non-finite entry.
 // z [n, d] with row stride stride_z, codebook [k, d] contiguous, both `dtype`; 1 <= d <= 64.
 // Workspace: codebook_work fp32 [k, vq_padded_dim(d)] and sq_work fp32 [k]. num_sms sizes the
 // split of the codebook across blocks.

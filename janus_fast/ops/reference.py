@@ -22,6 +22,7 @@ __all__ = [
     "vq_quantize",
     "vq_lookup",
     "guided_logits",
+    "unusable_rows",
     "sampling_probs",
     "cfg_sample",
 ]
@@ -153,7 +154,8 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 def vq_quantize(z, codebook, l2_norm=True):
     """Index of the nearest codebook row for each row of z [N, D] -> int64 [N]. Squared distance
     in the official expanded form ||z||² + ||c||² - 2 z·c, after L2-normalising both when
-    l2_norm; ties go to the lowest index. Computed in row chunks to bound memory."""
+    l2_norm; ties go to the lowest index. A latent row with any non-finite entry gets -1 (it
+    has no nearest code). Computed in row chunks to bound memory."""
     zc = l2_normalize(z) if l2_norm else z.to(_compute_dtype(z))
     cb = l2_normalize(codebook) if l2_norm else codebook.to(_compute_dtype(codebook))
     cb = cb.to(zc.dtype)
@@ -163,15 +165,19 @@ def vq_quantize(z, codebook, l2_norm=True):
         rows = zc[start:start + 4096]
         d = (rows * rows).sum(-1, keepdim=True) + c2 - 2 * rows @ cb.T
         out[start:start + 4096] = torch.argmin(d, dim=-1)  # first minimum: lowest index
-    return out
+    return out.masked_fill(~torch.isfinite(z).all(-1), -1)
 
 
 def vq_lookup(indices, codebook, l2_norm=True, shape=None):
     """Codebook rows for `indices` (L2-normalised when l2_norm), in the codebook's dtype:
     [*indices.shape, D], or with shape=(B, D, H, W) the channels-first [B, D, H, W] tensor
-    (row b*H*W + h*W + w goes to [b, :, h, w]), contiguous."""
+    (row b*H*W + h*W + w goes to [b, :, h, w]), contiguous. An index outside [0, K) (vq_quantize's
+    -1 among them) gives a NaN row, as the CUDA kernels do when no range check runs."""
     cb = l2_normalize(codebook) if l2_norm else codebook
-    rows = F.embedding(indices.long(), cb).to(codebook.dtype)
+    idx = indices.long()
+    valid = (idx >= 0) & (idx < codebook.shape[0])
+    rows = F.embedding(idx.clamp(0, codebook.shape[0] - 1), cb).to(codebook.dtype)
+    rows = rows.masked_fill(~valid[..., None], math.nan)
     if shape is None:
         return rows
     b, d, h, w = shape
@@ -182,7 +188,9 @@ def vq_lookup(indices, codebook, l2_norm=True, shape=None):
 
 
 def guided_logits(logits, cfg_weight, layout="interleaved"):
-    """Classifier-free guidance in fp32: u + w·(c − u) from [2B, V] logits -> [B, V].
+    """Classifier-free guidance in fp32: u + w·(c − u) from [2B, V] logits -> [B, V], and u
+    itself where c == u (the same value when finite; a token masked to -inf in both rows stays
+    -inf instead of becoming -inf + w·NaN = NaN).
     "interleaved": conditional rows even, unconditional odd (the official layout);
     "halves": conditional rows 0..B-1, unconditional B..2B-1 (transformers' layout)."""
     x = logits.to(_compute_dtype(logits))
@@ -190,19 +198,33 @@ def guided_logits(logits, cfg_weight, layout="interleaved"):
         cond, uncond = x[0::2], x[1::2]
     else:
         cond, uncond = x.chunk(2, dim=0)
-    return uncond + cfg_weight * (cond - uncond)
+    return torch.where(cond == uncond, uncond, uncond + cfg_weight * (cond - uncond))
+
+
+def unusable_rows(g: torch.Tensor) -> torch.Tensor:
+    """bool [B]: guided rows cfg_sample cannot draw from and marks with token -1: any NaN or
+    +inf, or no finite entry. -inf entries elsewhere are ordinary impossible tokens."""
+    return (torch.isnan(g) | (g == math.inf)).any(-1) | ~torch.isfinite(g).any(-1)
 
 
 def sampling_probs(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, layout="interleaved"):
-    """The distribution cfg_sample draws from, [B, V]. Temperature 0 is one-hot at the argmax
-    (lowest index on ties). Otherwise softmax(guided / temperature), then top_k keeps token j iff
-    fewer than k tokens have a strictly larger logit (0 = off), then top_p on the renormalised
-    distribution keeps j iff p_j is the maximum or the mass of the tokens strictly more probable
-    than j is < top_p (1 = off). Ties are kept or dropped together; survivors are renormalised."""
+    """The distribution cfg_sample draws from, [B, V]; a NaN row where `unusable_rows` holds.
+    Temperature 0 is one-hot at the argmax of the guided row (lowest index on ties), and so is a
+    row whose guided / temperature overflows to +inf (a temperature too small for fp32: the
+    limit of the distribution as the temperature falls). Otherwise softmax(guided /
+    temperature), then top_k keeps token j iff fewer than k tokens have a strictly larger logit
+    (0 = off), then top_p on the renormalised distribution keeps j iff p_j is the maximum or the
+    mass of the tokens strictly more probable than j is < top_p (1 = off). Ties are kept or
+    dropped together; survivors are renormalised."""
     g = guided_logits(logits, cfg_weight, layout)
+    bad = unusable_rows(g)
+    g = g.masked_fill(bad[:, None], 0.0)  # any finite row; marked NaN at the end
+    greedy = F.one_hot(g.argmax(-1), g.shape[-1]).to(g.dtype)
     if temperature == 0:
-        return F.one_hot(g.argmax(-1), g.shape[-1]).to(g.dtype)
+        return greedy.masked_fill(bad[:, None], math.nan)
     g = g / temperature
+    overflow = (g == math.inf).any(-1, keepdim=True)
+    g = g.masked_fill(overflow, 0.0)  # those rows take `greedy`
     if top_k > 0:
         kth = torch.topk(g, min(top_k, g.shape[-1]), dim=-1).values[:, -1:]
         g = g.masked_fill(g < kth, -math.inf)  # same as: k or more tokens strictly above
@@ -214,14 +236,16 @@ def sampling_probs(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, layo
         kept = ((s.cumsum(-1) - s) < top_p).sum(-1, keepdim=True).clamp(min=1)
         p = p * (p >= s.gather(-1, kept - 1))
         p = p / p.sum(-1, keepdim=True)
-    return p
+    return torch.where(overflow, greedy, p).masked_fill(bad[:, None], math.nan)
 
 
 def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generator=None,
                layout="interleaved"):
     """One token per guided row: argmax when temperature is 0, else a draw from
-    `sampling_probs` with torch.multinomial. logits [2B, V] -> int64 [B]."""
+    `sampling_probs` with torch.multinomial; -1 for the rows `unusable_rows` marks (no
+    exception). logits [2B, V] -> int64 [B]."""
     p = sampling_probs(logits, cfg_weight, temperature, top_k, top_p, layout)
-    if temperature == 0:
-        return p.argmax(-1)
-    return torch.multinomial(p, 1, generator=generator)[:, 0]
+    bad = p.isnan().any(-1)
+    p = p.masked_fill(bad[:, None], 1.0)
+    tokens = p.argmax(-1) if temperature == 0 else torch.multinomial(p, 1, generator=generator)[:, 0]
+    return tokens.masked_fill(bad, -1)

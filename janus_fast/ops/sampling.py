@@ -50,11 +50,17 @@ def _(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, retu
             logits.new_empty((2 * b if return_ids else 0,), dtype=torch.int64))
 
 
-def new_rng_state(seed: int, offset: int = 0, device="cuda") -> torch.Tensor:
+def new_rng_state(seed: int, offset: int = 0, device=None) -> torch.Tensor:
     """A persistent random state for `cfg_sample(..., rng_state=)`: int64 [3] holding (seed,
-    offset, 0). Each call reads it and adds 1 to the offset in the same launch (the third entry
-    is the kernel's arrival counter, kept at 0 between launches), so a captured CUDA graph draws
-    a new stream on every replay."""
+    offset, 0), on `device` (default: the current CUDA device when there is one, else the CPU).
+    Each call reads it and adds 1 to the offset in the same launch (the third entry is the
+    kernel's arrival counter, which must be 0 on entry and is left at 0), so a captured CUDA
+    graph draws a new stream on every replay. One state serves one stream of launches: two
+    launches sharing a state concurrently (different CUDA streams) would race on the counter."""
+    seed = _checks.whole_number("seed", seed, low=-(1 << 63))
+    offset = _checks.whole_number("offset", offset)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.tensor([seed, offset, 0], dtype=torch.int64, device=device)
 
 
@@ -76,9 +82,15 @@ def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: in
 
     guided = u + cfg_weight·(c − u) in fp32; layout "interleaved" has conditional rows even and
     unconditional rows odd (the official loop), "halves" conditional rows first (transformers).
-    temperature 0 (or any below float32's smallest normal) takes the argmax (lowest index on ties); otherwise top_k (0 = off) and top_p
+    temperature 0 (or any below float32's smallest normal, or one at which guided / temperature
+    overflows) takes the argmax (lowest index on ties); otherwise top_k (0 = off) and top_p
     (1 = off) filter softmax(guided / temperature) as `reference.sampling_probs` defines, and one
     token is drawn. `generator` makes the draw reproducible.
+
+    Non-finite logits: a pair whose guided row holds NaN or +inf, or no finite entry, gets token
+    -1 (and -1 in both its `return_ids` entries) at every temperature and filter, on every
+    backend, with no exception and no host sync: read `tokens < 0` on the device, and clamp
+    before any embedding lookup. -inf entries elsewhere are ordinary impossible tokens.
 
     rng_state (from `new_rng_state`) replaces the generator with a persistent device state that
     the launch itself advances: the fast backends then need exactly one launch per step. With

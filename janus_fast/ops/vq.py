@@ -61,6 +61,8 @@ def vq_quantize(z, codebook, *, l2_norm: bool = True, return_rows: bool = False,
     can differ from the reference only where two codes' distances agree to ~1e-6 (rounding).
     return_rows=True also returns the selected (normalised) rows [N, D] in the codebook's dtype,
     as vq_lookup gives them (for a straight-through estimator).
+    A latent row with any non-finite entry gets index -1 (and a NaN row with return_rows), on
+    every backend, without a host sync.
     """
     _checks.tensor("z", z, ndim=2)
     _check_codebook(codebook, backend, z.device)
@@ -78,12 +80,20 @@ def vq_quantize(z, codebook, *, l2_norm: bool = True, return_rows: bool = False,
     return indices, _vq_lookup(indices, codebook, bool(l2_norm), None, lookup)
 
 
-def vq_lookup(indices, codebook, *, l2_norm: bool = True, shape=None, backend: str = "auto") -> torch.Tensor:
+def vq_lookup(indices, codebook, *, l2_norm: bool = True, shape=None, check_indices: bool | None = None,
+              backend: str = "auto") -> torch.Tensor:
     """Codebook rows for `indices` (L2-normalised when l2_norm) in the codebook's dtype.
 
     indices: integer tensor of any shape, values in [0, K) -> [*indices.shape, D]; with
     shape=(B, D, H, W) and B*H*W == indices.numel() the channels-first [B, D, H, W] tensor,
     contiguous (index b*H*W + h*W + w lands at [b, :, h, w]).
+
+    Out-of-range indices: with check_indices (the default on CPU tensors, where it is free) an
+    index outside [0, K) raises ValueError before any launch, unless `no_value_checks()` or a
+    graph capture / torch.compile trace switches value checks off. On CUDA the default is no
+    check, because reading the indices would sync the host: the kernels write a NaN row for
+    each bad index instead (never reading outside the codebook), so `out.isnan()` flags it on
+    the device. check_indices=True on CUDA tensors runs the (syncing) check.
     """
     _checks.tensor("indices", indices, dtypes=(torch.int32, torch.int64))
     _check_codebook(codebook, backend, indices.device)
@@ -94,7 +104,10 @@ def vq_lookup(indices, codebook, *, l2_norm: bool = True, shape=None, backend: s
         b, d, h, w = shape
         _checks.same("shape's D and the codebook width", shape=d, codebook=codebook.shape[1])
         _checks.same("B*H*W and the number of indices", shape=b * h * w, indices=indices.numel())
-    _checks.index_range("indices", indices, codebook.shape[0])
+    if check_indices is None:
+        check_indices = indices.device.type != "cuda"
+    if check_indices:
+        _checks.index_range("indices", indices, codebook.shape[0])
     chosen = _backend.resolve("vq_lookup", backend, indices.device, FAST,
                               fast_inputs=codebook.dtype in _checks.FLOAT_DTYPES)
     return _vq_lookup(indices.contiguous(), codebook, bool(l2_norm), shape, chosen)
