@@ -1,48 +1,55 @@
 """Triton CFG sampling: one launch per decoding step over the paired [2B, V] logits.
 
-Maths (fp32 throughout; g and s are rounded exactly as torch rounds them: no FMA contraction,
-IEEE division), per output row b with conditional row c and unconditional row u
-("interleaved": c = 2b, u = 2b + 1; "halves": c = b, u = B + b):
-    g_j = u_j + w (c_j - u_j) (u_j where c_j == u_j);   a row with a NaN or +inf g_j, or no finite
-        g_j, gets token -1 (contract 1); g_j / T overflowing to +inf means temperature 0:
-    temperature 0: token = argmax_j g_j (lowest index on ties)
-    s_j = g_j / T
-    top_k: keep j iff key(s_j) >= t_k, t_k = the k-th largest key (fewer than k strictly above j)
-    top_p: among the top-k survivors, with e_j = exp(s_j - max s), keep j iff
-           sum_{i kept, s_i > s_j} e_i < top_p * sum_{i kept} e_i   (the maximum is always kept)
-    token = argmax_{j kept} s_j + G_j,   G_j = -log(-log U_j)   (Gumbel-max: an exact draw from
-           softmax(s) restricted to the kept set, without normalising or sorting)
-key(x) is the order-preserving int32 image of an fp32 value, so each filter is a threshold on keys
-found by bisection over the key range (<= 32 counting/mass passes over the row, no sort); ties
-share a key and are kept or dropped together. The fp32 masses can put a threshold on the other
-side of the reference's only where a prefix mass is within rounding of top_p.
+Maths (fp32; g and s rounded exactly as torch rounds them: no FMA contraction, IEEE division),
+per output row b with conditional row c and unconditional row u ("interleaved": c = 2b,
+u = 2b + 1; "halves": c = b, u = B + b):
+    g_j = u_j + w (c_j - u_j), and u_j where c_j == u_j (-inf in both rows stays -inf)
+    contract 1: a row with a NaN or +inf g_j, or no finite g_j, gets token -1
+    temperature 0, or g_j / T overflowing to +inf: token = argmax_j g_j (lowest index on ties)
+    s_j = g_j / T (no division at T == 1);  e_j = exp(s_j - max s), as the integer e_j 2^S
+          (S = 62 - bits(V)): masses are exact integer sums, the same in any order
+    ukey(x): the order-preserving image of fp32 x in [0, 2^32) (-0.0 and +0.0 share one)
+    top_k: keep j iff ukey(s_j) >= t_k, t_k = the largest t with count(ukey >= t) >= k
+    top_p: over the top-k survivors, keep j iff ukey(s_j) >= t_p, t_p = the largest t with
+           mass(ukey >= t) >= top_p * mass(all kept)  (always at least the maximum): exactly
+           "the mass strictly above j is < top_p" of reference.sampling_probs
+    token = argmax_{j kept} s_j + G_j,  G_j = -log(-log U_j)  (Gumbel-max: an exact draw from
+           softmax(s) on the kept set, with neither a normaliser nor a sort)
+Exact shortcut: the unfiltered Gumbel winner w is the answer whenever w survives both filters
+(it is then also the argmax over the kept set). It survives top-k iff count(ukey > ukey_w) < k
+and top-p if mass(ukey > ukey_w) < top_p * mass(ukey >= ukey_w) (top-k on; a lower bound of the
+kept mass) or < top_p * mass(all) (top-k off) - integer sums, so the shortcut never changes a
+result, only skips the selection. Otherwise the thresholds are found by a bitwise radix select:
+DIGIT bits per pass, each pass counting (or weighing) the tokens at or above every candidate
+prefix. ties share a key and are kept or dropped together.
+
+Layout on the chip: for V up to ON_CHIP_MAX the program loads its rows once (one pass over
+global memory) and keeps s and the Gumbel scores in registers; every later pass (the shortcut
+test, 32 one-bit select steps per filter, the final argmax) works on those registers. Longer
+rows are streamed in BLOCK chunks and each pass re-reads them (4-bit digits: 8 passes per
+filter). Unfiltered and greedy rows need only the one pass.
 
 Random numbers: U_j is lane j % 4 of Philox4x32-10 keyed by the 64-bit seed, with counter
 (j // 4, b, offset_lo, offset_hi), mapped to ((r >> 9) + 0.5) * 2^-23, strictly inside (0, 1);
 -log U_j comes from the series of -log(1 - W), W = 1 - U exact, where U > 15/16. The CUDA kernel
-(csrc/sampling) uses the same stream and formula (its logs are the hardware approximations). `seed` is an int64 device tensor
-(seed, offset[, arrival counter]); with advance=True the kernel adds 1 to the offset itself (the
-last program to finish does it, counting arrivals in seed[2], which must start at 0 and is
-reset), so a replayed CUDA graph draws a new stream each step without another launch.
-
-Each program handles ROWS output rows and streams the vocabulary in BLOCK-wide chunks; the
-unfiltered path (the official loop) reads the logits exactly once.
+(csrc/sampling) uses the same stream, keys, masses and thresholds (its logs and exps are the
+hardware approximations). `seed` is an int64 device tensor (seed, offset[, arrival counter]);
+with advance=True the kernel adds 1 to the offset itself (the last program to finish does it,
+counting arrivals in seed[2], which must start at 0 and is reset), so a replayed CUDA graph
+draws a new stream each step without another launch.
 """
 import torch
 import triton
 import triton.language as tl
 
-_INT32_MIN = tl.constexpr(-2147483648)
+ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per thread at 16 warps)
 
 
 @triton.jit
-def _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, SCALE: tl.constexpr):
+def _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight):
     c = tl.load(logits_ptr + c_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(logits_ptr + u_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(c == u, u, u + cfg_weight * (c - u))  # -inf in both rows stays -inf, not NaN
-    if SCALE:
-        g = tl.div_rn(g, temperature)
-    return g
+    return tl.where(c == u, u, u + cfg_weight * (c - u))  # -inf in both rows stays -inf, not NaN
 
 
 @triton.jit
@@ -50,6 +57,35 @@ def _key(x):
     """Order-preserving fp32 -> int32 (-0.0 and +0.0 share a key)."""
     bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _ukey(x):
+    """_key shifted to [0, 2^32), as int64: the unsigned key the radix select walks."""
+    return _key(x).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _signed(ukey):
+    """An unsigned key (int64 in [0, 2^32]) as the int32 key it compares like; 2^32 (above
+    every key) saturates to the largest int32, which only NaN reaches."""
+    return tl.minimum(ukey - 2147483648, 2147483647).to(tl.int32)
+
+
+@triton.jit
+def _masses(s, mask, floor, m):
+    """W = exp(s - max s) on the tokens top-k keeps (key(s) >= floor), 0 elsewhere (fp32)."""
+    e = tl.exp(s - m[:, None])
+    return tl.where(mask & (_key(s) >= _signed(floor)[:, None]) & (e <= 1.0), e, 0.0)
+
+
+@triton.jit
+def _weights(x, mass_scale, MASS: tl.constexpr):
+    """Per token: 1 (counts), or the fixed-point mass W 2^S (x = W)."""
+    if MASS:
+        return (x * mass_scale).to(tl.int64)
+    else:
+        return tl.full(x.shape, 1, tl.int64)
 
 
 @triton.jit
@@ -78,72 +114,87 @@ def _running_argmax(x, start, best, best_idx):
     tile_max = tl.max(x, axis=1)
     tile_arg = tl.argmax(x, axis=1, tie_break_left=True)
     better = tile_max > best  # strict: a later tile never displaces an equal earlier maximum
-    return tl.where(better, tile_max, best), tl.where(better, start + tile_arg, best_idx)
+    return tl.where(better, tile_max, best), tl.where(better, start + tile_arg, best_idx), better, tile_arg
 
 
 @triton.jit
-def _threshold(logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, top_k, top_p,
-               TOP_K: tl.constexpr, TOP_P: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row, the smallest key that survives top-k then top-p (int64 [ROWS])."""
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        s = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, True)
-        m = tl.maximum(m, tl.max(tl.where(mask, s, float("-inf")), axis=1))
-    key_max = _key(m).to(tl.int64)
-    thr = tl.full([ROWS], _INT32_MIN, tl.int64)
-    if TOP_K:
-        # invariant: count(key >= lo) >= k, count(key >= hi + 1) < k
-        lo = thr
-        hi = key_max
-        while tl.max(hi - lo, axis=0) > 0:
-            mid = lo + (hi - lo + 1) // 2
-            count = tl.zeros([ROWS], tl.int32)
+def _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE: tl.constexpr,
+          BLOCK: tl.constexpr):
+    """(g, s, mask) of tokens start .. start+BLOCK-1: guided, scaled (-inf where masked)."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = row_ok[:, None] & (cols < V)[None, :]
+    g = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight)
+    s = g
+    if SCALE:
+        s = tl.div_rn(g, temperature)
+    return g, tl.where(mask, s, float("-inf")), mask
+
+
+@triton.jit
+def _chip_mask(row_ok, V, BLOCK: tl.constexpr):
+    return row_ok[:, None] & (tl.arange(0, BLOCK) < V)[None, :]
+
+
+@triton.jit
+def _value(ukey):
+    """The fp32 value whose ukey is `ukey` (a NaN pattern above +inf): for non-NaN x,
+    x >= _value(t) iff ukey(x) >= t, so a threshold test needs no per-token key."""
+    k = _signed(ukey)
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _at_least(x, mask, cand, mass_scale, MASS: tl.constexpr):
+    """Count of the tokens with ukey(x) >= cand (x = s), or their mass (x = W), per row. The
+    weights are formed after the test, so nothing per token outlives one select step."""
+    hit = mask & (x >= _value(cand)[:, None])
+    if MASS:
+        return tl.sum(_weights(tl.where(hit, x, 0.0), mass_scale, True), axis=1)
+    else:
+        return tl.sum(hit.to(tl.int32), axis=1).to(tl.int64)
+
+
+@triton.jit
+def _select(x_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, m, floor,
+            mass_scale, target, MASS: tl.constexpr, SCALE: tl.constexpr, ON_CHIP: tl.constexpr,
+            DIGIT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The largest t in [0, 2^32) with F(t) >= target: F(t) = the count of tokens with
+    ukey(s) >= t (counts), or the mass of those with ukey(W) >= t (MASS; W from _masses with
+    `floor`). Bitwise from the top, DIGIT bits per pass: F never increases with t, so each pass
+    keeps the largest digit whose candidate still reaches the target. x_chip holds s (counts) or
+    W (MASS) when ON_CHIP; otherwise every pass re-reads the row."""
+    t = tl.zeros([ROWS], tl.int64)
+    if ON_CHIP:  # DIGIT == 1: one reduction of the registers per bit (a rolled loop: nothing hoisted)
+        for shift in range(31, -1, -1):
+            cand = t | (tl.full([ROWS], 1, tl.int64) << shift)  # int64: 1 << 31 must stay positive
+            f = _at_least(x_chip, _chip_mask(row_ok, V, BLOCK), cand, mass_scale, MASS)
+            t = tl.where(f >= target, cand, t)
+    for p in tl.static_range(0 if ON_CHIP else 32 // DIGIT):
+        shift = 32 - DIGIT * (p + 1)
+        if not ON_CHIP:  # every candidate digit in one streamed pass
+            digits = tl.arange(0, 1 << DIGIT).to(tl.int64)
+            cand = _signed(t[:, None] | (digits[None, :] << shift))  # [ROWS, 2^DIGIT]
+            f = tl.zeros([ROWS, 1 << DIGIT], tl.int64)
             for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = row_ok[:, None] & (cols < V)[None, :]
-                s = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, True)
-                count += tl.sum((mask & (_key(s) >= mid[:, None])).to(tl.int32), axis=1)
-            ok = count >= top_k
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        thr = lo
-    if TOP_P:
-        total = tl.zeros([ROWS], tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            s = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, True)
-            keep = mask & (_key(s) >= thr[:, None])
-            total += tl.sum(tl.where(keep, tl.exp(s - m[:, None]), 0.0), axis=1)
-        target = top_p * total
-        # invariant: mass(key > lo) >= target (or lo below every kept key), mass(key > hi) < target
-        lo = thr - 1
-        hi = key_max
-        while tl.max(hi - lo, axis=0) > 1:
-            mid = lo + (hi - lo) // 2
-            mass = tl.zeros([ROWS], tl.float32)
-            for start in range(0, V, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = row_ok[:, None] & (cols < V)[None, :]
-                s = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, True)
-                key = _key(s)
-                above = mask & (key >= thr[:, None]) & (key > mid[:, None])
-                mass += tl.sum(tl.where(above, tl.exp(s - m[:, None]), 0.0), axis=1)
-            ok = mass < target
-            hi = tl.where(ok, mid, hi)
-            lo = tl.where(ok, lo, mid)
-        thr = hi
-    return thr
+                g, x, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
+                                   SCALE, BLOCK)
+                if MASS:
+                    x = _masses(x, mask, floor, m)
+                w = tl.where(mask, _weights(x, mass_scale, MASS), 0)
+                f += tl.sum(tl.where(_key(x)[:, :, None] >= cand[:, None, :], w[:, :, None], 0), axis=1)
+            # the largest digit that reaches the target (digit 0 always does: the invariant)
+            best = tl.max(tl.where(f >= target[:, None], digits[None, :], 0), axis=1)
+            t = t | (best << shift)
+    return t
 
 
 @triton.jit
 def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B, V,
-                       cfg_weight, temperature, top_k, top_p,
-                       INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, TOP_K: tl.constexpr,
-                       TOP_P: tl.constexpr, ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                       cfg_weight, temperature, top_k, top_p, mass_scale,
+                       INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
+                       TOP_K: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr,
+                       WRITE_IDS: tl.constexpr, ON_CHIP: tl.constexpr, DIGIT: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -157,37 +208,112 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
     u_off = u_row * stride_row
     seed = tl.load(seed_ptr)
     offset = tl.load(seed_ptr + 1)
-    # the greedy argmax of g, and the flags of contract 1: any NaN/+inf in g, any finite entry
-    top = tl.full([ROWS], float("-inf"), tl.float32)
-    top_idx = tl.zeros([ROWS], tl.int32)
-    bad = tl.zeros([ROWS], tl.int32)
-    finite = tl.zeros([ROWS], tl.int32)
-    best = tl.full([ROWS], float("-inf"), tl.float32)
-    best_idx = tl.zeros([ROWS], tl.int32)
-    thr = tl.full([ROWS], _INT32_MIN, tl.int64)
-    if not GREEDY and (TOP_K or TOP_P):
-        thr = _threshold(logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, top_k,
-                         top_p, TOP_K, TOP_P, ROWS, BLOCK)
     off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
     off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        g = _guided(logits_ptr, c_off, u_off, cols, mask, cfg_weight, temperature, False)
+
+    # Pass 1, the only read of the logits when the row stays on the chip: contract 1's flags
+    # (any NaN/+inf in g, any finite g), the argmax of g, max s, and the unfiltered Gumbel winner.
+    bad = tl.zeros([ROWS], tl.int32)
+    finite = tl.zeros([ROWS], tl.int32)
+    top = tl.full([ROWS], float("-inf"), tl.float32)
+    top_idx = tl.zeros([ROWS], tl.int32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    best = tl.full([ROWS], float("-inf"), tl.float32)
+    best_idx = tl.zeros([ROWS], tl.int32)
+    best_s = tl.zeros([ROWS], tl.float32)  # s of the winner
+    s_chip = tl.zeros([ROWS, BLOCK], tl.float32)  # s kept in registers when ON_CHIP (-inf: masked)
+    for start in range(0, V, BLOCK):  # one iteration when ON_CHIP
+        g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE, BLOCK)
         bad |= tl.max((mask & ((g != g) | (g == float("inf")))).to(tl.int32), axis=1)
         finite |= tl.max((mask & (tl.abs(g) < float("inf"))).to(tl.int32), axis=1)
-        top, top_idx = _running_argmax(tl.where(mask, g, float("-inf")), start, top, top_idx)
+        top, top_idx, _, _ = _running_argmax(tl.where(mask, g, float("-inf")), start, top, top_idx)
         if not GREEDY:
-            s = tl.div_rn(g, temperature)
-            keep = mask & (_key(s) >= thr[:, None])
-            score = s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK)
-            best, best_idx = _running_argmax(tl.where(keep, score, float("-inf")), start, best, best_idx)
-    # g / T overflowing to +inf means a temperature too small for fp32: the argmax (reference)
+            m = tl.maximum(m, tl.max(s, axis=1))
+            score = tl.where(mask, s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK), float("-inf"))
+            best, best_idx, better, arg = _running_argmax(score, start, best, best_idx)
+            if TOP_K or TOP_P:
+                at_arg = tl.arange(0, BLOCK)[None, :] == arg[:, None]
+                best_s = tl.where(better, tl.sum(tl.where(at_arg, s, 0.0), axis=1), best_s)
+                if ON_CHIP:
+                    s_chip = s
+
+    token = best_idx
+    if not GREEDY and (TOP_K or TOP_P):
+        m = tl.where(m > float("-inf"), m, 0.0)  # rows with no finite s are marked -1 below
+        zero = tl.zeros([ROWS], tl.int64)
+        # The exact shortcut: how many tokens lie above the winner, the mass of the more probable
+        # ones, the mass at or above the winner's logit (a lower bound of what top-k keeps: the
+        # winner survives it) and the whole mass. Integer sums: the test is exact.
+        above = zero
+        mass_above = zero
+        mass_ge = zero
+        total = zero
+        for start in range(0, V, BLOCK):
+            if ON_CHIP:
+                s = s_chip
+                mask = _chip_mask(row_ok, V, BLOCK)
+            else:
+                g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
+                                   SCALE, BLOCK)
+            # (float compares order like the keys; each weight is formed after its test)
+            e = _masses(s, mask, zero, m)
+            above += tl.sum((mask & (s > best_s[:, None])).to(tl.int32), axis=1).to(tl.int64)
+            e_w = tl.exp(best_s - m)
+            mass_above += tl.sum(_weights(tl.where(e > e_w[:, None], e, 0.0), mass_scale, True), axis=1)
+            mass_ge += tl.sum(_weights(tl.where(s >= best_s[:, None], e, 0.0), mass_scale, True), axis=1)
+            total += tl.sum(_weights(e, mass_scale, True), axis=1)
+        survives = row_ok == row_ok
+        kept_mass = total
+        if TOP_K:
+            survives &= above < top_k
+            kept_mass = mass_ge
+        if TOP_P:
+            survives &= mass_above.to(tl.float64) < top_p * kept_mass.to(tl.float64)
+        accept = survives | (row_ok == 0)  # rows past B need nothing
+        if tl.min(accept.to(tl.int32), axis=0) == 0:  # some row needs the thresholds
+            t_k = zero
+            if TOP_K:
+                t_k = _select(s_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, m,
+                              zero, mass_scale, zero + top_k, False, SCALE, ON_CHIP, DIGIT, ROWS,
+                              SELECT_BLOCK)
+            t_p = zero
+            if TOP_P:
+                w_chip = s_chip
+                kept = zero
+                for start in range(0, V, BLOCK):
+                    if ON_CHIP:
+                        w_chip = _masses(s_chip, _chip_mask(row_ok, V, BLOCK), t_k, m)
+                        kept += tl.sum(_weights(w_chip, mass_scale, True), axis=1)
+                    else:
+                        g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight,
+                                           temperature, SCALE, BLOCK)
+                        kept += tl.sum(_weights(_masses(s, mask, t_k, m), mass_scale, True), axis=1)
+                t_p = _select(w_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, m,
+                              t_k, mass_scale, top_p * kept.to(tl.float64), True, SCALE, ON_CHIP,
+                              DIGIT, ROWS, SELECT_BLOCK)
+                t_p = tl.minimum(t_p, _ukey(tl.full([ROWS], 1.0, tl.float32)))  # W = 1 (the max) stays
+            # the Gumbel winner among the kept tokens, with the noise of the first pass
+            best = tl.full([ROWS], float("-inf"), tl.float32)
+            token = tl.zeros([ROWS], tl.int32)
+            for start in range(0, V, BLOCK):
+                if ON_CHIP and not TOP_P:
+                    s = s_chip
+                    mask = _chip_mask(row_ok, V, BLOCK)
+                else:  # the registers held W: s is read again
+                    g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight,
+                                       temperature, SCALE, BLOCK)
+                keep = mask & (_key(s) >= _signed(t_k)[:, None])
+                if TOP_P:
+                    keep &= _key(_masses(s, mask, t_k, m)) >= _signed(t_p)[:, None]
+                score = s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK)
+                best, token, _, _ = _running_argmax(tl.where(keep, score, float("-inf")), start, best, token)
+            token = tl.where(accept, best_idx, token)
+
     if GREEDY:
-        token = top_idx.to(tl.int64)
-    else:
-        token = tl.where(best == float("inf"), top_idx, best_idx).to(tl.int64)
-    token = tl.where((bad != 0) | (finite == 0), -1, token)
+        token = top_idx
+    else:  # g / T overflowing to +inf is a temperature too small for fp32: the argmax
+        token = tl.where(m == float("inf"), top_idx, token)
+    token = tl.where((bad != 0) | (finite == 0), -1, token.to(tl.int64))
     tl.store(tokens_ptr + rows, token, mask=row_ok)
     if WRITE_IDS:
         tl.store(ids_ptr + c_row, token, mask=row_ok)
@@ -200,14 +326,22 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
             tl.store(seed_ptr + 2, 0)
 
 
-def _blocks(b: int, v: int, interpreted: bool) -> tuple[int, int]:
-    """(ROWS, BLOCK): chunks of up to 4096 tokens; short rows are packed several per program, up
-    to 2048 tokens per tile on a GPU (keeps the filters' registers from spilling) and 16384 under
-    the CPU interpreter (whose cost is per program and per op, not per element)."""
-    block = min(max(triton.next_power_of_2(v), 4), 4096)
-    tile = 16384 if interpreted else 2048
-    rows = min(max(tile // block, 1), triton.next_power_of_2(b))
-    return rows, block
+def mass_scale(v: int) -> float:
+    """2^S for the fixed-point masses: V tokens of mass <= 1 sum below 2^62."""
+    return float(2 ** (62 - v.bit_length()))
+
+
+def _blocks(b: int, v: int, interpreted: bool) -> tuple[int, int, bool]:
+    """(ROWS, BLOCK, ON_CHIP): a row of up to ON_CHIP_MAX tokens is one tile kept on the chip,
+    short rows packed several per program (up to ON_CHIP_MAX tokens per program; the CPU
+    interpreter's cost is per op, not per element); longer rows stream in 4096-token chunks."""
+    if v > ON_CHIP_MAX:
+        return 1, 4096, False
+    block = max(triton.next_power_of_2(v), 4)
+    rows = min(max(ON_CHIP_MAX // block, 1), triton.next_power_of_2(b))
+    if not interpreted:
+        rows = min(rows, max(2048 // block, 1))  # short rows: keep several programs per SM busy
+    return rows, block, True
 
 
 def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
@@ -223,13 +357,14 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
             seed[1] += 1
         return tokens, ids
     greedy = temperature == 0
-    rows, block = _blocks(b, v, logits.device.type == "cpu")
+    rows, block, on_chip = _blocks(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](
         logits, logits.stride(0), tokens, ids, seed, b, v,
-        float(cfg_weight), float(temperature), int(top_k), float(top_p),
-        INTERLEAVED=layout == "interleaved", GREEDY=greedy,
+        float(cfg_weight), float(temperature), int(top_k), float(top_p), mass_scale(v),
+        INTERLEAVED=layout == "interleaved", GREEDY=greedy, SCALE=temperature != 1.0,
         TOP_K=not greedy and 0 < top_k < v, TOP_P=not greedy and top_p < 1.0,
-        ADVANCE=bool(advance), WRITE_IDS=bool(return_ids), ROWS=rows, BLOCK=block,
-        num_warps=4 if block * rows <= 1024 else 8,
+        ADVANCE=bool(advance), WRITE_IDS=bool(return_ids), ON_CHIP=on_chip,
+        DIGIT=1 if on_chip else 4, ROWS=rows, BLOCK=block, SELECT_BLOCK=block if on_chip else 256,
+        num_warps=16 if rows * block >= 8192 else (8 if rows * block > 1024 else 4),
         enable_fp_fusion=False)  # round u + w (c - u) and g / T exactly as torch does
     return tokens, ids

@@ -149,6 +149,39 @@ def test_never_returns_a_filtered_token(backend, layout, v, top_k, top_p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k,top_p", [(20, 1.0), (0, 0.8), (30, 0.7)])
+def test_filtered_draw_is_the_unfiltered_draw_when_it_survives(backend, top_k, top_p):
+    # Gumbel-max with one noise: the filtered winner IS the unfiltered winner whenever the latter
+    # is kept (the kernels' exact shortcut), and otherwise a kept token.
+    b, v = 64, 700
+    logits = torch.randn(2 * b, v, device=DEVICE) * 2
+    kept = ref.sampling_probs(logits, 1.5, 1.0, top_k, top_p) > 0
+    free = draw(logits, backend, cfg_weight=1.5, seed=5)
+    filtered = draw(logits, backend, cfg_weight=1.5, seed=5, top_k=top_k, top_p=top_p)
+    rows = torch.arange(b, device=DEVICE)
+    survives = kept[rows, free]
+    assert 0 < int(survives.sum()) < b  # both paths are exercised
+    assert torch.equal(filtered[survives], free[survives])
+    assert kept[rows, filtered].all()
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 0.9), (9, 1.0, 1.0), (0, 0.6, 1.0), (40, 0.95, 0.8),
+                                                     (0, 1.0, 0.0)])
+def test_streamed_rows_equal_rows_kept_on_chip(monkeypatch, top_k, top_p, temperature):
+    # Rows longer than ON_CHIP_MAX are streamed (re-read per pass, 4-bit digits); the maths is
+    # the same, so the tokens must be identical.
+    from janus_fast.kernels import sampling as kernels
+
+    logits = torch.randn(2 * 5, 300, device=DEVICE) * 2
+    logits[2:4, 100:] = float("-inf")
+    on_chip = draw(logits, "triton", top_k=top_k, top_p=top_p, temperature=temperature, seed=9)
+    monkeypatch.setattr(kernels, "ON_CHIP_MAX", 64)
+    assert not kernels._blocks(5, 300, True)[2]
+    streamed = draw(logits, "triton", top_k=top_k, top_p=top_p, temperature=temperature, seed=9)
+    assert torch.equal(on_chip, streamed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vocabulary_of_one(backend):
     logits = torch.randn(8, 1, device=DEVICE)
     for kw in ({}, {"temperature": 0.0}, {"top_k": 1}, {"top_p": 0.0}, {"top_k": 3, "top_p": 0.5}):
