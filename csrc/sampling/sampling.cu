@@ -1,13 +1,18 @@
-// CFG sampling: one launch per decoding step, one block per output row. Maths and the random
-// stream are those of kernels/sampling.py:
-//   g = u + w (c - u) (fp32, each step rounded as torch does), s = g / T;
-//   T == 0: argmax g, lowest index on ties;
-//   top-k / top-p: thresholds on the order-preserving int32 key of s found by bisection over the
-//   key range with block-wide counts / probability masses (no sort), so ties are kept or dropped
-//   together; the draw is Gumbel-max, argmax over kept j of s_j - log(-log U_j), an exact sample
-//   of softmax(s) on the kept set that needs neither a normaliser nor a second read of the row.
-// The unfiltered path streams the row once with 4-wide vector loads (one Philox call per 4
-// tokens); each filter adds up to 32 counting passes, which re-read the row from L1/L2.
+// CFG sampling: one launch per decoding step, one block per output row. Maths, random stream,
+// keys, fixed-point masses and thresholds are those of kernels/sampling.py (its docstring is the
+// specification); in short:
+//   g = u + w (c - u) (u where c == u), fp32 rounded as torch does; contract 1: a row with a
+//   NaN/+inf g or no finite g gets token -1; T == 0 (or g / T overflowing) is argmax g;
+//   s = g / T (no division at T == 1), e = exp(s - max s) as the integer e 2^S;
+//   the draw is Gumbel-max, argmax over kept j of s_j - log(-log U_j).
+// Passes over the row: pass 1 reads the logits once (flags, argmax, max, the unfiltered Gumbel
+// winner) and, when a filter is on and the row fits, keeps s in shared memory. The exact
+// shortcut (one pass over shared memory) returns the winner when it survives both filters.
+// Otherwise each threshold is a radix select on the 32-bit order-preserving key, 8 bits per pass
+// (4 passes per filter): per-warp shared histograms of counts or fixed-point masses (integer
+// atomics: exact in any order), summed over warps in a fixed order, and a one-warp suffix scan
+// picks the digit; a last pass draws among the kept tokens. Rows too long for shared memory
+// re-read the logits (from L2) on every pass instead.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,7 +28,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kNoIndex = INT64_MAX;
-constexpr int64_t kInt32Min = -2147483648LL;
 
 // -------------------------------------------------------------------------- element access
 
@@ -71,9 +75,9 @@ struct Row {
 
   // Tokens 4q .. 4q+3 (those < vocab): guided logits, divided by T when `scaled`. The _rn
   // intrinsics keep torch's rounding (no FMA contraction, IEEE division) under fast-math.
-  __device__ __forceinline__ void load(int64_t q, bool scaled, float s[4]) const {
+  __device__ __forceinline__ void load(uint32_t q, bool scaled, float s[4]) const {
     float c[4], u[4];
-    const int64_t j0 = 4 * q;
+    const int64_t j0 = 4 * static_cast<int64_t>(q);
     if (vec && j0 + 3 < vocab) {
       load4_aligned(cond + j0, c);
       load4_aligned(uncond + j0, u);
@@ -93,11 +97,11 @@ struct Row {
   }
 };
 
-// Order-preserving fp32 -> int32; -0.0 and +0.0 share a key.
-__device__ __forceinline__ int32_t order_key(float x) {
-  int32_t bits = __float_as_int(x);
-  if ((bits & 0x7fffffff) == 0) bits = 0;
-  return bits < 0 ? bits ^ 0x7fffffff : bits;
+// Order-preserving fp32 -> [0, 2^32); -0.0 and +0.0 share a key (kernels/sampling.py's ukey).
+__device__ __forceinline__ uint32_t ukey(float x) {
+  uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7fffffffu) == 0) bits = 0;
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
 // -------------------------------------------------------------------------- random numbers
@@ -173,131 +177,252 @@ __device__ __forceinline__ Best block_argmax(Best best, float* sv, int64_t* si) 
   return best;
 }
 
+// -------------------------------------------------------------------------- the row
+
+#define kInf __int_as_float(0x7f800000)
+constexpr int kBins = 256;
+
+// Where a pass reads s: shared memory (pass 1 stored it) or the logits again (rows too long).
+template <typename T>
+struct Source {
+  Row<T> row;
+  const float* chip;  // s in shared memory, or nullptr
+  bool scaled;
+
+  __device__ __forceinline__ void get(uint32_t q, float s[4]) const {
+    if (chip != nullptr) {
+      const float4 v = reinterpret_cast<const float4*>(chip)[q];
+      s[0] = v.x; s[1] = v.y; s[2] = v.z; s[3] = v.w;
+    } else {
+      row.load(q, scaled, s);
+    }
+  }
+};
+
+// W: exp(s - m) on the tokens top-k keeps (ukey(s) >= floor), 0 elsewhere; and its fixed point.
+__device__ __forceinline__ float mass_of(float s, float m, uint32_t floor) {
+  const float e = __expf(s - m);
+  return ukey(s) >= floor && e <= 1.f ? e : 0.f;
+}
+__device__ __forceinline__ unsigned long long fixed(float w, float scale) {
+  return static_cast<unsigned long long>(static_cast<long long>(w * scale));
+}
+
+// The largest t in [0, 2^32) with F(t) >= target, F(t) = the count of tokens with ukey(s) >= t
+// (mass == false) or the fixed-point mass of those with ukey(W) >= t (W with `floor`).
+// 8 bits per pass: per-warp histograms of the next digit among the tokens that share the
+// prefix found so far, summed over warps in warp order, then warp 0 takes the largest digit
+// whose suffix sum (plus the weight above the prefix) still reaches the target.
+template <typename T>
+__device__ uint32_t radix_select(const Source<T>& src, uint32_t groups, int64_t vocab, bool mass,
+                                 float m, uint32_t floor, float scale, double target,
+                                 unsigned long long* hist, unsigned long long* bins,
+                                 unsigned long long* broadcast) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint32_t prefix = 0;
+  unsigned long long above = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = lane; i < kBins; i += 32) hist[warp * kBins + i] = 0;
+    __syncwarp();
+    for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
+      float s[4];
+      src.get(q, s);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        if (4 * static_cast<int64_t>(q) + l >= vocab) continue;
+        const float w = mass ? mass_of(s[l], m, floor) : 0.f;
+        const uint32_t key = mass ? ukey(w) : ukey(s[l]);
+        const unsigned long long weight = mass ? fixed(w, scale) : 1ull;
+        const bool in_prefix = shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8));
+        if (in_prefix && weight != 0) atomicAdd(hist + warp * kBins + ((key >> shift) & 0xff), weight);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < kBins) {
+      unsigned long long sum = 0;
+      for (int w = 0; w < kWarps; ++w) sum += hist[w * kBins + threadIdx.x];  // fixed order
+      bins[threadIdx.x] = sum;
+    }
+    __syncthreads();
+    if (warp == 0) {  // lane l owns digits 8l .. 8l+7
+      unsigned long long local = 0;
+      for (int j = 0; j < 8; ++j) local += bins[8 * lane + j];
+      unsigned long long higher = local;  // inclusive suffix over lanes l .. 31
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long v = __shfl_down_sync(0xffffffffu, higher, o);
+        if (lane + o < 32) higher += v;
+      }
+      unsigned long long run = above + higher - local;  // weight at digits >= 8l + 8
+      int reaching = 0;
+      for (int j = 7; j >= 0; --j) {
+        run += bins[8 * lane + j];  // F(prefix | (8l + j) << shift)
+        reaching += static_cast<double>(run) >= target;
+      }
+      // F never increases with the digit: the digits reaching the target are 0 .. d
+      for (int o = 16; o > 0; o >>= 1) reaching += __shfl_xor_sync(0xffffffffu, reaching, o);
+      const int d = reaching - 1;  // >= 0: digit 0 reaches it (the invariant)
+      if (lane == (d >> 3)) {
+        unsigned long long next = above + higher - local;  // weight at digits > d
+        for (int j = 7; j > (d & 7); --j) next += bins[8 * lane + j];
+        broadcast[0] = static_cast<unsigned long long>(d);
+        broadcast[1] = next;
+      }
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(broadcast[0]) << shift;
+    above = broadcast[1];
+    __syncthreads();  // broadcast is read before the next pass writes it
+  }
+  return prefix;
+}
+
 // -------------------------------------------------------------------------- the kernel
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cfg_sample_kernel(CfgSampleParams p, bool vec) {
+__global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams p, bool vec, bool on_chip) {
   __shared__ float s_float[kWarps];
   __shared__ int64_t s_int[kWarps];
-  const int64_t b = blockIdx.x;
-  const int64_t c_row = p.interleaved ? 2 * b : b;
-  const int64_t u_row = p.interleaved ? 2 * b + 1 : b + p.batch;
+  __shared__ unsigned long long s_u64[kWarps];
+  __shared__ unsigned long long s_bins[kBins];
+  __shared__ unsigned long long s_broadcast[2];
+  extern __shared__ __align__(16) unsigned char s_dynamic[];  // [hist | s], when filtering
+  auto* hist = reinterpret_cast<unsigned long long*>(s_dynamic);
+  float* chip = on_chip ? reinterpret_cast<float*>(s_dynamic + kWarps * kBins * sizeof(unsigned long long)) : nullptr;
+
+  const uint32_t b = blockIdx.x;
+  const int64_t c_row = p.interleaved ? 2 * static_cast<int64_t>(b) : b;
+  const int64_t u_row = p.interleaved ? 2 * static_cast<int64_t>(b) + 1 : b + p.batch;
   const T* logits = static_cast<const T*>(p.logits);
+  const bool greedy = p.temperature == 0.f;
+  const bool scaled = p.temperature != 1.f;  // no division at T == 1
   const Row<T> row{logits + c_row * p.row_stride, logits + u_row * p.row_stride, p.vocab,
                    p.cfg_weight, p.temperature, vec};
-  const int64_t groups = (p.vocab + 3) / 4;
+  const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);  // vocab < 2^31: 32-bit counters
   const int64_t seed = p.seed[0];
   const int64_t offset = p.seed[1];
-  const bool greedy = p.temperature == 0.f;
   const bool use_k = !greedy && p.top_k > 0 && p.top_k < p.vocab;
   const bool use_p = !greedy && p.top_p < 1.f;
-  auto fmax_op = [](float a, float c) { return fmaxf(a, c); };
-  auto fsum_op = [](float a, float c) { return a + c; };
-  auto isum_op = [](int64_t a, int64_t c) { return a + c; };
-
-  int64_t threshold = kInt32Min;  // smallest kept key
-  float row_max = 0.f;
-  if (use_k || use_p) {
-    float m = -__int_as_float(0x7f800000);
-    for (int64_t q = threadIdx.x; q < groups; q += kThreads) {
-      float s[4];
-      row.load(q, true, s);
-#pragma unroll
-      for (int l = 0; l < 4; ++l)
-        if (4 * q + l < p.vocab) m = fmaxf(m, s[l]);
-    }
-    row_max = block_reduce(m, fmax_op, s_float);
-    const int64_t key_max = order_key(row_max);
-    if (use_k) {  // the k-th largest key: count(key >= lo) >= k > count(key > hi)
-      int64_t lo = kInt32Min, hi = key_max;
-      while (lo < hi) {
-        const int64_t mid = lo + (hi - lo + 1) / 2;
-        int64_t count = 0;
-        for (int64_t q = threadIdx.x; q < groups; q += kThreads) {
-          float s[4];
-          row.load(q, true, s);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) count += (4 * q + l < p.vocab && order_key(s[l]) >= mid);
-        }
-        if (block_reduce(count, isum_op, s_int) >= p.top_k) {
-          lo = mid;
-        } else {
-          hi = mid - 1;
-        }
-      }
-      threshold = lo;
-    }
-    if (use_p) {  // smallest key t with mass(key > t) < top_p * total, over the top-k survivors
-      float part = 0.f;
-      for (int64_t q = threadIdx.x; q < groups; q += kThreads) {
-        float s[4];
-        row.load(q, true, s);
-#pragma unroll
-        for (int l = 0; l < 4; ++l)
-          if (4 * q + l < p.vocab && order_key(s[l]) >= threshold) part += expf(s[l] - row_max);
-      }
-      const float target = p.top_p * block_reduce(part, fsum_op, s_float);
-      int64_t lo = threshold - 1, hi = key_max;
-      while (hi - lo > 1) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        float mass = 0.f;
-        for (int64_t q = threadIdx.x; q < groups; q += kThreads) {
-          float s[4];
-          row.load(q, true, s);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) {
-            const int64_t key = order_key(s[l]);
-            if (4 * q + l < p.vocab && key >= threshold && key > mid) mass += expf(s[l] - row_max);
-          }
-        }
-        if (block_reduce(mass, fsum_op, s_float) < target) {
-          hi = mid;
-        } else {
-          lo = mid;
-        }
-      }
-      threshold = hi;
-    }
-  }
-
   const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(static_cast<uint64_t>(seed) >> 32));
-  Best best{-__int_as_float(0x7f800000), kNoIndex};
-  Best top{-__int_as_float(0x7f800000), kNoIndex};  // the greedy argmax of g
+  const auto noise = [&](uint32_t q) {
+    return philox4x32_10(make_uint4(q, b, static_cast<unsigned int>(offset),
+                                    static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)), key);
+  };
+  auto fmax_op = [](float a, float c) { return fmaxf(a, c); };
+  auto or_op = [](int64_t a, int64_t c) { return a | c; };
+  auto usum_op = [](unsigned long long a, unsigned long long c) { return a + c; };
+  // 2^S for the fixed-point masses, S = 62 - bits(V): V masses <= 1 sum below 2^62
+  const float mass_scale = ldexpf(1.f, 62 - (64 - __clzll(static_cast<long long>(p.vocab))));
+
+  // Pass 1: the only read of the logits when the row fits on the chip.
+  Best best{-kInf, kNoIndex};  // the unfiltered Gumbel winner
+  Best top{-kInf, kNoIndex};   // the argmax of g
+  float m = -kInf;
   int64_t flags = 0;  // bit 0: a NaN or +inf in g; bit 1: a finite g (contract 1)
-  for (int64_t q = threadIdx.x; q < groups; q += kThreads) {
+  for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
     float g[4];
     row.load(q, false, g);
+    float s[4];
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      if (4 * q + l >= p.vocab) continue;
+      s[l] = scaled ? __fdiv_rn(g[l], p.temperature) : g[l];
+      if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
       top.offer(g[l], 4 * q + l);
-      flags |= (g[l] != g[l] || g[l] == __int_as_float(0x7f800000)) ? 1 : 0;
-      flags |= fabsf(g[l]) < __int_as_float(0x7f800000) ? 2 : 0;
+      flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
+      flags |= fabsf(g[l]) < kInf ? 2 : 0;
+      m = fmaxf(m, s[l]);
     }
+    if (chip != nullptr) reinterpret_cast<float4*>(chip)[q] = make_float4(s[0], s[1], s[2], s[3]);
     if (!greedy) {
-      float s[4];
-#pragma unroll
-      for (int l = 0; l < 4; ++l) s[l] = __fdiv_rn(g[l], p.temperature);
-      const uint4 r = philox4x32_10(
-          make_uint4(static_cast<unsigned int>(q), static_cast<unsigned int>(b),
-                     static_cast<unsigned int>(offset), static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)),
-          key);
+      const uint4 r = noise(q);
       const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        if (4 * q + l >= p.vocab) continue;
-        const float score = order_key(s[l]) >= threshold ? s[l] + gumbel(lanes[l]) : -__int_as_float(0x7f800000);
-        best.offer(score, 4 * q + l);
-      }
+      for (int l = 0; l < 4; ++l)
+        if (4 * static_cast<int64_t>(q) + l < p.vocab) best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
     }
   }
-  auto or_op = [](int64_t a, int64_t c) { return a | c; };
   flags = block_reduce(flags, or_op, s_int);
+  m = block_reduce(m, fmax_op, s_float);
   best = block_argmax(best, s_float, s_int);
   top = block_argmax(top, s_float, s_int);
+  int64_t token = best.index;
+
+  if (use_k || use_p) {
+    const Source<T> src{row, chip, scaled};
+    const float mm = m > -kInf ? m : 0.f;  // rows with no finite s are marked -1 below
+    // s of the winner: recomputed from its own logits (bit-identical to pass 1)
+    float s_w = -kInf;
+    if (best.index != kNoIndex) {
+      float v[4];
+      row.load(static_cast<uint32_t>(best.index / 4), scaled, v);
+      const int lane = static_cast<int>(best.index & 3);  // no dynamic index: v stays in registers
+      s_w = lane == 0 ? v[0] : lane == 1 ? v[1] : lane == 2 ? v[2] : v[3];
+    }
+    const float e_w = __expf(s_w - mm);
+    // The exact shortcut: integer counts and masses above the winner.
+    unsigned long long above = 0, mass_above = 0, mass_ge = 0, total = 0;
+    for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
+      float s[4];
+      src.get(q, s);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
+        const float e = mass_of(s[l], mm, 0u);
+        const unsigned long long f = fixed(e, mass_scale);
+        above += s[l] > s_w;
+        mass_above += e > e_w ? f : 0ull;
+        mass_ge += s[l] >= s_w ? f : 0ull;
+        total += f;
+      }
+    }
+    above = block_reduce(above, usum_op, s_u64);
+    mass_above = block_reduce(mass_above, usum_op, s_u64);
+    mass_ge = block_reduce(mass_ge, usum_op, s_u64);
+    total = block_reduce(total, usum_op, s_u64);
+    bool survives = true;
+    if (use_k) survives = survives && above < static_cast<unsigned long long>(p.top_k);
+    if (use_p)
+      survives = survives && static_cast<double>(mass_above) <
+                                 static_cast<double>(p.top_p) * static_cast<double>(use_k ? mass_ge : total);
+    if (!survives) {
+      uint32_t t_k = 0, t_p = 0;
+      if (use_k)
+        t_k = radix_select(src, groups, p.vocab, false, mm, 0u, mass_scale, static_cast<double>(p.top_k),
+                           hist, s_bins, s_broadcast);
+      if (use_p) {
+        unsigned long long kept = 0;
+        for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
+          float s[4];
+          src.get(q, s);
+#pragma unroll
+          for (int l = 0; l < 4; ++l)
+            if (4 * static_cast<int64_t>(q) + l < p.vocab) kept += fixed(mass_of(s[l], mm, t_k), mass_scale);
+        }
+        kept = block_reduce(kept, usum_op, s_u64);
+        t_p = radix_select(src, groups, p.vocab, true, mm, t_k, mass_scale,
+                           static_cast<double>(p.top_p) * static_cast<double>(kept), hist, s_bins, s_broadcast);
+        t_p = min(t_p, ukey(1.f));  // W = 1 (the maximum) is always kept
+      }
+      // The Gumbel winner among the kept tokens, with the noise of pass 1.
+      Best kept_best{-kInf, kNoIndex};
+      for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
+        float s[4];
+        src.get(q, s);
+        const uint4 r = noise(q);
+        const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
+          const bool keep = ukey(s[l]) >= t_k && (!use_p || ukey(mass_of(s[l], mm, t_k)) >= t_p);
+          if (keep) kept_best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
+        }
+      }
+      token = block_argmax(kept_best, s_float, s_int).index;
+    }
+  }
+
   if (threadIdx.x == 0) {
     // g / T overflowing to +inf is a temperature too small for fp32: the argmax (reference)
-    int64_t token = greedy || best.value == __int_as_float(0x7f800000) ? top.index : best.index;
+    if (greedy || m == kInf) token = top.index;
     if (flags != 2 || token == kNoIndex) token = -1;
     p.tokens[b] = token;
     if (p.ids != nullptr) {
@@ -306,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(CfgSampleParams p,
     }
     if (p.advance) {
       // The last block to arrive moves the stream on: every block read the offset before its
-      // own arrival (block_argmax's barriers order the other threads' reads before this).
+      // own arrival (the reductions' barriers order the other threads' reads before this).
       __threadfence();
       const unsigned long long arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.seed + 2), 1ull);
       if (arrived == gridDim.x - 1) {
@@ -318,10 +443,28 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(CfgSampleParams p,
   }
 }
 
+constexpr size_t kHistBytes = kWarps * kBins * sizeof(unsigned long long);
+
 template <typename T>
 cudaError_t launch_typed(const CfgSampleParams& p, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(p.logits) % (4 * sizeof(T)) == 0 && p.row_stride % 4 == 0;
-  cfg_sample_kernel<T><<<static_cast<unsigned int>(p.batch), kThreads, 0, stream>>>(p, vec);
+  const bool greedy = p.temperature == 0.f;
+  const bool filtered = !greedy && ((p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.f);
+  size_t smem = 0;
+  bool on_chip = false;
+  if (filtered) {
+    int device = 0, optin = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return err;
+    const size_t row_bytes = static_cast<size_t>((p.vocab + 3) / 4) * 4 * sizeof(float);
+    const size_t static_bytes = 4096;  // the kernel's own __shared__ arrays, rounded up
+    on_chip = kHistBytes + row_bytes + static_bytes <= static_cast<size_t>(optin);
+    smem = kHistBytes + (on_chip ? row_bytes : 0);
+    err = cudaFuncSetAttribute(cfg_sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  cfg_sample_kernel<T><<<static_cast<unsigned int>(p.batch), kThreads, smem, stream>>>(p, vec, on_chip);
   return cudaGetLastError();
 }
 
