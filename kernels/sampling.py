@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 
 ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per thread at 16 warps)
+SPLIT_BLOCK = 4096  # columns per tile of a row split across programs
+_EMPTY = tl.constexpr(-(2**63))  # an empty merge slot: below every packed (key, index)
 
 
 @triton.jit
@@ -189,6 +191,101 @@ def _select(x_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature
 
 
 @triton.jit
+def _first_pass(g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best,
+                best_idx, best_s, GREEDY: tl.constexpr, WINNER_S: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One tile of the first pass: contract 1's flags (a NaN/+inf g, a finite g), the running
+    argmax of g, max s, and the unfiltered Gumbel winner (with its s when WINNER_S)."""
+    bad |= tl.max((mask & ((g != g) | (g == float("inf")))).to(tl.int32), axis=1)
+    finite |= tl.max((mask & (tl.abs(g) < float("inf"))).to(tl.int32), axis=1)
+    top, top_idx, _, _ = _running_argmax(tl.where(mask, g, float("-inf")), start, top, top_idx)
+    if not GREEDY:
+        m = tl.maximum(m, tl.max(s, axis=1))
+        score = tl.where(mask, s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK), float("-inf"))
+        best, best_idx, better, arg = _running_argmax(score, start, best, best_idx)
+        if WINNER_S:
+            at_arg = tl.arange(0, BLOCK)[None, :] == arg[:, None]
+            best_s = tl.where(better, tl.sum(tl.where(at_arg, s, 0.0), axis=1), best_s)
+    return bad, finite, top, top_idx, m, best, best_idx, best_s
+
+
+@triton.jit
+def _pair_rows(rows, B, INTERLEAVED: tl.constexpr):
+    """(conditional, unconditional) logits rows of output rows `rows`, int64."""
+    rows64 = rows.to(tl.int64)
+    if INTERLEAVED:
+        return 2 * rows64, 2 * rows64 + 1
+    else:
+        return rows64, rows64 + B
+
+
+@triton.jit
+def _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset,
+            ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr):
+    tl.store(tokens_ptr + rows, token, mask=row_ok)
+    if WRITE_IDS:
+        tl.store(ids_ptr + c_row, token, mask=row_ok)
+        tl.store(ids_ptr + u_row, token, mask=row_ok)
+    if ADVANCE:
+        # the last program to arrive (all others have read the offset) moves the stream on
+        arrived = tl.atomic_add(seed_ptr + 2, 1)
+        if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.store(seed_ptr + 1, offset + 1)
+            tl.store(seed_ptr + 2, 0)
+
+
+@triton.jit
+def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, work_ptr, B, V, chunk,
+                             cfg_weight, temperature, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
+                             GREEDY: tl.constexpr, SCALE: tl.constexpr, ADVANCE: tl.constexpr,
+                             WRITE_IDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Unfiltered (or greedy) rows split across SPLITS programs each (grid (B, SPLITS)): every
+    program reduces `chunk` columns to its flags, argmax of g and Gumbel winner and merges them
+    into work[b] = (winner, argmax, flags, arrivals) with 64-bit atomics on (key << 32 | ~index)
+    - the maximum key wins, then the lowest index, whatever the order of arrival. The row's last
+    program reads the merged values, writes the token and resets work[b] for the next launch."""
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    row_ok = rows < B
+    c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
+    c_off = c_row * stride_row
+    u_off = u_row * stride_row
+    seed = tl.load(seed_ptr)
+    offset = tl.load(seed_ptr + 1)
+    off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    bad = tl.zeros([1], tl.int32)
+    finite = tl.zeros([1], tl.int32)
+    top = tl.full([1], float("-inf"), tl.float32)
+    top_idx = tl.zeros([1], tl.int32)
+    m = tl.full([1], float("-inf"), tl.float32)
+    best = tl.full([1], float("-inf"), tl.float32)
+    best_idx = tl.zeros([1], tl.int32)
+    lo = tl.program_id(1) * chunk
+    for start in range(lo, tl.minimum(lo + chunk, V), BLOCK):
+        g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE, BLOCK)
+        bad, finite, top, top_idx, m, best, best_idx, _ = _first_pass(
+            g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
+            best, GREEDY, False, 1, BLOCK)
+    slot = work_ptr + 4 * rows.to(tl.int64)
+    low = 0xFFFFFFFF
+    tl.atomic_max(slot, (_key(best).to(tl.int64) << 32) | (low - best_idx), mask=row_ok)
+    tl.atomic_max(slot + 1, (_key(top).to(tl.int64) << 32) | (low - top_idx), mask=row_ok)
+    tl.atomic_or(slot + 2, (bad + 2 * finite).to(tl.int64), mask=row_ok)
+    last = row_ok & (tl.atomic_add(slot + 3, 1, mask=row_ok) == SPLITS - 1)
+    # the last program of the row: read and reset in one exchange each
+    merged = tl.atomic_xchg(slot, _EMPTY, mask=last)
+    merged_top = tl.atomic_xchg(slot + 1, _EMPTY, mask=last)
+    flags = tl.atomic_xchg(slot + 2, 0, mask=last)
+    tl.atomic_xchg(slot + 3, 0, mask=last)
+    token = low - (merged_top & low)
+    if not GREEDY:  # the Gumbel winner, unless it is +inf: g / T overflowed, which means the argmax
+        overflow = (merged >> 32) == _key(tl.full([1], float("inf"), tl.float32))
+        token = tl.where(overflow, token, low - (merged & low))
+    token = tl.where(((flags & 1) != 0) | ((flags & 2) == 0), -1, token)
+    _finish(token, rows, last, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
+
+
+@triton.jit
 def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B, V,
                        cfg_weight, temperature, top_k, top_p, mass_scale,
                        INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
@@ -197,13 +294,7 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    if INTERLEAVED:
-        c_row = 2 * rows64
-        u_row = c_row + 1
-    else:
-        c_row = rows64
-        u_row = rows64 + B
+    c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
     c_off = c_row * stride_row
     u_off = u_row * stride_row
     seed = tl.load(seed_ptr)
@@ -224,18 +315,11 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
     s_chip = tl.zeros([ROWS, BLOCK], tl.float32)  # s kept in registers when ON_CHIP (-inf: masked)
     for start in range(0, V, BLOCK):  # one iteration when ON_CHIP
         g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE, BLOCK)
-        bad |= tl.max((mask & ((g != g) | (g == float("inf")))).to(tl.int32), axis=1)
-        finite |= tl.max((mask & (tl.abs(g) < float("inf"))).to(tl.int32), axis=1)
-        top, top_idx, _, _ = _running_argmax(tl.where(mask, g, float("-inf")), start, top, top_idx)
-        if not GREEDY:
-            m = tl.maximum(m, tl.max(s, axis=1))
-            score = tl.where(mask, s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK), float("-inf"))
-            best, best_idx, better, arg = _running_argmax(score, start, best, best_idx)
-            if TOP_K or TOP_P:
-                at_arg = tl.arange(0, BLOCK)[None, :] == arg[:, None]
-                best_s = tl.where(better, tl.sum(tl.where(at_arg, s, 0.0), axis=1), best_s)
-                if ON_CHIP:
-                    s_chip = s
+        bad, finite, top, top_idx, m, best, best_idx, best_s = _first_pass(
+            g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
+            best_s, GREEDY, TOP_K or TOP_P, ROWS, BLOCK)
+        if ON_CHIP and (TOP_K or TOP_P):
+            s_chip = s
 
     token = best_idx
     if not GREEDY and (TOP_K or TOP_P):
@@ -314,16 +398,7 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
     else:  # g / T overflowing to +inf is a temperature too small for fp32: the argmax
         token = tl.where(m == float("inf"), top_idx, token)
     token = tl.where((bad != 0) | (finite == 0), -1, token.to(tl.int64))
-    tl.store(tokens_ptr + rows, token, mask=row_ok)
-    if WRITE_IDS:
-        tl.store(ids_ptr + c_row, token, mask=row_ok)
-        tl.store(ids_ptr + u_row, token, mask=row_ok)
-    if ADVANCE:
-        # the last program to arrive (all others have read the offset) moves the stream on
-        arrived = tl.atomic_add(seed_ptr + 2, 1)
-        if arrived == tl.num_programs(0) - 1:
-            tl.store(seed_ptr + 1, offset + 1)
-            tl.store(seed_ptr + 2, 0)
+    _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
 
 
 def mass_scale(v: int) -> float:
@@ -344,6 +419,35 @@ def _blocks(b: int, v: int, interpreted: bool) -> tuple[int, int, bool]:
     return rows, block, True
 
 
+_workspaces: dict = {}
+
+
+def split_workspace(device: torch.device, rows: int) -> torch.Tensor:
+    """The merge slots of split rows, int64 [rows, 4] = (empty, empty, 0, 0), made once per
+    device and stream (launches on one stream never overlap) and grown when needed; every
+    launch leaves them as it found them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    work = _workspaces.get((device, stream))
+    if work is None or work.shape[0] < rows:
+        work = torch.zeros((max(rows, 64), 4), dtype=torch.int64, device=device)
+        work[:, :2] = -(2**63)
+        _workspaces[(device, stream)] = work
+    return work
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (a small stand-in under the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def splits(b: int, v: int, device: torch.device) -> int:
+    """Programs per row for unfiltered sampling: enough to give every SM about two programs,
+    at least one SPLIT_BLOCK tile each; 1 (no split) when the batch fills the GPU."""
+    return max(1, min(triton.cdiv(v, SPLIT_BLOCK), (2 * sm_count(device)) // b))
+
+
 def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
                return_ids=False):
     """tokens int64 [B] and the pair-duplicated ids int64 [2B] in the input layout (empty unless
@@ -357,6 +461,17 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
             seed[1] += 1
         return tokens, ids
     greedy = temperature == 0
+    filtered = not greedy and (0 < top_k < v or top_p < 1.0)
+    split = 1 if filtered else splits(b, v, logits.device)
+    if split > 1:
+        chunk = triton.cdiv(triton.cdiv(v, split), SPLIT_BLOCK) * SPLIT_BLOCK
+        split = triton.cdiv(v, chunk)
+        _cfg_sample_split_kernel[(b, split)](
+            logits, logits.stride(0), tokens, ids, seed, split_workspace(logits.device, b), b, v, chunk,
+            float(cfg_weight), float(temperature), SPLITS=split, INTERLEAVED=layout == "interleaved",
+            GREEDY=greedy, SCALE=temperature != 1.0, ADVANCE=bool(advance), WRITE_IDS=bool(return_ids),
+            BLOCK=SPLIT_BLOCK, num_warps=8, enable_fp_fusion=False)
+        return tokens, ids
     rows, block, on_chip = _blocks(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](
         logits, logits.stride(0), tokens, ids, seed, b, v,

@@ -181,6 +181,28 @@ def test_streamed_rows_equal_rows_kept_on_chip(monkeypatch, top_k, top_p, temper
     assert torch.equal(on_chip, streamed)
 
 
+@pytest.mark.parametrize("b,v", [(1, 9000), (3, 4500)])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_rows_split_across_programs_equal_whole_rows(monkeypatch, b, v, temperature):
+    # Small batches split each row over several programs merged by 64-bit atomics: the same
+    # tokens as one program per row, the random state advanced once, the merge slots left clean.
+    from janus_fast.kernels import sampling as kernels
+
+    assert kernels.splits(b, v, torch.device(DEVICE)) > 1
+    logits = torch.randn(2 * b, v, device=DEVICE) * 2
+    logits[0, 7] = float("nan")  # row 0 -> -1 through the merged flags
+    state = new_rng_state(5, 2, device=DEVICE)
+    split, ids = ops.cfg_sample(logits, cfg_weight=3.0, temperature=temperature, rng_state=state,
+                                return_ids=True, backend="triton")
+    assert state.tolist() == [5, 3, 0] and split[0] == -1 and torch.equal(ids, split.repeat_interleave(2))
+    work = kernels.split_workspace(torch.device(DEVICE), b)[:b]
+    assert (work[:, :2] == -(2**63)).all() and (work[:, 2:] == 0).all()
+    monkeypatch.setattr(kernels, "splits", lambda *args: 1)
+    whole = ops.cfg_sample(logits, cfg_weight=3.0, temperature=temperature, rng_state=new_rng_state(5, 2, device=DEVICE),
+                           backend="triton")
+    assert torch.equal(split, whole)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vocabulary_of_one(backend):
     logits = torch.randn(8, 1, device=DEVICE)
