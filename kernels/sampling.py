@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per thread at 16 warps)
-SPLIT_BLOCK = 4096  # columns per tile of a row split across programs
+SPLIT_BLOCK = 4096  # columns per tile of a row split across programs (ops.sampling.row_splits)
 _EMPTY = tl.constexpr(-(2**63))  # an empty merge slot: below every packed (key, index)
 
 
@@ -419,39 +419,12 @@ def _blocks(b: int, v: int, interpreted: bool) -> tuple[int, int, bool]:
     return rows, block, True
 
 
-_workspaces: dict = {}
-
-
-def split_workspace(device: torch.device, rows: int) -> torch.Tensor:
-    """The merge slots of split rows, int64 [rows, 4] = (empty, empty, 0, 0), made once per
-    device and stream (launches on one stream never overlap) and grown when needed; every
-    launch leaves them as it found them."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    work = _workspaces.get((device, stream))
-    if work is None or work.shape[0] < rows:
-        work = torch.zeros((max(rows, 64), 4), dtype=torch.int64, device=device)
-        work[:, :2] = -(2**63)
-        _workspaces[(device, stream)] = work
-    return work
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors to fill (a small stand-in under the CPU interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def splits(b: int, v: int, device: torch.device) -> int:
-    """Programs per row for unfiltered sampling: enough to give every SM about two programs,
-    at least one SPLIT_BLOCK tile each; 1 (no split) when the batch fills the GPU."""
-    return max(1, min(triton.cdiv(v, SPLIT_BLOCK), (2 * sm_count(device)) // b))
-
-
 def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
-               return_ids=False):
+               return_ids=False, splits=1, work=None):
     """tokens int64 [B] and the pair-duplicated ids int64 [2B] in the input layout (empty unless
-    return_ids). `seed` holds (seed, offset[, arrival counter]); see the module docstring."""
+    return_ids). `seed` holds (seed, offset[, arrival counter]); see the module docstring.
+    splits > 1 (unfiltered or greedy only) spreads each row over that many programs, merged in
+    `work` (int64 [>= B, 4] of (min, min, 0, 0), left so)."""
     two_b, v = logits.shape
     b = two_b // 2
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
@@ -461,13 +434,11 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
             seed[1] += 1
         return tokens, ids
     greedy = temperature == 0
-    filtered = not greedy and (0 < top_k < v or top_p < 1.0)
-    split = 1 if filtered else splits(b, v, logits.device)
-    if split > 1:
-        chunk = triton.cdiv(triton.cdiv(v, split), SPLIT_BLOCK) * SPLIT_BLOCK
+    if splits > 1:
+        chunk = triton.cdiv(triton.cdiv(v, splits), SPLIT_BLOCK) * SPLIT_BLOCK
         split = triton.cdiv(v, chunk)
         _cfg_sample_split_kernel[(b, split)](
-            logits, logits.stride(0), tokens, ids, seed, split_workspace(logits.device, b), b, v, chunk,
+            logits, logits.stride(0), tokens, ids, seed, work, b, v, chunk,
             float(cfg_weight), float(temperature), SPLITS=split, INTERLEAVED=layout == "interleaved",
             GREEDY=greedy, SCALE=temperature != 1.0, ADVANCE=bool(advance), WRITE_IDS=bool(return_ids),
             BLOCK=SPLIT_BLOCK, num_warps=8, enable_fp_fusion=False)

@@ -8,9 +8,10 @@ Maths (all in fp32, whatever the input dtype):
                   leftmost within a tile); no N x K matrix is ever stored.
     vq_lookup:    out_n = normalise(c_{idx_n}) (or c_{idx_n}), cast to the codebook dtype, written
                   row-major [N, D] or straight into channels-first [B, D, H, W] (n = b*H*W + h*W + w).
-Norms use IEEE sqrt/division (sqrt_rn/div_rn) to round like torch. The codebook is normalised once
-per vq_quantize call by a small pre-pass into an fp32, transposed [D, K] copy plus ||c_k||^2; the
-dot products are D fp32 rank-1 updates in a fixed order (no tl.dot: exact ties must stay exact).
+Norms use IEEE sqrt/division (sqrt_rn/div_rn) to round like torch. The codebook is prepared once
+(janus_fast.ops caches it per codebook) into an fp32, transposed [D, K] copy of -2 c plus ||c_k||^2;
+each distance is ||c_k||^2 + D fp32 rank-1 FMA updates in a fixed order (no tl.dot: exact ties
+must stay exact).
 A latent row with a non-finite entry gets index -1. Out-of-range indices (-1 among them) give
 NaN rows instead of reading outside the codebook.
 """
@@ -75,8 +76,8 @@ def vq_lookup(indices, codebook, l2_norm, shape):
 @triton.jit
 def _prepare_codebook_kernel(cb_ptr, cbt_ptr, sq_ptr, K, D,
                              L2_NORM: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
-    """cbt[d, k] = normalised c_k[d] (fp32, transposed so each dimension is a contiguous row),
-    sq[k] = ||normalised c_k||^2."""
+    """cbt[d, k] = -2 x normalised c_k[d] (fp32, transposed so each dimension is a contiguous
+    row; -2 is exact), sq[k] = ||normalised c_k||^2: a distance is one FMA chain from sq."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < K
     cols = tl.arange(0, D_PAD)
@@ -84,7 +85,7 @@ def _prepare_codebook_kernel(cb_ptr, cbt_ptr, sq_ptr, K, D,
     x = tl.load(cb_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0).to(tl.float32)
     x = _normalise_rows(x, L2_NORM)
-    tl.store(cbt_ptr + cols[None, :] * K + rows[:, None], x, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(cbt_ptr + cols[None, :] * K + rows[:, None], -2.0 * x, mask=row_ok[:, None] & col_ok[None, :])
     tl.store(sq_ptr + rows, tl.sum(x * x, axis=1), mask=row_ok)
 
 
@@ -108,16 +109,15 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
         # same way wherever it sits in the tile, so duplicate codes tie exactly (a tl.dot need
         # not guarantee that). A runtime loop over d (re-reading z columns from L1) keeps the
         # registers bounded for D up to 64; unrolled, it spills.
-        dot = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        sq = tl.load(sq_ptr + codes, mask=code_ok, other=float("inf"))
+        dist = tl.zeros([BLOCK_N, BLOCK_K], tl.float32) + sq[None, :]
         for d in range(D):
             zd = tl.load(z_ptr + rows * stride_z + d, mask=row_ok, other=0.0).to(tl.float32)
             if L2_NORM:
                 zd = tl.div_rn(zd, denom)
             zd = tl.where(finite, zd, 0.0)  # a non-finite row searches as zero, then gets -1
-            cd = tl.load(cbt_ptr + d * K + codes, mask=code_ok, other=0.0)
-            dot += zd[:, None] * cd[None, :]
-        sq = tl.load(sq_ptr + codes, mask=code_ok, other=float("inf"))
-        dist = sq[None, :] - 2.0 * dot
+            cd = tl.load(cbt_ptr + d * K + codes, mask=code_ok, other=0.0)  # -2 c_d
+            dist += zd[:, None] * cd[None, :]  # ||c||^2 - 2 z.c: one FMA chain
         tile_min = tl.min(dist, axis=1)
         tile_arg = tl.argmin(dist, axis=1, tie_break_left=True)
         better = tile_min < best  # strict: an equal distance in a later tile keeps the lower index
@@ -126,18 +126,27 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
     tl.store(out_ptr + rows, tl.where(finite, best_idx.to(tl.int64), -1), mask=row_ok)
 
 
-def vq_quantize(z, codebook, l2_norm):
+def prepare_codebook(codebook, l2_norm):
+    """(cbt fp32 [D, K] = -2 x normalised codebook, transposed; sq fp32 [K]) for vq_quantize,
+    made once per codebook (janus_fast.ops caches it)."""
+    k, d = codebook.shape
+    cbt = torch.empty((d, k), dtype=torch.float32, device=codebook.device)
+    sq = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    block_k = 128
+    _prepare_codebook_kernel[(triton.cdiv(k, block_k),)](
+        codebook, cbt, sq, k, d, L2_NORM=bool(l2_norm), BLOCK_K=block_k, D_PAD=triton.next_power_of_2(d))
+    return cbt, sq
+
+
+def vq_quantize(z, cbt, sq, l2_norm):
+    """Indices int64 [N] of z's nearest codes, from prepare_codebook's (cbt, sq)."""
     n, d = z.shape
-    k = codebook.shape[0]
+    k = sq.shape[0]
     out = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:
         return out
     d_pad = triton.next_power_of_2(d)
-    cbt = torch.empty((d, k), dtype=torch.float32, device=z.device)
-    sq = torch.empty(k, dtype=torch.float32, device=z.device)
     block_k = 128
-    _prepare_codebook_kernel[(triton.cdiv(k, block_k),)](
-        codebook, cbt, sq, k, d, L2_NORM=bool(l2_norm), BLOCK_K=block_k, D_PAD=d_pad)
     block_n = 64
     _vq_quantize_kernel[(triton.cdiv(n, block_n),)](
         z, z.stride(0), cbt, sq, out, n, k, D=d,

@@ -16,6 +16,7 @@ count=0
 # Register budgets per kernel (a substring of the mangled name), from the threads per block each
 # launch uses and the blocks per SM it is meant to keep: 65536 / (threads x blocks).
 budgets="cfg_sample_kernel 128
+cfg_sample_split_kernel 128
 lookup_kernel 64
 prepare_kernel 128
 quantize_kernel 128

@@ -186,18 +186,18 @@ def test_streamed_rows_equal_rows_kept_on_chip(monkeypatch, top_k, top_p, temper
 def test_rows_split_across_programs_equal_whole_rows(monkeypatch, b, v, temperature):
     # Small batches split each row over several programs merged by 64-bit atomics: the same
     # tokens as one program per row, the random state advanced once, the merge slots left clean.
-    from janus_fast.kernels import sampling as kernels
+    from janus_fast.ops import sampling
 
-    assert kernels.splits(b, v, torch.device(DEVICE)) > 1
+    assert sampling.row_splits(b, v, torch.device(DEVICE)) > 1
     logits = torch.randn(2 * b, v, device=DEVICE) * 2
     logits[0, 7] = float("nan")  # row 0 -> -1 through the merged flags
     state = new_rng_state(5, 2, device=DEVICE)
     split, ids = ops.cfg_sample(logits, cfg_weight=3.0, temperature=temperature, rng_state=state,
                                 return_ids=True, backend="triton")
     assert state.tolist() == [5, 3, 0] and split[0] == -1 and torch.equal(ids, split.repeat_interleave(2))
-    work = kernels.split_workspace(torch.device(DEVICE), b)[:b]
-    assert (work[:, :2] == -(2**63)).all() and (work[:, 2:] == 0).all()
-    monkeypatch.setattr(kernels, "splits", lambda *args: 1)
+    slots = sampling.merge_slots(torch.device(DEVICE), b)[:b]
+    assert (slots[:, :2] == -(2**63)).all() and (slots[:, 2:] == 0).all()
+    monkeypatch.setattr(sampling, "row_splits", lambda *args: 1)
     whole = ops.cfg_sample(logits, cfg_weight=3.0, temperature=temperature, rng_state=new_rng_state(5, 2, device=DEVICE),
                            backend="triton")
     assert torch.equal(split, whole)
@@ -334,8 +334,30 @@ def test_opcheck(backend):
 @pytest.mark.gpu
 def test_opcheck_cuda_extension_op():
     logits = torch.randn(6, 11, device="cuda", dtype=torch.bfloat16)
+    no_slots = torch.empty(0, 4, dtype=torch.int64, device="cuda")
     torch.library.opcheck(torch.ops.janus_fast_C.cfg_sample,
-                          (logits, 3.0, 0.7, 4, 0.9, new_rng_state(5), "interleaved", True, True))
+                          (logits, 3.0, 0.7, 4, 0.9, new_rng_state(5), "interleaved", True, True, 1, no_slots))
+    from janus_fast.ops.sampling import merge_slots
+
+    torch.library.opcheck(torch.ops.janus_fast_C.cfg_sample,
+                          (logits, 3.0, 0.7, 0, 1.0, new_rng_state(5), "halves", True, True, 3,
+                           merge_slots(logits.device, 3)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 1.0), (1.0, 0, 0.9),
+                                                     (0.7, 50, 0.9)])
+@pytest.mark.parametrize("b,v", [(1, 102400), (32, 16384), (3, 70000)])
+def test_cuda_and_triton_agree_at_decoding_shapes(temperature, top_k, top_p, b, v):
+    # The same stream, keys, masses and thresholds: only the hardware log/exp can flip a draw.
+    logits = torch.randn(2 * b, v, device="cuda", dtype=torch.bfloat16) * 3
+    kept = ref.sampling_probs(logits, 4.0, temperature, top_k, top_p) > 0
+    tokens = {be: draw(logits, be, cfg_weight=4.0, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
+              for be in ("cuda", "triton")}
+    rows = torch.arange(b, device="cuda")
+    for t in tokens.values():
+        assert kept[rows, t].all()
+    assert (tokens["cuda"] == tokens["triton"]).float().mean() >= 0.9
 
 
 @pytest.mark.gpu

@@ -136,6 +136,39 @@ def test_quantize_return_rows(backend):
     torch.testing.assert_close(rows, ref.vq_lookup(indices, codebook))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepared_codebook_is_cached_until_the_codebook_changes(backend, monkeypatch):
+    from janus_fast.ops import vq as vq_ops
+
+    codebook = torch.nn.Parameter(torch.randn(300, 8, device=DEVICE))
+    z = without_near_ties(torch.randn(64, 8, device=DEVICE), codebook.detach(), True)
+    calls = []
+    real = vq_ops._impl
+
+    def counting(backend_, name):
+        if "prepare" in name:
+            calls.append(name)
+        return real(backend_, name)
+
+    monkeypatch.setattr(vq_ops, "_impl", counting)
+    for _ in range(3):  # the model passes codebook.detach(): a new tensor each call, one storage
+        assert torch.equal(ops.vq_quantize(z, codebook.detach(), backend=backend), ref.vq_quantize(z, codebook))
+    assert len(calls) == 1
+    with torch.no_grad():
+        codebook[:150] = codebook[150:].clone()  # in place: the version counter moves
+    z = without_near_ties(torch.randn(64, 8, device=DEVICE), codebook.detach(), True)
+    assert torch.equal(ops.vq_quantize(z, codebook.detach(), backend=backend), ref.vq_quantize(z, codebook.detach()))
+    assert len(calls) == 2
+    ops.vq_quantize(z, codebook.detach(), l2_norm=False, backend=backend)  # another preparation
+    assert len(calls) == 3
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        fresh = torch.randn(50, 8, device=DEVICE)
+        zi = without_near_ties(torch.randn(20, 8, device=DEVICE), fresh, True)
+        assert torch.equal(ops.vq_quantize(zi, fresh, backend=backend), ref.vq_quantize(zi, fresh))
+        ops.vq_quantize(zi, fresh, backend=backend)
+    assert len(calls) == 5
+
+
 def test_quantize_empty():
     out = ops.vq_quantize(torch.randn(0, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE), backend="triton")
     assert out.shape == (0,) and out.dtype == torch.int64
@@ -213,7 +246,9 @@ def test_opcheck(backend):
 def test_opcheck_cuda_extension_ops():
     codebook = torch.randn(16, 8, device="cuda", dtype=torch.float16)
     z = torch.randn(9, 8, device="cuda", dtype=torch.float16)
-    torch.library.opcheck(torch.ops.janus_fast_C.vq_quantize, (z, codebook, True))
+    torch.library.opcheck(torch.ops.janus_fast_C.vq_prepare_codebook, (codebook, True))
+    work, sq = torch.ops.janus_fast_C.vq_prepare_codebook(codebook, True)
+    torch.library.opcheck(torch.ops.janus_fast_C.vq_quantize, (z, work, sq, True))
     indices = torch.randint(0, 16, (8,), device="cuda", dtype=torch.int32)
     torch.library.opcheck(torch.ops.janus_fast_C.vq_lookup, (indices, codebook, True, [2, 8, 2, 2]))
     torch.library.opcheck(torch.ops.janus_fast_C.vq_lookup, (indices, codebook, False, None))

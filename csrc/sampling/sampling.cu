@@ -276,7 +276,20 @@ __device__ uint32_t radix_select(const Source<T>& src, uint32_t groups, int64_t 
   return prefix;
 }
 
-// -------------------------------------------------------------------------- the kernel
+// -------------------------------------------------------------------------- the kernels
+
+// With p.advance, the last block of the launch moves the random stream on: every block read the
+// offset before its own arrival (the reductions' barriers order the other threads' reads first).
+__device__ __forceinline__ void advance_stream(const CfgSampleParams& p, int64_t offset) {
+  if (!p.advance) return;
+  __threadfence();
+  const unsigned long long arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.seed + 2), 1ull);
+  if (arrived == static_cast<unsigned long long>(gridDim.x) * gridDim.y - 1) {
+    __threadfence();  // pairs with the others' fence: their reads happen before this write
+    p.seed[1] = offset + 1;
+    p.seed[2] = 0;
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams p, bool vec, bool on_chip) {
@@ -429,17 +442,88 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams
       p.ids[c_row] = token;
       p.ids[u_row] = token;
     }
-    if (p.advance) {
-      // The last block to arrive moves the stream on: every block read the offset before its
-      // own arrival (the reductions' barriers order the other threads' reads before this).
+    advance_stream(p, offset);
+  }
+}
+
+// (key << 32) | (2^32 - 1 - index) as a signed 64-bit value, kernels/sampling.py's packing: the
+// larger key wins, then the lower index, in any order of arrival.
+__device__ __forceinline__ long long pack(float value, int64_t index) {
+  const long long key = static_cast<long long>(ukey(value)) - 2147483648LL;
+  return static_cast<long long>(static_cast<unsigned long long>(key) << 32) |
+         static_cast<long long>(0xffffffffLL - index);
+}
+__device__ __forceinline__ int64_t unpack_index(long long packed) { return 0xffffffffLL - (packed & 0xffffffffLL); }
+
+// Unfiltered (or greedy) rows split across gridDim.y blocks each: every block reduces its
+// columns to flags, argmax of g and Gumbel winner, and merges them into the row's slots with
+// 64-bit atomicMax; the row's last block reads them back (resetting them) and writes the token.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSampleParams p, bool vec,
+                                                                      uint32_t chunk_groups) {
+  __shared__ float s_float[kWarps];
+  __shared__ int64_t s_int[kWarps];
+  const uint32_t b = blockIdx.x;
+  const int64_t c_row = p.interleaved ? 2 * static_cast<int64_t>(b) : b;
+  const int64_t u_row = p.interleaved ? 2 * static_cast<int64_t>(b) + 1 : b + p.batch;
+  const T* logits = static_cast<const T*>(p.logits);
+  const bool greedy = p.temperature == 0.f;
+  const bool scaled = p.temperature != 1.f;
+  const Row<T> row{logits + c_row * p.row_stride, logits + u_row * p.row_stride, p.vocab,
+                   p.cfg_weight, p.temperature, vec};
+  const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);
+  const uint32_t first = blockIdx.y * chunk_groups;
+  const uint32_t end = min(groups, first + chunk_groups);
+  const int64_t seed = p.seed[0];
+  const int64_t offset = p.seed[1];
+  const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(static_cast<uint64_t>(seed) >> 32));
+  auto or_op = [](int64_t a, int64_t c) { return a | c; };
+  Best best{-kInf, kNoIndex};
+  Best top{-kInf, kNoIndex};
+  int64_t flags = 0;
+  for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
+    float g[4];
+    row.load(q, false, g);
+    const uint4 r = greedy ? make_uint4(0, 0, 0, 0)
+                           : philox4x32_10(make_uint4(q, b, static_cast<unsigned int>(offset),
+                                                      static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)), key);
+    const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
+      top.offer(g[l], 4 * q + l);
+      flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
+      flags |= fabsf(g[l]) < kInf ? 2 : 0;
+      if (!greedy) best.offer((scaled ? __fdiv_rn(g[l], p.temperature) : g[l]) + gumbel(lanes[l]), 4 * q + l);
+    }
+  }
+  flags = block_reduce(flags, or_op, s_int);
+  best = block_argmax(best, s_float, s_int);
+  top = block_argmax(top, s_float, s_int);
+  if (threadIdx.x == 0) {
+    auto* slot = reinterpret_cast<long long*>(p.slots + 4 * static_cast<int64_t>(b));
+    auto* arrivals = reinterpret_cast<unsigned long long*>(slot + 3);
+    if (best.index != kNoIndex) atomicMax(slot, pack(best.value, best.index));
+    if (top.index != kNoIndex) atomicMax(slot + 1, pack(top.value, top.index));
+    atomicOr(reinterpret_cast<unsigned long long*>(slot + 2), static_cast<unsigned long long>(flags));
+    __threadfence();
+    if (atomicAdd(arrivals, 1ull) == gridDim.y - 1) {  // the row's last block
       __threadfence();
-      const unsigned long long arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.seed + 2), 1ull);
-      if (arrived == gridDim.x - 1) {
-        __threadfence();  // pairs with the others' fence: their reads happen before this write
-        p.seed[1] = offset + 1;
-        p.seed[2] = 0;
+      const long long merged = atomicExch(reinterpret_cast<unsigned long long*>(slot), 0x8000000000000000ull);
+      const long long merged_top = atomicExch(reinterpret_cast<unsigned long long*>(slot + 1), 0x8000000000000000ull);
+      const unsigned long long all_flags = atomicExch(reinterpret_cast<unsigned long long*>(slot + 2), 0ull);
+      atomicExch(arrivals, 0ull);
+      // a +inf winner means g / T overflowed: the argmax (reference)
+      const bool overflow = (merged >> 32) == static_cast<long long>(ukey(kInf)) - 2147483648LL;
+      int64_t token = greedy || overflow ? unpack_index(merged_top) : unpack_index(merged);
+      if (all_flags != 2) token = -1;
+      p.tokens[b] = token;
+      if (p.ids != nullptr) {
+        p.ids[c_row] = token;
+        p.ids[u_row] = token;
       }
     }
+    advance_stream(p, offset);
   }
 }
 
@@ -450,6 +534,14 @@ cudaError_t launch_typed(const CfgSampleParams& p, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(p.logits) % (4 * sizeof(T)) == 0 && p.row_stride % 4 == 0;
   const bool greedy = p.temperature == 0.f;
   const bool filtered = !greedy && ((p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.f);
+  if (p.splits > 1 && !filtered) {
+    const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);
+    const uint32_t splits = static_cast<uint32_t>(p.splits);
+    const uint32_t chunk_groups = (groups + splits - 1) / splits;
+    const dim3 grid(static_cast<unsigned int>(p.batch), (groups + chunk_groups - 1) / chunk_groups);
+    cfg_sample_split_kernel<T><<<grid, kThreads, 0, stream>>>(p, vec, chunk_groups);
+    return cudaGetLastError();
+  }
   size_t smem = 0;
   bool on_chip = false;
   if (filtered) {

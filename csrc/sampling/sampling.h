@@ -25,10 +25,13 @@ struct CfgSampleParams {
   bool advance;       // add 1 to seed[1] in this launch (seed[2] must be 0; it is reset)
   int64_t* tokens;    // [B]
   int64_t* ids;       // [2B] pair-duplicated tokens in the input layout, or nullptr
+  int64_t splits;     // > 1 (unfiltered or greedy only): blocks per row, merged in `slots`
+  int64_t* slots;     // [>= B, 4] (INT64_MIN, INT64_MIN, 0, 0) per row; left so by the launch
 };
 
-// One block per output row; the stream of random numbers is the one kernels/sampling.py
-// documents (Philox4x32-10, counter (j / 4, b, offset_lo, offset_hi), key = seed).
+// One block per output row, or `splits` blocks per row (unfiltered / greedy); the stream of
+// random numbers is the one kernels/sampling.py documents (Philox4x32-10, counter
+// (j / 4, b, offset_lo, offset_hi), key = seed), and so are the split rows' merge slots.
 cudaError_t launch_cfg_sample(const CfgSampleParams& params, cudaStream_t stream);
 
 }  // namespace sampling

@@ -1,5 +1,6 @@
 // Torch binding of the CFG sampling kernel (csrc/sampling/sampling.cu):
-// torch.ops.janus_fast_C.cfg_sample, the arguments of kernels/sampling.py's cfg_sample.
+// torch.ops.janus_fast_C.cfg_sample, the arguments of kernels/sampling.py's cfg_sample (splits and
+// the merge slots of janus_fast.ops.sampling.merge_slots included).
 // janus_fast.ops validates inputs; the checks here only guard the kernel's assumptions. Only
 // device-generic c10 headers are used, so this file syntax-checks against a CPU build of torch.
 #include <ATen/ATen.h>
@@ -19,7 +20,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, double cfg_weight,
                                                    double temperature, int64_t top_k, double top_p,
                                                    at::Tensor& seed, c10::string_view layout,
-                                                   bool advance, bool return_ids) {
+                                                   bool advance, bool return_ids, int64_t splits,
+                                                   at::Tensor& slots) {
   TORCH_CHECK(logits.is_cuda() && seed.device() == logits.device(),
               "cfg_sample: logits and seed must be on the same CUDA device");
   TORCH_CHECK(logits.dim() == 2 && logits.size(0) % 2 == 0 && logits.size(1) >= 1,
@@ -28,6 +30,11 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.is_contiguous() && seed.numel() >= (advance ? 3 : 2),
               "cfg_sample: seed must be a contiguous int64 tensor (seed, offset) plus the arrival counter when advance");
   TORCH_CHECK(layout == "interleaved" || layout == "halves", "cfg_sample: layout must be interleaved or halves");
+  TORCH_CHECK(splits >= 1, "cfg_sample: splits must be >= 1");
+  TORCH_CHECK(splits == 1 || (slots.device() == logits.device() && slots.scalar_type() == at::kLong &&
+                              slots.is_contiguous() && slots.dim() == 2 && slots.size(1) == 4 &&
+                              slots.size(0) >= logits.size(0) / 2),
+              "cfg_sample: split rows need int64 [>= B, 4] merge slots on the logits' device");
   DType dtype;
   switch (logits.scalar_type()) {
     case at::kFloat: dtype = DType::kFloat32; break;
@@ -58,6 +65,8 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
   params.advance = advance;
   params.tokens = tokens.data_ptr<int64_t>();
   params.ids = return_ids ? ids.data_ptr<int64_t>() : nullptr;
+  params.splits = splits;
+  params.slots = splits > 1 ? slots.data_ptr<int64_t>() : nullptr;
   const auto stream = static_cast<cudaStream_t>(
       c10::impl::getDeviceGuardImpl(logits.device().type())->getStream(logits.device()).native_handle());
   const cudaError_t err = launch_cfg_sample(params, stream);
@@ -69,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
 std::tuple<at::Tensor, at::Tensor> cfg_sample_meta(const at::Tensor& logits, double cfg_weight,
                                                    double temperature, int64_t top_k, double top_p,
                                                    at::Tensor& seed, c10::string_view layout,
-                                                   bool advance, bool return_ids) {
+                                                   bool advance, bool return_ids, int64_t splits,
+                                                   at::Tensor& slots) {
   const c10::SymInt batch = logits.sym_size(0) / 2;
   const auto options = logits.options().dtype(at::kLong);
   return {at::empty_symint({batch}, options),
@@ -83,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_meta(const at::Tensor& logits, dou
 TORCH_LIBRARY_FRAGMENT(janus_fast_C, m) {
   m.def(
       "cfg_sample(Tensor logits, float cfg_weight, float temperature, int top_k, float top_p, "
-      "Tensor(a!) seed, str layout, bool advance, bool return_ids) -> (Tensor, Tensor)");
+      "Tensor(a!) seed, str layout, bool advance, bool return_ids, int splits, Tensor(b!) slots) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(janus_fast_C, CUDA, m) {

@@ -3,12 +3,13 @@
 //   normalise(x) = x / max(||x||, 1e-12) in fp32 with IEEE sqrt/division (__fsqrt_rn,
 //   __fdiv_rn: exact rounding even under --use_fast_math), so a zero row stays zero;
 //   quantize: idx_i = argmin_k ||c_k||^2 - 2 z_i . c_k, fp32, ties to the lowest k.
-// The search never stores an N x K matrix: a pre-pass writes the normalised codebook once per
-// call (fp32, zero-padded to DP columns) and fills the output with all-ones; the main kernel
-// stages codebook tiles in shared memory, keeps a running argmin per latent in registers, and
-// merges the per-split winners with a 64-bit atomicMin on (order-preserving distance bits << 32
-// | index), which also sends ties to the lowest index; a last pass keeps the index bits. A latent
-// with a non-finite entry is never offered and gets -1.
+// The search never stores an N x K matrix: a prepare kernel writes -2 x the normalised codebook
+// (fp32, zero-padded to DP columns) and the squared norms, once per codebook (janus_fast.ops
+// caches them); the main kernel stages codebook tiles in shared memory, keeps a running argmin
+// per latent in registers (each distance one FMA chain from ||c||^2), and, when the codes are
+// split across blocks to fill whole waves of the GPU, merges the per-split winners with a 64-bit
+// atomicMin on (order-preserving distance bits << 32 | index), which also sends ties to the
+// lowest index; a last pass keeps the index bits. A latent with a non-finite entry gets -1.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -106,15 +107,15 @@ cudaError_t lookup_dispatch(const void* indices, bool index_is_int64, const void
 
 // ------------------------------------------------------------------------------- quantize
 
-// Normalised, zero-padded fp32 codebook rows + their squared norms; the output (reused as the
-// packed-argmin buffer) is filled with all-ones, the largest key.
+// The prepared codebook: -2 * normalised row, zero-padded to DP (fp32), and ||normalised row||^2,
+// so a distance is one FMA chain ||c||^2 + sum_j z_j (-2 c_j). Made once per codebook (the ops
+// layer caches it).
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads)
     prepare_kernel(const T* __restrict__ codebook, float* __restrict__ work, float* __restrict__ sq,
-                   unsigned long long* __restrict__ packed, int64_t k, int d, int64_t n, bool l2_norm) {
+                   int64_t k, int d, bool l2_norm) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t i = start; i < k; i += stride) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < k; i += stride) {
     float x[DP];
     float sum_sq = 0.f;
 #pragma unroll
@@ -132,10 +133,9 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int j = 0; j < DP; ++j) work[i * DP + j] = x[j];
+    for (int j = 0; j < DP; ++j) work[i * DP + j] = -2.f * x[j];  // exact: a power of two
     sq[i] = sum_sq;
   }
-  for (int64_t i = start; i < n; i += stride) packed[i] = ~0ull;
 }
 
 // Distance bits that order like the floats (NaN aside), above them the index: the minimum of
@@ -146,17 +146,18 @@ __device__ __forceinline__ unsigned long long pack(float dist, int64_t idx) {
   return (static_cast<unsigned long long>(bits) << 32) | static_cast<unsigned int>(idx);
 }
 
-// Block (x, y): LAT * kThreads latents against codebook tiles [y * tiles_per_split, ...).
+// Block (x, y): LAT * kThreads latents against codes [y * codes_per_split, ...), in TK-code
+// shared-memory tiles. With one split the winner is written directly; otherwise it is merged.
 template <typename T, int DP, int LAT, int TK>
 __global__ void __launch_bounds__(kThreads)
     quantize_kernel(const T* __restrict__ z, int64_t stride_z, const float* __restrict__ work,
                     const float* __restrict__ sq, unsigned long long* __restrict__ packed, int64_t n,
-                    int64_t k, int d, bool l2_norm, int64_t tiles_per_split) {
+                    int64_t k, int d, bool l2_norm, int64_t codes_per_split) {
   __shared__ float4 s_code[TK * DP / 4];
   __shared__ float s_sq[TK];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * (kThreads * LAT) + threadIdx.x;
-  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split * TK;
-  const int64_t k_end = k_begin + tiles_per_split * TK < k ? k_begin + tiles_per_split * TK : k;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * codes_per_split;
+  const int64_t k_end = k_begin + codes_per_split < k ? k_begin + codes_per_split : k;
 
   float zr[LAT][DP];
   float best[LAT];
@@ -202,10 +203,9 @@ __global__ void __launch_bounds__(kThreads)
       const float code_sq = s_sq[c];
 #pragma unroll
       for (int l = 0; l < LAT; ++l) {
-        float dot = 0.f;
+        float dist = code_sq;  // ||c||^2 - 2 z.c as one FMA chain (e holds -2c)
 #pragma unroll
-        for (int j = 0; j < DP; ++j) dot = fmaf(zr[l][j], e[j], dot);
-        const float dist = code_sq - 2.f * dot;
+        for (int j = 0; j < DP; ++j) dist = fmaf(zr[l][j], e[j], dist);
         if (dist < best[l]) {  // strict: the earlier (lower) index wins a tie
           best[l] = dist;
           best_idx[l] = tile + c;
@@ -217,7 +217,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int l = 0; l < LAT; ++l) {
     const int64_t row = base + l * kThreads;
     // a non-finite latent is never offered: its key stays all-ones, which unpacks to -1
-    if (row < n && finite[l]) atomicMin(packed + row, pack(best[l], best_idx[l]));
+    if (row >= n) continue;
+    if (gridDim.y == 1) {
+      reinterpret_cast<int64_t*>(packed)[row] = finite[l] ? best_idx[l] : -1;
+    } else if (finite[l]) {
+      atomicMin(packed + row, pack(best[l], best_idx[l]));
+    }
   }
 }
 
@@ -229,40 +234,79 @@ __global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
   }
 }
 
+// Codebook splits per latent block: the grid runs in whole waves of `slots` resident blocks
+// (SMs x blocks per SM), and the time goes as waves / splits (each split does 1/splits of the
+// codes), so take the split count with the fewest waves per unit of work, at most one split per
+// TK codes; ties go to fewer splits (fewer atomics).
+int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots) {
+  const int64_t most = (k + tk - 1) / tk;
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= most && s <= 256; ++s) {
+    const double cost = static_cast<double>((blocks_n * s + slots - 1) / slots) / static_cast<double>(s);
+    if (s == 1 || cost < best_cost - 1e-12) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 template <typename T, int DP>
-cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
-                              float* work, float* sq, int64_t n, int64_t k, int d, bool l2_norm,
-                              int num_sms, cudaStream_t stream) {
+cudaError_t prepare_dispatch(const void* codebook, float* work, float* sq, int64_t k, int d, bool l2_norm,
+                             cudaStream_t stream) {
+  prepare_kernel<T, DP><<<grid_for(k), kThreads, 0, stream>>>(static_cast<const T*>(codebook), work, sq, k, d, l2_norm);
+  return cudaGetLastError();
+}
+
+template <typename T, int DP>
+cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
+                              int64_t n, int64_t k, int d, bool l2_norm, int num_sms, cudaStream_t stream) {
   constexpr int LAT = DP <= 8 ? 4 : (DP <= 16 ? 2 : 1);  // latents per thread: reuse each smem read
   constexpr int TK = 4096 / DP;                           // 16 KiB codebook tile
-  auto* packed = reinterpret_cast<unsigned long long*>(out);
-  prepare_kernel<T, DP><<<grid_for(k > n ? k : n), kThreads, 0, stream>>>(
-      static_cast<const T*>(codebook), work, sq, packed, k, d, n, l2_norm);
-  // Split the codebook across blocks until the grid covers the GPU about twice.
+  const auto kernel = quantize_kernel<T, DP, LAT, TK>;
+  int per_sm = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
   const int64_t blocks_n = (n + kThreads * LAT - 1) / (kThreads * LAT);
-  const int64_t tiles = (k + TK - 1) / TK;
-  int64_t splits = (2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1) + blocks_n - 1) / blocks_n;
-  splits = splits < tiles ? splits : tiles;
-  splits = splits > 0 ? splits : 1;
-  const int64_t tiles_per_split = (tiles + splits - 1) / splits;
-  splits = (tiles + tiles_per_split - 1) / tiles_per_split;
+  const int64_t slots = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * (per_sm > 0 ? per_sm : 1);
+  int64_t splits = codebook_splits(blocks_n, k, TK, slots);
+  const int64_t codes_per_split = (k + splits - 1) / splits;
+  splits = (k + codes_per_split - 1) / codes_per_split;
+  auto* packed = reinterpret_cast<unsigned long long*>(out);
+  if (splits > 1) {  // all-ones: above every packed (distance, index); unpacks to -1
+    err = cudaMemsetAsync(out, 0xff, static_cast<size_t>(n) * sizeof(int64_t), stream);
+    if (err != cudaSuccess) return err;
+  }
   const dim3 grid(static_cast<unsigned int>(blocks_n), static_cast<unsigned int>(splits));
-  quantize_kernel<T, DP, LAT, TK><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm, tiles_per_split);
-  unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
+  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm,
+                                        codes_per_split);
+  if (splits > 1) unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t quantize_by_width(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
-                              float* work, float* sq, int64_t n, int64_t k, int64_t d, bool l2_norm,
-                              int num_sms, cudaStream_t stream) {
+cudaError_t prepare_by_width(const void* codebook, float* work, float* sq, int64_t k, int64_t d, bool l2_norm,
+                             cudaStream_t stream) {
   const int di = static_cast<int>(d);
   switch (vq_padded_dim(d)) {
-    case 8: return quantize_dispatch<T, 8>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
-    case 16: return quantize_dispatch<T, 16>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
-    case 32: return quantize_dispatch<T, 32>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
-    case 64: return quantize_dispatch<T, 64>(z, stride_z, codebook, out, work, sq, n, k, di, l2_norm, num_sms, stream);
+    case 8: return prepare_dispatch<T, 8>(codebook, work, sq, k, di, l2_norm, stream);
+    case 16: return prepare_dispatch<T, 16>(codebook, work, sq, k, di, l2_norm, stream);
+    case 32: return prepare_dispatch<T, 32>(codebook, work, sq, k, di, l2_norm, stream);
+    case 64: return prepare_dispatch<T, 64>(codebook, work, sq, k, di, l2_norm, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t quantize_by_width(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
+                              int64_t n, int64_t k, int64_t d, bool l2_norm, int num_sms, cudaStream_t stream) {
+  const int di = static_cast<int>(d);
+  switch (vq_padded_dim(d)) {
+    case 8: return quantize_dispatch<T, 8>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
+    case 16: return quantize_dispatch<T, 16>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
+    case 32: return quantize_dispatch<T, 32>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
+    case 64: return quantize_dispatch<T, 64>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -290,19 +334,31 @@ cudaError_t launch_vq_lookup(const void* indices, bool index_is_int64, const voi
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
-                               float* codebook_work, float* sq_work, DType dtype, int64_t n,
-                               int64_t k, int64_t d, bool l2_norm, int num_sms,
-                               cudaStream_t stream) {
+cudaError_t launch_vq_prepare(const void* codebook, float* codebook_work, float* sq_work, DType dtype, int64_t k,
+                              int64_t d, bool l2_norm, cudaStream_t stream) {
+  if (k < 1 || k > 0xffffffffll || vq_padded_dim(d) == 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32: return prepare_by_width<float>(codebook, codebook_work, sq_work, k, d, l2_norm, stream);
+    case DType::kFloat16: return prepare_by_width<__half>(codebook, codebook_work, sq_work, k, d, l2_norm, stream);
+    case DType::kBFloat16:
+      return prepare_by_width<__nv_bfloat16>(codebook, codebook_work, sq_work, k, d, l2_norm, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const float* codebook_work, const float* sq_work,
+                               int64_t* out, DType dtype, int64_t n, int64_t k, int64_t d, bool l2_norm,
+                               int num_sms, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (k < 1 || k > 0xffffffffll || vq_padded_dim(d) == 0) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return quantize_by_width<float>(z, stride_z, codebook, out, codebook_work, sq_work, n, k, d, l2_norm, num_sms, stream);
+      return quantize_by_width<float>(z, stride_z, codebook_work, sq_work, out, n, k, d, l2_norm, num_sms, stream);
     case DType::kFloat16:
-      return quantize_by_width<__half>(z, stride_z, codebook, out, codebook_work, sq_work, n, k, d, l2_norm, num_sms, stream);
+      return quantize_by_width<__half>(z, stride_z, codebook_work, sq_work, out, n, k, d, l2_norm, num_sms, stream);
     case DType::kBFloat16:
-      return quantize_by_width<__nv_bfloat16>(z, stride_z, codebook, out, codebook_work, sq_work, n, k, d, l2_norm, num_sms, stream);
+      return quantize_by_width<__nv_bfloat16>(z, stride_z, codebook_work, sq_work, out, n, k, d, l2_norm, num_sms,
+                                              stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -19,18 +19,20 @@ cudaError_t launch_vq_lookup(const void* indices, bool index_is_int64, const voi
                              void* out, DType dtype, int64_t n, int64_t k, int64_t d, int64_t hw,
                              bool l2_norm, bool channels_first, cudaStream_t stream);
 
-// Width of the padded, fp32, normalised codebook copy vq_quantize works on (d <= 64).
+// Width of the padded, fp32, prepared codebook vq_quantize works on (1 <= d <= 64; else 0).
 int vq_padded_dim(int64_t d);
 
-// out[i] = argmin_k ||c_k||^2 - 2 z_i . c_k (z, c normalised when l2_norm), ties to the lowest k;
-// -1 where z_i has a non-finite entry.
-// z [n, d] with row stride stride_z, codebook [k, d] contiguous, both `dtype`; 1 <= d <= 64.
-// Workspace: codebook_work fp32 [k, vq_padded_dim(d)] and sq_work fp32 [k]. num_sms sizes the
-// split of the codebook across blocks.
-cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const void* codebook, int64_t* out,
-                               float* codebook_work, float* sq_work, DType dtype, int64_t n,
-                               int64_t k, int64_t d, bool l2_norm, int num_sms,
-                               cudaStream_t stream);
+// The prepared codebook for vq_quantize: codebook_work fp32 [k, vq_padded_dim(d)] = -2 x the
+// (normalised when l2_norm) rows, zero-padded; sq_work fp32 [k] = their squared norms.
+cudaError_t launch_vq_prepare(const void* codebook, float* codebook_work, float* sq_work, DType dtype, int64_t k,
+                              int64_t d, bool l2_norm, cudaStream_t stream);
+
+// out[i] = argmin_k ||c_k||^2 - 2 z_i . c_k (z normalised when l2_norm; c from the prepared
+// codebook), ties to the lowest k; -1 where z_i has a non-finite entry. z [n, d] with row stride
+// stride_z, `dtype`. num_sms sizes the split of the codes across blocks.
+cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const float* codebook_work, const float* sq_work,
+                               int64_t* out, DType dtype, int64_t n, int64_t k, int64_t d, bool l2_norm,
+                               int num_sms, cudaStream_t stream);
 
 }  // namespace vq
 }  // namespace janus_fast

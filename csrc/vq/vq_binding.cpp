@@ -1,5 +1,6 @@
-// Torch bindings of the VQ kernels (csrc/vq/vq.cu): torch.ops.janus_fast_C.vq_lookup and
-// .vq_quantize, same arguments and results as janus_fast/ops/reference.py. janus_fast.ops
+// Torch bindings of the VQ kernels (csrc/vq/vq.cu): torch.ops.janus_fast_C.vq_lookup,
+// .vq_prepare_codebook (made once per codebook; janus_fast.ops caches it) and .vq_quantize on
+// the prepared codebook; results as janus_fast/ops/reference.py's. janus_fast.ops
 // validates inputs (index ranges included); the checks here only guard the kernels' assumptions.
 // Only device-generic c10 headers are used (no c10/cuda), so this file syntax-checks against a
 // CPU build of torch; launches go on torch's current stream of the tensors' device.
@@ -9,6 +10,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "vq/vq.h"
@@ -65,30 +67,47 @@ at::Tensor vq_lookup_cuda(const at::Tensor& indices, const at::Tensor& codebook,
   return out;
 }
 
-at::Tensor vq_quantize_cuda(const at::Tensor& z, const at::Tensor& codebook, bool l2_norm) {
-  TORCH_CHECK(z.is_cuda() && z.device() == codebook.device(),
-              "vq_quantize: z and codebook must be on the same CUDA device");
-  TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2 && z.size(1) == codebook.size(1),
-              "vq_quantize: z [N, D] and codebook [K, D] must share D");
-  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "vq_quantize: z and codebook must share a dtype");
-  TORCH_CHECK(codebook.is_contiguous(), "vq_quantize: codebook must be contiguous");
-  const int64_t n = z.size(0), k = codebook.size(0), d = z.size(1);
+std::tuple<at::Tensor, at::Tensor> vq_prepare_codebook_cuda(const at::Tensor& codebook, bool l2_norm) {
+  TORCH_CHECK(codebook.is_cuda() && codebook.dim() == 2 && codebook.is_contiguous(),
+              "vq_prepare_codebook: codebook must be a contiguous CUDA [K, D] tensor");
+  const int64_t k = codebook.size(0), d = codebook.size(1);
   const int dp = vq_padded_dim(d);
-  TORCH_CHECK(dp > 0, "vq_quantize: the CUDA kernel supports 1 <= D <= 64, got ", d);
+  TORCH_CHECK(dp > 0, "vq_prepare_codebook: the CUDA kernel supports 1 <= D <= 64, got ", d);
+  TORCH_CHECK(k >= 1 && k <= 0xffffffffll, "vq_prepare_codebook: codebook must have 1 .. 2^32-1 rows");
+  const DType dtype = dtype_of(codebook, "codebook");
+  const c10::DeviceGuard guard(codebook.device());
+  at::Tensor work = at::empty({k, dp}, codebook.options().dtype(at::kFloat));
+  at::Tensor sq = at::empty({k}, codebook.options().dtype(at::kFloat));
+  check_launch(launch_vq_prepare(codebook.data_ptr(), work.data_ptr<float>(), sq.data_ptr<float>(), dtype, k, d,
+                                 l2_norm, current_stream(codebook.device())),
+               "vq_prepare_codebook");
+  return {work, sq};
+}
+
+at::Tensor vq_quantize_cuda(const at::Tensor& z, const at::Tensor& work, const at::Tensor& sq, bool l2_norm) {
+  TORCH_CHECK(z.is_cuda() && z.device() == work.device() && z.device() == sq.device(),
+              "vq_quantize: z and the prepared codebook must be on the same CUDA device");
+  TORCH_CHECK(z.dim() == 2 && work.dim() == 2 && sq.dim() == 1 && work.size(0) == sq.size(0),
+              "vq_quantize: z [N, D], work [K, DP], sq [K]");
+  const int64_t n = z.size(0), k = work.size(0), d = z.size(1);
+  const int dp = vq_padded_dim(d);
+  TORCH_CHECK(dp > 0 && work.size(1) == dp, "vq_quantize: work must be vq_prepare_codebook's [K, ", dp,
+              "] for D = ", d);
+  TORCH_CHECK(work.scalar_type() == at::kFloat && sq.scalar_type() == at::kFloat && work.is_contiguous() &&
+                  sq.is_contiguous(),
+              "vq_quantize: the prepared codebook is contiguous float32");
   TORCH_CHECK(k >= 1 && k <= 0xffffffffll, "vq_quantize: codebook must have 1 .. 2^32-1 rows");
   const DType dtype = dtype_of(z, "z");
   const c10::DeviceGuard guard(z.device());
   const at::Tensor zc = (n > 0 && d > 1 && z.stride(1) != 1) ? z.contiguous() : z;
   at::Tensor out = at::empty({n}, z.options().dtype(at::kLong));
   if (n == 0) return out;
-  at::Tensor work = at::empty({k, dp}, z.options().dtype(at::kFloat));
-  at::Tensor sq = at::empty({k}, z.options().dtype(at::kFloat));
   int num_sms = 0;
   check_launch(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, z.device().index()),
                "vq_quantize");
-  check_launch(launch_vq_quantize(zc.data_ptr(), zc.stride(0), codebook.data_ptr(), out.data_ptr<int64_t>(),
-                                  work.data_ptr<float>(), sq.data_ptr<float>(), dtype, n, k, d,
-                                  l2_norm, num_sms, current_stream(z.device())),
+  check_launch(launch_vq_quantize(zc.data_ptr(), zc.stride(0), work.data_ptr<float>(), sq.data_ptr<float>(),
+                                  out.data_ptr<int64_t>(), dtype, n, k, d, l2_norm, num_sms,
+                                  current_stream(z.device())),
                "vq_quantize");
   return out;
 }
@@ -102,7 +121,14 @@ at::Tensor vq_lookup_meta(const at::Tensor& indices, const at::Tensor& codebook,
   return at::empty_symint(size, codebook.options());
 }
 
-at::Tensor vq_quantize_meta(const at::Tensor& z, const at::Tensor& codebook, bool l2_norm) {
+std::tuple<at::Tensor, at::Tensor> vq_prepare_codebook_meta(const at::Tensor& codebook, bool l2_norm) {
+  const int64_t dp = vq_padded_dim(codebook.size(1));
+  const auto options = codebook.options().dtype(at::kFloat);
+  return {at::empty_symint({codebook.sym_size(0), c10::SymInt(dp)}, options),
+          at::empty_symint({codebook.sym_size(0)}, options)};
+}
+
+at::Tensor vq_quantize_meta(const at::Tensor& z, const at::Tensor& work, const at::Tensor& sq, bool l2_norm) {
   return at::empty_symint({z.sym_size(0)}, z.options().dtype(at::kLong));
 }
 
@@ -112,15 +138,18 @@ at::Tensor vq_quantize_meta(const at::Tensor& z, const at::Tensor& codebook, boo
 
 TORCH_LIBRARY_FRAGMENT(janus_fast_C, m) {
   m.def("vq_lookup(Tensor indices, Tensor codebook, bool l2_norm, int[]? shape) -> Tensor");
-  m.def("vq_quantize(Tensor z, Tensor codebook, bool l2_norm) -> Tensor");
+  m.def("vq_prepare_codebook(Tensor codebook, bool l2_norm) -> (Tensor, Tensor)");
+  m.def("vq_quantize(Tensor z, Tensor work, Tensor sq, bool l2_norm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(janus_fast_C, CUDA, m) {
   m.impl("vq_lookup", &janus_fast::vq::vq_lookup_cuda);
+  m.impl("vq_prepare_codebook", &janus_fast::vq::vq_prepare_codebook_cuda);
   m.impl("vq_quantize", &janus_fast::vq::vq_quantize_cuda);
 }
 
 TORCH_LIBRARY_IMPL(janus_fast_C, Meta, m) {
   m.impl("vq_lookup", &janus_fast::vq::vq_lookup_meta);
+  m.impl("vq_prepare_codebook", &janus_fast::vq::vq_prepare_codebook_meta);
   m.impl("vq_quantize", &janus_fast::vq::vq_quantize_meta);
 }

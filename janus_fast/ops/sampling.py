@@ -26,11 +26,40 @@ def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layou
     return tokens, ids
 
 
+SPLIT_COLUMNS = 4096  # the least columns a program of a split row takes
+_merge_slots: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (a small stand-in under the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_splits(b: int, v: int, device: torch.device) -> int:
+    """Blocks per row for unfiltered or greedy sampling: enough for about two per SM, at least
+    SPLIT_COLUMNS columns each; 1 (no split) once the batch alone fills the GPU. Text decoding
+    (B = 1, V = 102400) takes 25 blocks instead of one."""
+    return max(1, min(-(-v // SPLIT_COLUMNS), (2 * _sm_count(device)) // max(b, 1)))
+
+
+def merge_slots(device: torch.device, rows: int) -> torch.Tensor:
+    """Where the blocks of a split row merge: int64 [>= rows, 4] = (min, min, 0, 0) per row
+    (winner, argmax, flags, arrivals), made once per device and stream (launches on one stream
+    never overlap), grown when needed; every launch leaves the slots as it found them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    slots = _merge_slots.get((device, stream))
+    if slots is None or slots.shape[0] < rows:
+        slots = torch.zeros((max(rows, 64), 4), dtype=torch.int64, device=device)
+        slots[:, :2] = torch.iinfo(torch.int64).min
+        _merge_slots[(device, stream)] = slots
+    return slots
+
+
 def _impl(backend: str):
-    """(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids)
-    -> (tokens [B], ids [2B] or empty)."""
-    if backend == "reference":
-        return _reference_sample
+    """(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids, splits,
+    slots) -> (tokens [B], ids [2B] or empty)."""
     if backend == "cuda":
         return _backend.cuda_op("cfg_sample")
     return _backend.triton_kernels("sampling").cfg_sample
@@ -40,7 +69,15 @@ def _impl(backend: str):
 def _cfg_sample(logits: torch.Tensor, cfg_weight: float, temperature: float, top_k: int, top_p: float,
                 seed: torch.Tensor, layout: str, advance: bool, return_ids: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(backend)(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids)
+    if backend == "reference":
+        return _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance,
+                                 return_ids)
+    b, v = logits.shape[0] // 2, logits.shape[1]
+    filtered = temperature != 0 and (0 < top_k < v or top_p < 1.0)
+    splits = 1 if filtered or b == 0 else row_splits(b, v, logits.device)
+    slots = merge_slots(logits.device, b) if splits > 1 else seed.new_empty((0, 4))
+    return _impl(backend)(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids,
+                          splits, slots)
 
 
 @_cfg_sample.register_fake

@@ -20,9 +20,39 @@ def _impl(backend: str, name: str):
     return getattr(_backend.triton_kernels("vq"), name)
 
 
+_PREPARED_MAX = 4
+_prepared: dict = {}
+
+
+def prepared_codebook(codebook: torch.Tensor, l2_norm: bool, backend: str) -> tuple:
+    """The fast backends' prepared codebook (-2 x normalised rows, padded, and the squared
+    norms), made once and reused while the codebook is unchanged: the key is the storage
+    address, shape, dtype and the version counter, which every in-place write bumps (detach()
+    shares it, so the model's codebook.detach() hits). The entry holds the codebook itself, so its
+    memory cannot be reused by another tensor while cached. A handful of entries, oldest out."""
+    def prepare():
+        fn = _impl(backend, "vq_prepare_codebook" if backend == "cuda" else "prepare_codebook")
+        return tuple(fn(codebook, bool(l2_norm)))
+
+    if codebook.is_inference():  # no version counter to watch: prepared on every call
+        return prepare()
+    key = (backend, codebook.device, codebook.data_ptr(), tuple(codebook.shape), codebook.dtype, bool(l2_norm))
+    entry = _prepared.get(key)
+    if entry is not None and entry[1] == codebook._version:
+        return entry[2]
+    prepared = prepare()
+    _prepared.pop(key, None)
+    if len(_prepared) >= _PREPARED_MAX:
+        _prepared.pop(next(iter(_prepared)))
+    _prepared[key] = (codebook, codebook._version, prepared)
+    return prepared
+
+
 @torch.library.custom_op("janus_fast::vq_quantize", mutates_args=())
 def _vq_quantize(z: torch.Tensor, codebook: torch.Tensor, l2_norm: bool, backend: str) -> torch.Tensor:
-    return _impl(backend, "vq_quantize")(z, codebook, l2_norm)
+    if backend == "reference":
+        return reference.vq_quantize(z, codebook, l2_norm)
+    return _impl(backend, "vq_quantize")(z, *prepared_codebook(codebook, l2_norm, backend), l2_norm)
 
 
 @_vq_quantize.register_fake
