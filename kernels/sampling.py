@@ -33,7 +33,8 @@ Random numbers: U_j is lane j % 4 of Philox4x32-10 keyed by the 64-bit seed, wit
 (j // 4, b, offset_lo, offset_hi), mapped to ((r >> 9) + 0.5) * 2^-23, strictly inside (0, 1);
 -log U_j comes from the series of -log(1 - W), W = 1 - U exact, where U > 15/16. The CUDA kernel
 (csrc/sampling) uses the same stream, keys, masses and thresholds (its logs and exps are the
-hardware approximations). `seed` is an int64 device tensor (seed, offset[, arrival counter]);
+hardware approximations). `seed` is an int64 device tensor (seed, offset[, arrival counter]),
+or a CPU tensor (seed, offset) read on the host and passed by value (eager draws: no extra launch);
 with advance=True the kernel adds 1 to the offset itself (the last program to finish does it,
 counting arrivals in seed[2], which must start at 0 and is reset), so a replayed CUDA graph
 draws a new stream each step without another launch.
@@ -210,6 +211,18 @@ def _first_pass(g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top,
 
 
 @triton.jit
+def _stream(seed_ptr, seed_value, offset_value, HOST_SEED: tl.constexpr):
+    """(seed, offset, offset low/high words): from the device state, or from the host."""
+    if HOST_SEED:
+        seed = tl.full([], seed_value, tl.int64)
+        offset = tl.full([], offset_value, tl.int64)
+    else:
+        seed = tl.load(seed_ptr)
+        offset = tl.load(seed_ptr + 1)
+    return seed, offset, (offset & 0xFFFFFFFF).to(tl.uint32), ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
 def _pair_rows(rows, B, INTERLEAVED: tl.constexpr):
     """(conditional, unconditional) logits rows of output rows `rows`, int64."""
     rows64 = rows.to(tl.int64)
@@ -234,9 +247,10 @@ def _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, of
             tl.store(seed_ptr + 2, 0)
 
 
-@triton.jit
-def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, work_ptr, B, V, chunk,
-                             cfg_weight, temperature, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
+@triton.jit(do_not_specialize=["seed_value", "offset_value"])
+def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value,
+                             work_ptr, B, V, chunk, cfg_weight, temperature, HOST_SEED: tl.constexpr,
+                             SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
                              GREEDY: tl.constexpr, SCALE: tl.constexpr, ADVANCE: tl.constexpr,
                              WRITE_IDS: tl.constexpr, BLOCK: tl.constexpr):
     """Unfiltered (or greedy) rows split across SPLITS programs each (grid (B, SPLITS)): every
@@ -249,10 +263,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
     c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
     c_off = c_row * stride_row
     u_off = u_row * stride_row
-    seed = tl.load(seed_ptr)
-    offset = tl.load(seed_ptr + 1)
-    off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
     bad = tl.zeros([1], tl.int32)
     finite = tl.zeros([1], tl.int32)
     top = tl.full([1], float("-inf"), tl.float32)
@@ -285,9 +296,9 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
     _finish(token, rows, last, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
 
 
-@triton.jit
-def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B, V,
-                       cfg_weight, temperature, top_k, top_p, mass_scale,
+@triton.jit(do_not_specialize=["seed_value", "offset_value"])
+def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value, B, V,
+                       cfg_weight, temperature, top_k, top_p, mass_scale, HOST_SEED: tl.constexpr,
                        INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
                        TOP_K: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr,
                        WRITE_IDS: tl.constexpr, ON_CHIP: tl.constexpr, DIGIT: tl.constexpr,
@@ -297,10 +308,7 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, B,
     c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
     c_off = c_row * stride_row
     u_off = u_row * stride_row
-    seed = tl.load(seed_ptr)
-    offset = tl.load(seed_ptr + 1)
-    off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
 
     # Pass 1, the only read of the logits when the row stays on the chip: contract 1's flags
     # (any NaN/+inf in g, any finite g), the argmax of g, max s, and the unfiltered Gumbel winner.
@@ -420,11 +428,13 @@ def _blocks(b: int, v: int, interpreted: bool) -> tuple[int, int, bool]:
 
 
 def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
-               return_ids=False, splits=1, work=None):
+               return_ids=False, splits=1, work=None, host_seed=None):
     """tokens int64 [B] and the pair-duplicated ids int64 [2B] in the input layout (empty unless
     return_ids). `seed` holds (seed, offset[, arrival counter]); see the module docstring.
     splits > 1 (unfiltered or greedy only) spreads each row over that many programs, merged in
-    `work` (int64 [>= B, 4] of (min, min, 0, 0), left so)."""
+    `work` (int64 [>= B, 4] of (min, min, 0, 0), left so). A `seed` on the CPU beside CUDA
+    logits (host_seed, the default then) is read on the host and passed by value: no device
+    state, nothing to launch but the kernel."""
     two_b, v = logits.shape
     b = two_b // 2
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
@@ -434,19 +444,28 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
             seed[1] += 1
         return tokens, ids
     greedy = temperature == 0
+    if host_seed is None:
+        host_seed = seed.device != logits.device
+    seed_value, offset_value = seed[:2].tolist() if host_seed else (0, 0)
+    if host_seed and advance:
+        raise ValueError("a host seed cannot be advanced by the kernel")
+    # (a host seed is not read on the device: any device pointer stands in for it)
+    stream = dict(seed_ptr=tokens if host_seed else seed, seed_value=seed_value, offset_value=offset_value,
+                  HOST_SEED=bool(host_seed))
     if splits > 1:
         chunk = triton.cdiv(triton.cdiv(v, splits), SPLIT_BLOCK) * SPLIT_BLOCK
         split = triton.cdiv(v, chunk)
         _cfg_sample_split_kernel[(b, split)](
-            logits, logits.stride(0), tokens, ids, seed, work, b, v, chunk,
-            float(cfg_weight), float(temperature), SPLITS=split, INTERLEAVED=layout == "interleaved",
+            logits, logits.stride(0), tokens, ids, work_ptr=work, B=b, V=v, chunk=chunk,
+            cfg_weight=float(cfg_weight), temperature=float(temperature), SPLITS=split, **stream,
+            INTERLEAVED=layout == "interleaved",
             GREEDY=greedy, SCALE=temperature != 1.0, ADVANCE=bool(advance), WRITE_IDS=bool(return_ids),
             BLOCK=SPLIT_BLOCK, num_warps=8, enable_fp_fusion=False)
         return tokens, ids
     rows, block, on_chip = _blocks(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](
-        logits, logits.stride(0), tokens, ids, seed, b, v,
-        float(cfg_weight), float(temperature), int(top_k), float(top_p), mass_scale(v),
+        logits, logits.stride(0), tokens, ids, B=b, V=v, cfg_weight=float(cfg_weight),
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), mass_scale=mass_scale(v), **stream,
         INTERLEAVED=layout == "interleaved", GREEDY=greedy, SCALE=temperature != 1.0,
         TOP_K=not greedy and 0 < top_k < v, TOP_P=not greedy and top_p < 1.0,
         ADVANCE=bool(advance), WRITE_IDS=bool(return_ids), ON_CHIP=on_chip,

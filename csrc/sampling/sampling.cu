@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams
   const Row<T> row{logits + c_row * p.row_stride, logits + u_row * p.row_stride, p.vocab,
                    p.cfg_weight, p.temperature, vec};
   const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);  // vocab < 2^31: 32-bit counters
-  const int64_t seed = p.seed[0];
-  const int64_t offset = p.seed[1];
+  const int64_t seed = p.seed != nullptr ? p.seed[0] : p.seed_value;
+  const int64_t offset = p.seed != nullptr ? p.seed[1] : p.offset_value;
   const bool use_k = !greedy && p.top_k > 0 && p.top_k < p.vocab;
   const bool use_p = !greedy && p.top_p < 1.f;
   const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(static_cast<uint64_t>(seed) >> 32));
@@ -474,8 +474,8 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
   const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);
   const uint32_t first = blockIdx.y * chunk_groups;
   const uint32_t end = min(groups, first + chunk_groups);
-  const int64_t seed = p.seed[0];
-  const int64_t offset = p.seed[1];
+  const int64_t seed = p.seed != nullptr ? p.seed[0] : p.seed_value;
+  const int64_t offset = p.seed != nullptr ? p.seed[1] : p.offset_value;
   const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(static_cast<uint64_t>(seed) >> 32));
   auto or_op = [](int64_t a, int64_t c) { return a | c; };
   Best best{-kInf, kNoIndex};

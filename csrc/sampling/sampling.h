@@ -21,7 +21,9 @@ struct CfgSampleParams {
   int64_t top_k;      // 0 or >= V: off
   float top_p;        // 1: off
   bool interleaved;   // cond rows 2b / uncond 2b+1; else cond b / uncond B+b
-  int64_t* seed;      // device (seed, offset[, arrival counter]); see launch_cfg_sample
+  int64_t* seed;      // device (seed, offset[, arrival counter]), or nullptr: then the values below
+  int64_t seed_value;    // the seed and offset passed by value (an eager draw: nothing else to launch)
+  int64_t offset_value;
   bool advance;       // add 1 to seed[1] in this launch (seed[2] must be 0; it is reset)
   int64_t* tokens;    // [B]
   int64_t* ids;       // [2B] pair-duplicated tokens in the input layout, or nullptr

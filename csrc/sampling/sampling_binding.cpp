@@ -22,8 +22,10 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
                                                    at::Tensor& seed, c10::string_view layout,
                                                    bool advance, bool return_ids, int64_t splits,
                                                    at::Tensor& slots) {
-  TORCH_CHECK(logits.is_cuda() && seed.device() == logits.device(),
-              "cfg_sample: logits and seed must be on the same CUDA device");
+  const bool host_seed = seed.device().is_cpu();  // passed by value: an eager draw launches nothing else
+  TORCH_CHECK(logits.is_cuda() && (host_seed || seed.device() == logits.device()),
+              "cfg_sample: seed must be on the logits' CUDA device, or on the CPU");
+  TORCH_CHECK(!(host_seed && advance), "cfg_sample: a CPU seed cannot be advanced by the kernel");
   TORCH_CHECK(logits.dim() == 2 && logits.size(0) % 2 == 0 && logits.size(1) >= 1,
               "cfg_sample: logits must be [2B, V] with V >= 1");
   TORCH_CHECK(logits.size(1) == 1 || logits.stride(1) == 1, "cfg_sample: logits rows must be contiguous");
@@ -47,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
   at::Tensor tokens = at::empty({batch}, logits.options().dtype(at::kLong));
   at::Tensor ids = at::empty({return_ids ? 2 * batch : 0}, logits.options().dtype(at::kLong));
   if (batch == 0) {
-    if (advance) seed.select(0, 1).add_(1);
+    if (advance) seed.select(0, 1).add_(1);  // (advance implies a device seed)
     return {tokens, ids};
   }
   CfgSampleParams params;
@@ -61,7 +63,9 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
   params.top_k = top_k;
   params.top_p = static_cast<float>(top_p);
   params.interleaved = layout == "interleaved";
-  params.seed = seed.data_ptr<int64_t>();
+  params.seed = host_seed ? nullptr : seed.data_ptr<int64_t>();
+  params.seed_value = host_seed ? seed.data_ptr<int64_t>()[0] : 0;
+  params.offset_value = host_seed ? seed.data_ptr<int64_t>()[1] : 0;
   params.advance = advance;
   params.tokens = tokens.data_ptr<int64_t>();
   params.ids = return_ids ? ids.data_ptr<int64_t>() : nullptr;

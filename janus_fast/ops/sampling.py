@@ -102,12 +102,21 @@ def new_rng_state(seed: int, offset: int = 0, device=None) -> torch.Tensor:
 
 
 def _draw_seed(generator, device) -> torch.Tensor:
-    """(seed, offset) int64 [2] on `device`, drawn from `generator` (or the device's default
-    generator) without a host sync, so CUDA-graph replays draw new streams."""
+    """(seed, offset) int64 [2] for one draw from `generator` (or the device's default one),
+    without a host sync. On CUDA outside graph capture it is the generator's own Philox seed and
+    offset, read and advanced on the host (a CPU tensor: the kernel takes it by value, so the
+    step launches nothing else); otherwise (CPU tensors, or capturing, where replays must draw
+    new streams) a draw on the device."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, logits on {device}")
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        gen = generator if generator is not None else torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)  # Philox offsets move in steps of 4
+        return torch.tensor([gen.initial_seed() % (1 << 63), offset], dtype=torch.int64)
     return torch.randint(0, 1 << 62, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
