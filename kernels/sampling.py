@@ -179,7 +179,7 @@ def _select(x_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature
             cand = _signed(t[:, None] | (digits[None, :] << shift))  # [ROWS, 2^DIGIT]
             f = tl.zeros([ROWS, 1 << DIGIT], tl.int64)
             for start in range(0, V, BLOCK):
-                g, x, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
+                _, x, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
                                    SCALE, BLOCK)
                 if MASS:
                     x = _masses(x, mask, floor, m)
@@ -450,8 +450,8 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
     if host_seed and advance:
         raise ValueError("a host seed cannot be advanced by the kernel")
     # (a host seed is not read on the device: any device pointer stands in for it)
-    stream = dict(seed_ptr=tokens if host_seed else seed, seed_value=seed_value, offset_value=offset_value,
-                  HOST_SEED=bool(host_seed))
+    stream = {"seed_ptr": tokens if host_seed else seed, "seed_value": seed_value, "offset_value": offset_value,
+              "HOST_SEED": bool(host_seed)}
     if splits > 1:
         chunk = triton.cdiv(triton.cdiv(v, splits), SPLIT_BLOCK) * SPLIT_BLOCK
         split = triton.cdiv(v, chunk)

@@ -28,6 +28,7 @@ def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layou
 
 SPLIT_COLUMNS = 4096  # the least columns a program of a split row takes
 _merge_slots: dict = {}
+_retired_slots: list = []
 
 
 def _sm_count(device: torch.device) -> int:
@@ -51,6 +52,8 @@ def merge_slots(device: torch.device, rows: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     slots = _merge_slots.get((device, stream))
     if slots is None or slots.shape[0] < rows:
+        if slots is not None:  # a captured CUDA graph may still point at the old slots
+            _retired_slots.append(slots)
         slots = torch.zeros((max(rows, 64), 4), dtype=torch.int64, device=device)
         slots[:, :2] = torch.iinfo(torch.int64).min
         _merge_slots[(device, stream)] = slots
@@ -105,13 +108,13 @@ def _draw_seed(generator, device) -> torch.Tensor:
     """(seed, offset) int64 [2] for one draw from `generator` (or the device's default one),
     without a host sync. On CUDA outside graph capture it is the generator's own Philox seed and
     offset, read and advanced on the host (a CPU tensor: the kernel takes it by value, so the
-    step launches nothing else); otherwise (CPU tensors, or capturing, where replays must draw
-    new streams) a draw on the device."""
+    step launches nothing else); otherwise (CPU tensors, graph capture - replays must draw new
+    streams - or torch.compile tracing) a draw on the device."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, logits on {device}")
-    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing():
         gen = generator if generator is not None else torch.cuda.default_generators[
             device.index if device.index is not None else torch.cuda.current_device()]
         offset = gen.get_offset()
