@@ -90,9 +90,12 @@ def _prepare_codebook_kernel(cb_ptr, cbt_ptr, sq_ptr, K, D,
 
 
 @triton.jit
-def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
-                        D: tl.constexpr, L2_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K, codes_per_split,
+                        D: tl.constexpr, L2_NORM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
+    """Program (x, y): BLOCK_N latents against codes [y * codes_per_split, ...). With SPLIT the
+    winners merge by 64-bit atomic_min on (order-preserving distance key << 32 | index) into
+    out (int64 max on entry): the smaller distance, then the lower index, in any order."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     dims = tl.arange(0, D_PAD)
@@ -101,10 +104,12 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
     denom = tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), 1e-12)
     finite = tl.sum((tl.abs(z) < float("inf")).to(tl.int32), axis=1) == D_PAD  # NaN fails too
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_N], tl.int32)
-    for start in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(1) * codes_per_split
+    k_hi = tl.minimum(k_lo + codes_per_split, K)
+    best_idx = tl.zeros([BLOCK_N], tl.int32) + k_lo
+    for start in range(k_lo, k_hi, BLOCK_K):
         codes = start + tl.arange(0, BLOCK_K)
-        code_ok = codes < K
+        code_ok = codes < k_hi
         # z.c as D rank-1 updates in a fixed order: every (latent, code) pair is rounded the
         # same way wherever it sits in the tile, so duplicate codes tie exactly (a tl.dot need
         # not guarantee that). A runtime loop over d (re-reading z columns from L1) keeps the
@@ -123,7 +128,12 @@ def _vq_quantize_kernel(z_ptr, stride_z, cbt_ptr, sq_ptr, out_ptr, N, K,
         better = tile_min < best  # strict: an equal distance in a later tile keeps the lower index
         best = tl.where(better, tile_min, best)
         best_idx = tl.where(better, start + tile_arg, best_idx)
-    tl.store(out_ptr + rows, tl.where(finite, best_idx.to(tl.int64), -1), mask=row_ok)
+    if SPLIT:  # a non-finite latent is never offered: it stays at int64 max, which unpacks to -1
+        bits = best.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # order-preserving
+        tl.atomic_min(out_ptr + rows, (key << 32) | best_idx.to(tl.int64), mask=row_ok & finite)
+    else:
+        tl.store(out_ptr + rows, tl.where(finite, best_idx.to(tl.int64), -1), mask=row_ok)
 
 
 def prepare_codebook(codebook, l2_norm):
@@ -138,17 +148,43 @@ def prepare_codebook(codebook, l2_norm):
     return cbt, sq
 
 
+def codebook_splits(blocks_n: int, k: int, block_k: int, slots: int) -> int:
+    """Code splits per latent block, as csrc/vq's codebook_splits: the grid runs in whole waves
+    of `slots` resident programs and the time goes as waves / splits, so take the fewest waves
+    per unit of work (at most one split per BLOCK_K codes, 256 in all); more splits must win by
+    10% (each adds atomics and re-reads the latents)."""
+    best, best_cost = 1, None
+    for s in range(1, min(triton.cdiv(k, block_k), 256) + 1):
+        cost = triton.cdiv(blocks_n * s, slots) / s
+        if best_cost is None or cost < 0.9 * best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def _slots(device: torch.device) -> int:
+    """Programs resident at once: two per SM (a small stand-in under the CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def vq_quantize(z, cbt, sq, l2_norm):
     """Indices int64 [N] of z's nearest codes, from prepare_codebook's (cbt, sq)."""
     n, d = z.shape
     k = sq.shape[0]
-    out = torch.empty(n, dtype=torch.int64, device=z.device)
+    block_k, block_n = 128, 64
+    splits = codebook_splits(triton.cdiv(n, block_n), k, block_k, _slots(z.device)) if n else 1
+    per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, per_split)
+    if splits > 1:
+        out = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=z.device)
+    else:
+        out = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:
         return out
-    d_pad = triton.next_power_of_2(d)
-    block_k = 128
-    block_n = 64
-    _vq_quantize_kernel[(triton.cdiv(n, block_n),)](
-        z, z.stride(0), cbt, sq, out, n, k, D=d,
-        L2_NORM=bool(l2_norm), BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=d_pad, num_warps=8)
+    _vq_quantize_kernel[(triton.cdiv(n, block_n), splits)](
+        z, z.stride(0), cbt, sq, out, n, k, per_split, D=d, L2_NORM=bool(l2_norm), SPLIT=splits > 1,
+        BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=triton.next_power_of_2(d), num_warps=8)
+    if splits > 1:
+        out = torch.where(out == torch.iinfo(torch.int64).max, -1, out & 0xFFFFFFFF)
     return out

@@ -237,14 +237,15 @@ __global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
 // Codebook splits per latent block: the grid runs in whole waves of `slots` resident blocks
 // (SMs x blocks per SM), and the time goes as waves / splits (each split does 1/splits of the
 // codes), so take the split count with the fewest waves per unit of work, at most one split per
-// TK codes; ties go to fewer splits (fewer atomics).
+// TK codes; more splits must win by 10% (each adds atomics and re-reads the latents). The same
+// rule as kernels/vq.py's codebook_splits.
 int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots) {
   const int64_t most = (k + tk - 1) / tk;
   int64_t best = 1;
   double best_cost = 0.0;
   for (int64_t s = 1; s <= most && s <= 256; ++s) {
     const double cost = static_cast<double>((blocks_n * s + slots - 1) / slots) / static_cast<double>(s);
-    if (s == 1 || cost < best_cost - 1e-12) {
+    if (s == 1 || cost < 0.9 * best_cost) {
       best = s;
       best_cost = cost;
     }
