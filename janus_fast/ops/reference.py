@@ -24,6 +24,8 @@ __all__ = [
     "guided_logits",
     "sampling_probs",
     "cfg_sample",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
 ]
 
 
@@ -225,3 +227,39 @@ def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generato
     if temperature == 0:
         return p.argmax(-1)
     return torch.multinomial(p, 1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+def _linear_logits(x, weight, bias):
+    ct = _compute_dtype(x)
+    return F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """cross_entropy(x Wᵀ + b, target) on the full [N, V] logits in the compute dtype, differentiable.
+    "sum" adds the losses of targets != ignore_index; "mean" divides that by their number, or
+    by 1 when there is none (0, not torch's NaN)."""
+    logits = _linear_logits(x, weight, bias)
+    total = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (target != ignore_index).sum().clamp(min=1)
+
+
+def linear_cross_entropy_backward(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """(loss, dx, dW, db) of `linear_cross_entropy` for dloss = 1, written out explicitly:
+    dz = (softmax(z) − onehot(t)) · s on valid rows (0 on ignored ones), s = 1 or 1/max(#valid, 1);
+    dx = dz W (x's dtype), dW = dzᵀ x, db = Σ dz (compute dtype)."""
+    ct = _compute_dtype(x)
+    logits = _linear_logits(x, weight, bias)
+    valid = target != ignore_index
+    safe = torch.where(valid, target.long(), 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    losses = torch.where(valid, lse - logits.gather(1, safe[:, None])[:, 0], 0.0)
+    scale = 1.0 if reduction == "sum" else 1.0 / valid.sum().clamp(min=1).to(ct)
+    dz = torch.softmax(logits, dim=-1) - F.one_hot(safe, logits.shape[1]).to(ct)
+    dz = dz * (valid[:, None].to(ct) * scale)
+    loss = losses.sum() * scale
+    return loss, (dz @ weight.to(ct)).to(x.dtype), dz.T @ x.to(ct), dz.sum(0)
