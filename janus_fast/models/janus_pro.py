@@ -3,6 +3,7 @@ keys, same methods), plus `generate_images` and `answer`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -26,6 +27,22 @@ class VisionHead(nn.Module):
 
     def forward(self, x):
         return self.vision_head(self.vision_activation(self.output_mlp_projector(x)))
+
+
+@dataclass
+class MultiTaskOutput:
+    """The losses of a packed multi-task batch. `loss` is the mean over every target token, text
+    and image ((text_loss_sum + image_loss_weight * image_loss_sum) / (n_text + n_image));
+    text_loss / image_loss are the means of each kind (0 when a batch has none). The sums and
+    counts let a caller normalise over several batches (gradient accumulation, data parallel)."""
+
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
+    text_loss_sum: torch.Tensor
+    image_loss_sum: torch.Tensor
+    num_text_targets: int
+    num_image_targets: int
 
 
 class JanusPro(nn.Module):
@@ -117,6 +134,46 @@ class JanusPro(nn.Module):
 
     def prepare_gen_img_embeds(self, image_ids):
         return self.gen_aligner(self.gen_embed(image_ids))
+
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, *, text_positions=None,
+                text_targets=None, image_positions=None, image_targets=None, gen_image_positions=None,
+                gen_image_ids=None, pixel_values=None, und_image_positions=None,
+                image_loss_weight: float = 1.0) -> MultiTaskOutput:
+        """The losses of a packed batch (`model(**batch)`), everything flat over T packed tokens:
+
+        input_ids [T] text ids (placeholders at image positions); position_ids [T] and
+        cu_seqlens int32 [n + 1] / max_seqlen describe the sequences (see LlamaModel.forward_packed).
+        Understanding images: pixel_values [n_img, 3, S, S], whose SigLIP + aligner embeddings go to
+        und_image_positions [n_img * tokens_per_image]. Generation images: gen_image_ids [G] (VQ
+        ids) embedded by gen_aligner(gen_embed(.)) at gen_image_positions [G]. Losses: the hidden
+        state at text_positions [Nt] predicts text_targets [Nt] through lm_head, the one at
+        image_positions [Ni] predicts image_targets [Ni] through gen_head; both with
+        ops.linear_cross_entropy, so no [tokens, vocab] logits exist."""
+        lm = self.language_model
+        emb = lm.get_input_embeddings()(input_ids.clamp(min=0))
+        if gen_image_ids is not None and gen_image_ids.numel():
+            gen = self.prepare_gen_img_embeds(gen_image_ids)
+            emb = emb.index_put((gen_image_positions,), gen.to(emb.dtype))
+        if pixel_values is not None and pixel_values.shape[0]:
+            und = self.aligner(self.vision_model(pixel_values.to(self.aligner.layers[0].weight.dtype)))
+            emb = emb.index_put((und_image_positions,), und.flatten(0, 1).to(emb.dtype))
+        hidden = lm.model.forward_packed(emb, position_ids, cu_seqlens, max_seqlen)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        text_sum, image_sum = zero, zero
+        n_text = 0 if text_targets is None else text_targets.shape[0]
+        n_image = 0 if image_targets is None else image_targets.shape[0]
+        if n_text:
+            text_sum = ops.linear_cross_entropy(hidden.index_select(0, text_positions), lm.lm_head.weight,
+                                                text_targets, reduction="sum")
+        if n_image:
+            head = self.gen_head
+            x = head.vision_activation(head.output_mlp_projector(hidden.index_select(0, image_positions)))
+            image_sum = ops.linear_cross_entropy(x, head.vision_head.weight, image_targets, head.vision_head.bias,
+                                                 reduction="sum")
+        loss = (text_sum + image_loss_weight * image_sum) / max(n_text + n_image, 1)
+        return MultiTaskOutput(loss, text_sum / max(n_text, 1), image_sum / max(n_image, 1), text_sum, image_sum,
+                               n_text, n_image)
 
     # ------------------------------------------------------------------ high level
     def _processor(self, processor):

@@ -164,6 +164,13 @@ class LlamaAttention(nn.Module):
             out[p.rows, p.cols] = packed
         return self.o_proj(out.reshape(b, t, -1))
 
+    def packed(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int):
+        """Training path, x [T, H]: causal attention within each packed sequence of cu_seqlens,
+        straight through ops.varlen_attention (no padding, no gather/scatter, no cache)."""
+        q, k, v = self.qkv(x, cos, sin)
+        out = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
     def decode(self, x, cos, sin, layer: int, cache: KVCache, rows: torch.Tensor):
         """x [B, H]: write this token's k/v at slot seqlens[b], attend to seqlens[b] + 1 keys."""
         q, k, v = self.qkv(x, cos, sin)
@@ -227,6 +234,23 @@ class LlamaModel(nn.Module):
             x = layer(x, lambda attn, y, i=i: attn.decode(y, cos, sin, i, cache, rows))
         cache.seqlens.add_(1)
         return self.norm(x)
+
+    def forward_packed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                       max_seqlen: int) -> torch.Tensor:
+        """Packed sequences (training): inputs_embeds [T, H] holding the sequences of cu_seqlens
+        (int32 [n + 1]) back to back, position_ids [T] restarting at 0 in each -> final-normed
+        hidden [T, H]. Under torch.autocast the rotary tables take the autocast dtype, so q, k and
+        v share one dtype."""
+        if inputs_embeds.dim() != 2 or position_ids.shape != inputs_embeds.shape[:1]:
+            raise ValueError(f"inputs_embeds must be [T, hidden] and position_ids [T], got "
+                             f"{tuple(inputs_embeds.shape)} and {tuple(position_ids.shape)}")
+        device = inputs_embeds.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
+        cos, sin = self._rope(position_ids, dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, lambda attn, y: attn.packed(y, cos, sin, cu_seqlens, max_seqlen))
+        return self.norm(h)
 
     def _packing(self, mask: torch.Tensor | None, b: int, t: int, cache: KVCache | None, device):
         """Positions [B, T] and the packing of the real tokens (host syncs: prefill only)."""
