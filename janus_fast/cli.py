@@ -3,6 +3,7 @@
   janus-fast demo                     random-weight model -> real checkpoint -> load -> generate + answer
   janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR
   janus-fast chat --model DIR --image FILE "question"
+  janus-fast train --config FILE      packed multi-task training (torchrun for FSDP2)
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-new-tokens", type=int, default=16)
     d.set_defaults(func=cmd_demo)
+
+    from .training.command import add_train_command
+
+    add_train_command(sub)
     return p
 
 
