@@ -30,7 +30,7 @@ def dataset(tmp_path_factory, model):
 
 def loader_for(model, encoded, row_tokens=256, rows=1, uncond_prob=0.0, seed=0):
     return PackedLoader(encoded, row_tokens=row_tokens, rows_per_batch=rows, pad_id=model.processor.pad_id,
-                        images=understanding_pixels(model.processor), uncond_prob=uncond_prob, seed=seed)
+                        image_size=model.processor.image_size, images=understanding_pixels(model.processor), uncond_prob=uncond_prob, seed=seed)
 
 
 def grads_of(model, loss):

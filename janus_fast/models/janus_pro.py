@@ -152,10 +152,13 @@ class JanusPro(nn.Module):
         ops.linear_cross_entropy, so no [tokens, vocab] logits exist."""
         lm = self.language_model
         emb = lm.get_input_embeddings()(input_ids.clamp(min=0))
-        if gen_image_ids is not None and gen_image_ids.numel():
+        # Every branch runs whenever its inputs are given, even when they are empty: each trained
+        # parameter then gets a gradient (zero if unused) in every batch, which data-parallel
+        # reductions need (FSDP reduces the same tensors on every rank), and shapes stay uniform.
+        if gen_image_ids is not None:
             gen = self.prepare_gen_img_embeds(gen_image_ids)
             emb = emb.index_put((gen_image_positions,), gen.to(emb.dtype))
-        if pixel_values is not None and pixel_values.shape[0]:
+        if pixel_values is not None:
             und = self.aligner(self.vision_model(pixel_values.to(self.aligner.layers[0].weight.dtype)))
             emb = emb.index_put((und_image_positions,), und.flatten(0, 1).to(emb.dtype))
         hidden = lm.model.forward_packed(emb, position_ids, cu_seqlens, max_seqlen)
@@ -163,10 +166,10 @@ class JanusPro(nn.Module):
         text_sum, image_sum = zero, zero
         n_text = 0 if text_targets is None else text_targets.shape[0]
         n_image = 0 if image_targets is None else image_targets.shape[0]
-        if n_text:
+        if text_targets is not None:
             text_sum = ops.linear_cross_entropy(hidden.index_select(0, text_positions), lm.lm_head.weight,
                                                 text_targets, reduction="sum")
-        if n_image:
+        if image_targets is not None:
             head = self.gen_head
             x = head.vision_activation(head.output_mlp_projector(hidden.index_select(0, image_positions)))
             image_sum = ops.linear_cross_entropy(x, head.vision_head.weight, image_targets, head.vision_head.bias,

@@ -50,13 +50,13 @@ class PackedLoader:
     """Micro-batches of `rows_per_batch` packed rows, endlessly, epoch after epoch.
 
     encoded: the dataset (EncodedSample, GEN_IMAGE ids already filled in); images: a function
-    path -> pixel tensor [3, S, S] for understanding samples; pad_id: the tokenizer's pad token;
+    sample -> pixel tensor [3, S, S] (S = image_size) for understanding samples; pad_id: the tokenizer's pad token;
     uncond_prob: the chance that a generation sample's prompt is replaced by the unconditional
     prompt (its tokens between the first and the last turned into pads), drawn per sample and
     epoch from the seed, so resumes and ranks agree."""
 
     def __init__(self, encoded: list[EncodedSample], *, row_tokens: int, rows_per_batch: int, pad_id: int,
-                 images=None, uncond_prob: float = 0.1, seed: int = 0):
+                 image_size: int, images=None, uncond_prob: float = 0.1, seed: int = 0):
         if not encoded:
             raise DatasetError("the dataset is empty: nothing to train on")
         for s in encoded:
@@ -67,7 +67,7 @@ class PackedLoader:
             raise ValueError(f"uncond_prob must be in [0, 1], got {uncond_prob}")
         self.encoded = encoded
         self.row_tokens, self.rows_per_batch, self.pad_id = row_tokens, rows_per_batch, pad_id
-        self.images, self.uncond_prob, self.seed = images, uncond_prob, seed
+        self.images, self.image_size, self.uncond_prob, self.seed = images, image_size, uncond_prob, seed
         self.epoch, self.row = 0, 0
         self._plan_epoch, self._plan = None, []
         self._tensors = [self._as_tensors(s) for s in encoded]
@@ -161,7 +161,7 @@ class PackedLoader:
         all_ids[gen_at] = self.pad_id  # the text embedding never sees a VQ id
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(lengths).cumsum(0)
-        size = pixels[0].shape[-1] if pixels else 0
+        size = self.image_size
         inputs = dict(
             input_ids=all_ids, position_ids=torch.cat(positions), cu_seqlens=cu, max_seqlen=max(lengths),
             text_positions=torch.cat(text_pos), text_targets=torch.cat(text_tgt),

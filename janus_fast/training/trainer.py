@@ -78,7 +78,8 @@ class Trainer:
         if not self.topology.main:
             encoded = prepare_dataset(config.data, model, processor, cache_dir)
         self.loader = PackedLoader(encoded, row_tokens=config.row_tokens, rows_per_batch=config.rows_per_batch,
-                                   pad_id=processor.pad_id, images=understanding_pixels(processor),
+                                   pad_id=processor.pad_id, image_size=processor.image_size,
+                                   images=understanding_pixels(processor),
                                    uncond_prob=config.uncond_prob, seed=config.seed)
         if config.activation_checkpointing:
             checkpoint_layers(model.language_model.model.layers)
