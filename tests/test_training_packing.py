@@ -24,7 +24,7 @@ def model():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("data")
-    path = make_dataset(root, n_text=2, n_understanding=2, n_generation=2, image_size=64, seed=3)
+    path = make_dataset(root, n_text=2, n_understanding=1, n_generation=1, image_size=64, seed=3)
     return path, prepare_dataset(path, model, model.processor, root / "vq_cache")
 
 
@@ -156,7 +156,7 @@ def test_vq_cache_is_reused(model, dataset, tmp_path, monkeypatch):
     path, encoded = dataset
     cache = Path(path).parent / "vq_cache"
     files = sorted(cache.rglob("*.safetensors"))
-    assert len(files) == 2 and not list(cache.rglob(".*"))  # one per generation image, no temporaries
+    assert len(files) == 1 and not list(cache.rglob(".*"))  # one per generation image, no temporaries
     from janus_fast.training import vq_cache
 
     def no_encoding(*args):
