@@ -98,6 +98,12 @@ def test_train_command(data, tmp_path):
     assert model.dtype == torch.float32 and model.processor is not None
 
 
+def test_example_config_reads_the_example_dataset():
+    cfg = TrainConfig.from_file(REPO / "examples" / "train_tiny.json")
+    assert Path(cfg.data) == REPO / "examples" / "data" / "train.jsonl"  # where make_dataset.py writes
+    assert cfg.model == "random:tiny" and cfg.mixed_precision == "fp32"
+
+
 def test_bad_config(tmp_path, data):
     file = tmp_path / "bad.json"
     file.write_text(json.dumps({"data": str(data), "output_dir": str(tmp_path), "stepz": 3}))
