@@ -127,7 +127,8 @@ def test_llm_step(benchmark, peer):
     step_metrics(benchmark, cfg, n_params, step, f"1B LLM, {ROWS} x {ROW_TOKENS} tokens, fwd+bwd bf16", peer)
 
 
-def synthetic_multitask_batch(config, processor_ids: dict, seed: int = 0):
+def synthetic_multitask_batch(config, processor_ids: dict, rows: int = ROWS, row_tokens: int = ROW_TOKENS,
+                              seed: int = 0):
     """A packed batch of random understanding, text-to-image and text samples (5 : 4 : 1 by count,
     the stage III mix), built by the real packer from synthetic encoded samples."""
     from janus_fast.training.data import GEN_IMAGE, TEXT, UND_IMAGE, EncodedSample
@@ -149,14 +150,14 @@ def synthetic_multitask_batch(config, processor_ids: dict, seed: int = 0):
             kinds, targets = [TEXT] * p + [GEN_IMAGE] * n_gen, [False] * p + [True] * n_gen
             prompt, image = (1, p - 1), None
         else:
-            n = rng.randint(200, 1500)
+            n = rng.randint(row_tokens // 20, row_tokens // 3)
             kinds, targets = [TEXT] * n, [False] + [True] * (n - 1)
             prompt, image = None, None
         ids = [rng.randrange(config.vq.codebook_size) if k == GEN_IMAGE else
                processor_ids["image"] if k == UND_IMAGE else rng.randrange(vocab) for k in kinds]
         samples.append(EncodedSample(i, f"synthetic:{i} ({kind})", ids, kinds, targets, prompt, image))
     size = config.vision.image_size
-    loader = PackedLoader(samples, row_tokens=ROW_TOKENS, rows_per_batch=ROWS, pad_id=processor_ids["pad"],
+    loader = PackedLoader(samples, row_tokens=row_tokens, rows_per_batch=rows, pad_id=processor_ids["pad"],
                           image_size=size, images=lambda s: torch.randn(3, size, size), uncond_prob=0.1, seed=seed)
     return loader.collate(loader.next_rows())
 

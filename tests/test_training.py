@@ -142,3 +142,34 @@ def test_fsdp2_two_gloo_processes_match_one(data, tmp_path):
     b = JanusPro.from_pretrained(tmp_path / "single" / "checkpoint-0000002", dtype=None, device="cpu")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    trainer = Trainer(config(data, tmp_path, steps=3))
+    trainer.fit(max_steps=1)
+    trainer.train_step()
+    from janus_fast.training import checkpoints
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints, "write_weights", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert (tmp_path / "latest").read_text() == "checkpoint-0000001"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".", "checkpoint-"))] == ["checkpoint-0000001"]
+    assert Trainer(config(data, tmp_path, steps=3)).step == 1
+
+
+def test_benchmark_multitask_batch_runs_on_the_tiny_model():
+    """The GPU benchmark's synthetic packed batch, at a small size through the tiny model."""
+    from benchmarks.bench_training import synthetic_multitask_batch
+    from janus_fast.models.random_model import random_model
+
+    model = random_model("tiny")
+    proc = model.processor
+    batch = synthetic_multitask_batch(model.config, {"image": proc.image_id, "pad": proc.pad_id}, rows=2,
+                                      row_tokens=512)
+    assert batch.num_tokens == 1024 and len(batch.inputs["und_image_positions"]) > 0
+    out = model(**batch.inputs)
+    assert out.num_text_targets > 0 and out.num_image_targets > 0 and torch.isfinite(out.loss)

@@ -75,6 +75,10 @@ def test_packed_batch_equals_samples_alone(model, dataset):
     text_total, image_total, alone_grads = 0.0, 0.0, None
     for sample in encoded:
         text, image = official_loss_sum(model, sample, pixels(sample) if sample.image is not None else None)
+        with torch.no_grad():  # alone in a padded row of the packer, too
+            padded = model(**loader_for(model, [sample], row_tokens=len(sample) + 9).collate([(0, [0])]).inputs)
+        torch.testing.assert_close(padded.text_loss_sum + padded.image_loss_sum, (text + image).detach(),
+                                   rtol=1e-5, atol=1e-5)
         g = grads_of(model, text + image)
         alone_grads = g if alone_grads is None else [a + b for a, b in zip(alone_grads, g)]
         text_total, image_total = text_total + text.detach(), image_total + image.detach()

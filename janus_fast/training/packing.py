@@ -107,6 +107,10 @@ class PackedLoader:
         return (sum(len(self._tensors[i][2]) for _, row in rows for i in row),
                 sum(len(self._tensors[i][3]) for _, row in rows for i in row))
 
+    def real_tokens(self, rows) -> int:
+        """Tokens of a micro-batch that are not padding."""
+        return sum(len(self.encoded[i]) for _, row in rows for i in row)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "row": self.row, "seed": self.seed}
 
@@ -169,5 +173,4 @@ class PackedLoader:
             gen_image_positions=gen_at, gen_image_ids=gen_ids,
             pixel_values=torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size),
             und_image_positions=torch.cat(und_pos) if und_pos else torch.zeros(0, dtype=torch.long))
-        real = sum(len(self.encoded[i]) for i in samples)
-        return PackedBatch(inputs, samples, start, real)
+        return PackedBatch(inputs, samples, start, self.real_tokens(rows))

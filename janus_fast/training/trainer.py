@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .. import ops
 from .checkpoints import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, apply_stage
 from .curve import draw_loss_curve
@@ -116,20 +117,23 @@ class Trainer:
         micro = [self.loader.next_rows() for _ in range(topo.world * cfg.grad_accum)]
         counts = [self.loader.target_counts(rows) for rows in micro]
         n_text, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        tokens = sum(self.loader.real_tokens(rows) for rows in micro)
         # FSDP averages gradients over ranks: scale by world so the result is the global mean.
         scale = topo.world / max(n_text + n_image, 1)
         mine = micro[topo.rank * cfg.grad_accum:(topo.rank + 1) * cfg.grad_accum]
         sums = torch.zeros(2, dtype=torch.float64, device=topo.device)
-        tokens = 0
+        # The ops' value checks (cu_seqlens, target ranges) sync with the GPU in every layer: they
+        # vet the packer's batches on the first step, then stay off.
+        checks = contextlib.nullcontext() if self.step == 0 else ops.no_value_checks()
         for i, rows in enumerate(mine):
             batch = self.loader.collate(rows).to(topo.device)
             if topo.distributed:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(mine) - 1)
-            with self._autocast():
-                out = model(**batch.inputs, image_loss_weight=cfg.image_loss_weight)
-            ((out.text_loss_sum + cfg.image_loss_weight * out.image_loss_sum) * scale).backward()
+            with checks:
+                with self._autocast():
+                    out = model(**batch.inputs, image_loss_weight=cfg.image_loss_weight)
+                ((out.text_loss_sum + cfg.image_loss_weight * out.image_loss_sum) * scale).backward()
             sums += torch.stack([out.text_loss_sum.detach(), out.image_loss_sum.detach()]).double()
-            tokens += batch.num_tokens
         grad_norm = float("nan")
         if cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -145,7 +149,7 @@ class Trainer:
         return {"step": self.step, "loss": (text_sum + cfg.image_loss_weight * image_sum) / max(n_text + n_image, 1),
                 "text_loss": text_sum / max(n_text, 1), "image_loss": image_sum / max(n_image, 1),
                 "text_targets": n_text, "image_targets": n_image, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens * topo.world / seconds}
+                "tokens_per_s": tokens / seconds}  # real (non-pad) tokens of all ranks
 
     def save(self) -> Path | None:
         state = {"loader": self.loader.state_dict(), "history": self.history, "config": self.config.to_dict()}
