@@ -74,14 +74,19 @@ def default_chunk_size(n: int, hidden: int, vocab: int) -> int:
     return max(1, min(4096, triton.next_power_of_2(n), max(liger, by_bytes)))
 
 
-def _add_weight_grad(dw32: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dw32 + dzᵀ x with an fp32 result. CUDA GEMMs take fp16/bf16 operands with an fp32
-    accumulator directly (out_dtype); elsewhere the chunk's product is rounded once, then added."""
-    if dz.dtype == torch.float32 or dz.dtype == torch.float64:
-        return dw32.addmm_(dz.t(), x)
-    if dz.is_cuda:
-        return torch.addmm(dw32, dz.t(), x, out_dtype=torch.float32)
-    return dw32.add_(dz.t() @ x)
+def _add_weight_grad(dw32: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, product: list) -> None:
+    """dw32 += dzᵀ x with the chunk's product kept in fp32. CUDA GEMMs take fp16/bf16 operands
+    into an fp32 result directly (mm with out_dtype, into a buffer reused across chunks; addmm's
+    out_dtype form would need dw32 in the operands' dtype); elsewhere the product is rounded to
+    the operands' dtype once, then added."""
+    if dz.dtype in (torch.float32, torch.float64):
+        dw32.addmm_(dz.t(), x)
+    elif dz.is_cuda:
+        if not product:
+            product.append(torch.empty_like(dw32))
+        dw32.add_(torch.mm(dz.t(), x, out_dtype=torch.float32, out=product[0]))
+    else:
+        dw32.add_(dz.t() @ x)
 
 
 def linear_cross_entropy(x, weight, bias, target, ignore_index, mean, input_grad, weight_grad, chunk_size):
@@ -98,6 +103,7 @@ def linear_cross_entropy(x, weight, bias, target, ignore_index, mean, input_grad
     db = torch.zeros((v,) if weight_grad and bias is not None else (0,), dtype=torch.float32, device=x.device)
     chunk = chunk_size or default_chunk_size(n, h, v)
     block_v = min(4096, triton.next_power_of_2(v))
+    product = []  # the fp32 dzᵀx buffer of the CUDA path, allocated on first use
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         xc = x[start:end]
@@ -108,9 +114,9 @@ def linear_cross_entropy(x, weight, bias, target, ignore_index, mean, input_grad
         if input_grad:
             torch.mm(logits, weight, out=dx[start:end])
         if weight_grad:
-            dw = _add_weight_grad(dw, logits, xc)
+            _add_weight_grad(dw, logits, xc, product)
             if bias is not None:
-                db += logits.float().sum(0)
+                db += logits.sum(0, dtype=torch.float32)
     loss = losses.sum()
     if mean:
         loss = loss / n_valid.clamp(min=1)
