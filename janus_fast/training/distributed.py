@@ -1,7 +1,7 @@
 """Process setup under torchrun, FSDP2 sharding and per-layer activation checkpointing.
 
-FSDP2 (`torch.distributed.fsdp.fully_shard`): one unit per LLM decoder layer, the rest of the
-model in the root unit; parameters stay fp32 (sharded master weights) and are all-gathered in the
+FSDP2 (`torch.distributed.fsdp.fully_shard`): one unit per LLM decoder layer (and per SigLIP
+block), the rest of the model in the root unit; parameters stay fp32 (sharded master weights) and are all-gathered in the
 compute dtype of the MixedPrecisionPolicy, gradients reduced in fp32. Without torchrun
 (WORLD_SIZE unset or 1) nothing is distributed.
 """
@@ -62,14 +62,16 @@ def checkpoint_layers(layers) -> None:
 
 
 def shard_model(model, topology: Topology, compute_dtype: torch.dtype):
-    """FSDP2 over all ranks: each LLM decoder layer a unit, then the whole model as the root."""
+    """FSDP2 over all ranks: each LLM decoder layer and each SigLIP block a unit, the VQ model a
+    unit of its own (training never calls it, so it is never gathered), the rest the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(topology.device.type, (topology.world,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in model.language_model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    units = [*model.language_model.model.layers, *model.vision_model.vision_tower.blocks, model.gen_vision_model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

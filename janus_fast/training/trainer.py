@@ -124,12 +124,12 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=topo.device)
         # The ops' value checks (cu_seqlens, target ranges) sync with the GPU in every layer: they
         # vet the packer's batches on the first step, then stay off.
-        checks = contextlib.nullcontext() if self.step == 0 else ops.no_value_checks()
+        checks = contextlib.nullcontext if self.step == 0 else ops.no_value_checks
         for i, rows in enumerate(mine):
             batch = self.loader.collate(rows).to(topo.device)
             if topo.distributed:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(mine) - 1)
-            with checks:
+            with checks():  # the backward recomputes checkpointed layers: checks stay as they were
                 with self._autocast():
                     out = model(**batch.inputs, image_loss_weight=cfg.image_loss_weight)
                 ((out.text_loss_sum + cfg.image_loss_weight * out.image_loss_sum) * scale).backward()
