@@ -129,7 +129,9 @@ PEER_ERRORS = (RuntimeError, NotImplementedError, ImportError, AssertionError, V
 def available(fn, what: str, *, errors=PEER_ERRORS):
     """Run fn once (compiling, warming up) and return its result; skip with the reason when it
     raises one of `errors`. Peers pass the default; our own contenders pass errors=(ImportError,)
-    so a bug in our code fails instead of hiding as a skip."""
+    so a bug in our code fails instead of hiding as a skip. The cache is emptied first, so a
+    memory-hungry contender does not inherit the previous one's cached blocks."""
+    free_memory()
     try:
         result = fn()
         synchronize()
@@ -289,6 +291,7 @@ def cuda_graph(fn):
         fn()
         fn()
     torch.cuda.current_stream().wait_stream(stream)
+    free_memory()  # the warm-up's blocks go back before the graph's private pool fills
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

@@ -95,10 +95,11 @@ def fmt_time(ms: float) -> str:
     return f"{num(ms / 1000)} s"
 
 
-def cell_text(line: dict, notes: list[str]) -> str:
+def cell_text(line: dict, notes: dict[str, int]) -> str:
+    """A cell's text; a skipped or failed cell refers to its reason's number in `notes`."""
     if line.get("status") != "ok":
-        notes.append(f"{line.get('case')} / {line.get('label')}: {line.get('reason', 'no reason recorded')}")
-        return f"{line.get('status', '?')} [{len(notes)}]"
+        number = notes.setdefault(line.get("reason") or "no reason recorded", len(notes) + 1)
+        return f"{line.get('status', '?')} [{number}]"
     parts = [fmt_time(line["kernel_ms"])]
     for name, unit in METRICS.items():
         value = line.get(name)
@@ -163,16 +164,16 @@ def family_table(table: str, cells: dict, chart: str | None) -> list[str]:
     devices = ordered(line.get("context", {}).get("device", "?") for line in cells.values())
     out = [f"## {table}", "", f"Device: {', '.join(devices)}.", ""]
     out += ["| case | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    notes: list[str] = []
+    notes: dict[str, int] = {}
     for case in cases:
         texts = [cell_text(cells[(case, label)], notes) if (case, label) in cells else "" for label in labels]
         out.append(f"| {case} | " + " | ".join(texts) + " |")
     out.append("")
     timings = ordered(line["kernel_timing"] for line in cells.values() if line.get("kernel_timing"))
     if timings:
-        out += ["First figure: kernel time (" + "; ".join(timings) + ").", ""]
+        out += ["First figure of a cell, the one the speed-ups use: " + "; ".join(timings) + ".", ""]
     if notes:
-        out += [f"{i}. {note}" for i, note in enumerate(notes, 1)] + [""]
+        out += [f"{number}. {reason}" for reason, number in notes.items()] + [""]
     if chart:
         out += [f"![{table}]({chart})", ""]
     return out
@@ -198,6 +199,9 @@ MEANING = """## What the numbers mean
   runs), with ms per decode step, images/s and peak memory.
 - pytest-benchmark's own statistics (its terminal table and JSON) time a few host-clocked calls,
   each followed by a device sync: they are not these numbers.
+
+To reproduce: `python -m janus_fast.bench --family FAMILY --out DIR` per family (the command in
+Runs), then `python benchmarks/render.py DIR/*.jsonl -o benchmarks/RESULTS.md`.
 """
 
 
@@ -255,6 +259,8 @@ def render(lines: list[dict], chart_dir: Path | None = None, chart_stem: str = "
     if any(is_cpu(line) for line in lines):
         out += ["> **CPU results** (tiny shapes, host clock) are a check that the benchmarks run end to end. "
                 "They say nothing about kernel speed, and targets are not judged on them.", ""]
+    if not any(line.get("context", {}).get("device", "n/a") not in ("cpu", "n/a") for line in lines):
+        out += ["> **No GPU result** is in these files: the suite is unmeasured on a GPU.", ""]
     rows = summary_rows(tables)
     if rows:
         out += ["## Summary: ours against the best peer", "",
