@@ -205,8 +205,13 @@ def transformers_janus(model):
                        latent_channels=vq.z_channels, num_patches=vq.grid, projection_dim=h,
                        image_token_embed_dim=h),
         tie_word_embeddings=False)
-    with torch.device(model.device):
-        janus = transformers.JanusForConditionalGeneration(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(model.dtype)  # built in the final dtype: no fp32 copy of a 7B model
+    try:
+        with torch.device(model.device):
+            janus = transformers.JanusForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
     return janus.to(model.dtype).eval()
 
 

@@ -125,3 +125,27 @@ def test_sort_based_peer_samples_inside_both_filters():
         ids = peers.torch_filtered_cfg_sample(logits, 5.0, top_k=5, top_p=0.6)
         ranks = (allowed == ids[:, None]).float().argmax(-1)
         assert (allowed == ids[:, None]).any(-1).all() and (ranks < nucleus).all()
+
+
+def test_generation_peers_run_our_model():
+    """The official loop's transformers Llama holds our LLM's tensors and computes what ours
+    does; the plain-torch graph peer's static-cache forward computes the same, prefill and a
+    decode step."""
+    from benchmarks import generation_peers as gp
+    from janus_fast.models.random_model import random_model
+
+    model = random_model("tiny", "cpu", torch.float32, seed=0)
+    llm = gp.hf_llama(model)
+    assert llm.model.layers[0].self_attn.q_proj.weight.data_ptr() == \
+        model.language_model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    ids = gp.prompt_ids(model, "A red fox")
+    tokens = torch.tensor(ids).repeat(4, 1)
+    tokens[1::2, 1:-1] = model.processor.pad_id
+    with torch.no_grad():
+        want = model.language_model.model(input_ids=tokens).last_hidden_state
+        torch.testing.assert_close(llm.model(input_ids=tokens).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+        peer = gp.StaticGraphPeer(llm, model, len(ids), parallel_size=2)
+        prefill = peer._llm(llm.get_input_embeddings()(tokens[:, :-1]))
+        step = peer._llm(llm.get_input_embeddings()(tokens[:, -1:]))
+    torch.testing.assert_close(prefill, want[:, -2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(step, want[:, -1], rtol=1e-4, atol=1e-5)
