@@ -41,13 +41,14 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def sdpa(name: str, q, k, v, causal: bool):
-    """SDPA pinned to one backend; q/k/v [B, H, S, D]."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-               "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    """SDPA pinned to one backend; q/k/v [B, H, S, D]. The backend is looked up at the first call,
+    so a torch without it skips (harness.available) instead of failing."""
 
     def run():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.bench_attention import DENSE, MODES, VARLEN, dense_flops, doc_lengths, leaf, time_training_step, varlen_flops
+from benchmarks.bench_attention import (DENSE, MODES, VARLEN, dense_flops, doc_lengths, leaf, time_training_step,
+                                        varlen_flops)
 
 TABLE = "attention"
 LABEL = "flex"
@@ -24,7 +25,10 @@ CASES = [(kind, shape, mode) for kind, shapes in (("dense", DENSE), ("varlen", V
 
 def compiled_flex(q, k, v, mask_mod, seq_len: int):
     """flex_attention compiled for exactly these shapes; mask_mod None means no mask."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        harness.skip_unavailable(f"FlexAttention in torch {torch.__version__}", e)
 
     block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, seq_len, seq_len,
                                                                  device=harness.DEVICE)

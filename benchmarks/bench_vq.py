@@ -20,7 +20,8 @@ from benchmarks import harness
 from janus_fast import ops, peers
 
 # (case, N latents, K codes, D, target µs on an H100 from issue 12)
-QUANTIZE = harness.shapes(full=[("9216 x 16384 x 8", 9216, 16384, 8, 30), ("147456 x 16384 x 8", 147456, 16384, 8, 500)],
+QUANTIZE = harness.shapes(full=[("9216 x 16384 x 8", 9216, 16384, 8, 30),
+                                ("147456 x 16384 x 8", 147456, 16384, 8, 500)],
                           tiny=[("64 x 256 x 8", 64, 256, 8, 30)])
 LOOKUP = harness.shapes(full=[("16 x 576 -> [16, 8, 24, 24]", (16, 8, 24, 24), 16384)],
                         tiny=[("2 x 16 -> [2, 8, 4, 4]", (2, 8, 4, 4), 256)])
@@ -57,7 +58,8 @@ def test_vq_quantize(benchmark, case, n, k, d, target_us, dtype, impl):
     peak = harness.peak_memory(fn)
     target = None if impl == "torch" else {"metric": "kernel_us", "at_most": target_us}
     harness.record(benchmark, fn, case=case, label=impl, graph=True, target=target,
-                   info=None if peak is None else {"peak_extra_mib": peak / 2**20}, tflops=lambda ms: 2 * n * k * d / ms / 1e9)
+                   info=None if peak is None else {"peak_extra_mib": peak / 2**20},
+                   tflops=lambda ms: 2 * n * k * d / ms / 1e9)
 
 
 @pytest.mark.parametrize("impl", CONTENDERS)

@@ -149,7 +149,7 @@ class StaticGraphPeer:
         token = torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
         self.codes.index_copy_(1, self.step_index, token[:, None])
         self.step_index += 1
-        self.x.copy_(self.model.prepare_gen_img_embeds(token.repeat_interleave(2))[:, None])
+        self.x.copy_(self.model.prepare_gen_img_embeds(torch.stack([token, token], 1).view(-1))[:, None])
 
     def _step(self):
         self._sample_and_embed(self._llm(self.x))
@@ -220,7 +220,8 @@ def transformers_janus_generate(janus, model, ids: list[int], parallel_size: int
     """transformers' image generation: its CFG processor, static cache and torch.multinomial."""
     input_ids = torch.tensor([ids], device=model.device)
     gen = janus.generation_config
-    gen.bos_token_id, gen.pad_token_id, gen.generation_kwargs = ids[0], model.processor.pad_id, {"boi_token_id": ids[-1]}
+    gen.bos_token_id, gen.pad_token_id = ids[0], model.processor.pad_id
+    gen.generation_kwargs = {"boi_token_id": ids[-1]}
     codes = janus.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_mode="image",
                            do_sample=True, num_return_sequences=parallel_size, guidance_scale=CFG_WEIGHT)
     images = janus.decode_image_tokens(codes)  # [N, S, S, 3] in [-1, 1]

@@ -151,9 +151,8 @@ def summary_rows(tables: dict) -> list[str]:
                 else:
                     met = value >= bound if "at_least" in target else value <= bound
                     verdict = f"{num(value)} {unit}: {'met' if met else 'missed'}"
-            rows.append(f"| {table} | {case} | {best_ours[0] + ' ' + fmt_time(best_ours[1]['kernel_ms']) if best_ours else '—'} "
-                        f"| {best_peer[0] + ' ' + fmt_time(best_peer[1]['kernel_ms']) if best_peer else '—'} "
-                        f"| {speedup} | {goal} | {verdict} |")
+            named = [f"{best[0]} {fmt_time(best[1]['kernel_ms'])}" if best else "—" for best in (best_ours, best_peer)]
+            rows.append(f"| {table} | {case} | {named[0]} | {named[1]} | {speedup} | {goal} | {verdict} |")
     return rows
 
 
@@ -234,7 +233,8 @@ def make_chart(table: str, cells: dict, path: Path) -> bool:
     ok = {key: line for key, line in cells.items() if line.get("status") == "ok"}
     flops_cases = {c for (c, _), line in ok.items() if line.get("tflops") is not None}
     panels = [(p, v, y, log) for p, v, y, log in (
-        ({k: x for k, x in ok.items() if k[0] in flops_cases}, lambda x: x["tflops"], "TFLOP/s (higher is better)", False),
+        ({k: x for k, x in ok.items() if k[0] in flops_cases}, lambda x: x["tflops"], "TFLOP/s (higher is better)",
+         False),
         ({k: x for k, x in ok.items() if k[0] not in flops_cases}, lambda x: x["kernel_ms"] * 1000,
          "kernel time, µs (log; lower is better)", True)) if p]
     if not panels:

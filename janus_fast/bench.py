@@ -2,7 +2,7 @@
 
     python -m janus_fast.bench --family attention --out bench-results        # one family
     python -m janus_fast.bench --family vq --out bench-results -k lookup    # -k and pytest args pass through
-    python -m janus_fast.bench --out bench-results                          # every family in turn
+    python -m janus_fast.bench --out bench-results                          # every family, one after another
     python benchmarks/render.py bench-results/*.jsonl -o benchmarks/RESULTS.md
 
 Each family is a pytest-benchmark file, benchmarks/bench_<family>.py, run by path in a pytest
@@ -32,7 +32,8 @@ DEFAULT_BUDGET_S = 540  # of a 10-minute call: the rest is start-up, imports and
 def _missing_line(family: str, path: Path, command: str) -> dict:
     return {"family": family, "table": family, "case": "(family)", "label": "(all)", "status": "skipped",
             "reason": f"{path.relative_to(REPO)} does not exist in this checkout",
-            "context": {"device": "n/a", "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+            "context": {"device": "n/a", "command": command,
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
 
 
 def run_families(families: list[str], out_dir: Path, pytest_args: list[str], *, tiny: bool, budget_s: float,

@@ -1,5 +1,5 @@
 """The tools people use today, written as they use them: the baselines janus_fast's benchmarks
-put beside our kernels (and `python -m janus_fast.bench` times on the CPU)."""
+put beside our kernels (`python -m janus_fast.bench`)."""
 
 from __future__ import annotations
 

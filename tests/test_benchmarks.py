@@ -94,8 +94,10 @@ def test_render_summary_ratio_target_and_reasons(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"cut by a ki\n")
     text = render.render(render.read_lines([path]))
-    assert "| attention | S4096 | janus_fast triton 500 µs | sdpa-cudnn 600 µs | 1.2× | ≥ 560 TFLOP/s | 600 TFLOP/s: met |" in text
-    assert "| attention | decode | janus_fast triton 200 µs | sdpa-flash 300 µs | 1.5× | ≤ 120 µs | 200 µs: missed |" in text
+    assert ("| attention | S4096 | janus_fast triton 500 µs | sdpa-cudnn 600 µs | 1.2× | ≥ 560 TFLOP/s "
+            "| 600 TFLOP/s: met |") in text
+    assert ("| attention | decode | janus_fast triton 200 µs | sdpa-flash 300 µs | 1.5× | ≤ 120 µs "
+            "| 200 µs: missed |") in text
     assert "200 µs · call 250 µs" in text and "failed [1]" in text and "1. boom" in text
     assert "CPU results" not in text and "skipped" not in text
 
