@@ -43,9 +43,6 @@ TINY = os.environ.get("JANUS_FAST_BENCH_TINY", "0" if CUDA else "1") == "1"
 CALL_TIME_BELOW_MS = 1.0  # ops faster than this also get a call time
 REPO = Path(__file__).resolve().parent.parent
 
-# Kept for callers of the first harness: a benchmark could run eagerly or as a graph replay.
-MODES = ["eager", "graph"]
-
 
 def shapes(full, tiny):
     """The real shapes on a GPU, the tiny ones in a tiny run."""

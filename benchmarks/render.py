@@ -236,7 +236,7 @@ def make_chart(table: str, cells: dict, path: Path) -> bool:
         ({k: x for k, x in ok.items() if k[0] in flops_cases}, lambda x: x["tflops"], "TFLOP/s (higher is better)",
          False),
         ({k: x for k, x in ok.items() if k[0] not in flops_cases}, lambda x: x["kernel_ms"] * 1000,
-         "kernel time, µs (log; lower is better)", True)) if p]
+         "time, µs (the first figure of a cell; log, lower is better)", True)) if p]
     if not panels:
         return False
     widths = [max(4.0, 0.35 * len(p)) for p, *_ in panels]
