@@ -49,10 +49,3 @@ def torch_vq_lookup(indices, codebook, shape):
     rows = F.embedding(indices, F.normalize(codebook, dim=-1))
     return rows.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
 
-
-def sdpa(q, k, v, causal: bool = False):
-    """torch SDPA on our [B, S, H, D] layout (GQA through enable_gqa); the kernel is chosen by
-    the caller's torch.nn.attention.sdpa_kernel context."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, enable_gqa=k.shape[2] != q.shape[2])
-    return out.transpose(1, 2)
