@@ -83,7 +83,8 @@ def contender(label: str, model, llm, ids: list[int], parallel_size: int):
         return lambda: peers.official_loop(llm, model, ids, parallel_size), None
     try:
         janus = peers.transformers_janus(model)
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
+    except (ImportError, AttributeError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: OOM too
+        harness.free_memory()
         import transformers
 
         harness.skip_unavailable(f"transformers {transformers.__version__} JanusForConditionalGeneration", e)

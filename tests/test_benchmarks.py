@@ -47,6 +47,13 @@ def test_family_runs_on_tiny_shapes(tiny_run, family):
     assert all(x.get("reason") for x in lines if x["status"] == "skipped")
     if family != "flex":  # flex has no contender of ours
         assert any(x["label"].startswith("janus_fast") for x in ok), f"{family}: ours was never timed"
+    timed = {x["label"] for x in ok}
+    if family == "generation":  # the peers that need nothing beyond the test extras
+        assert {"plain torch, one CUDA graph per step", "official loop (transformers Llama)"} <= timed
+    if family == "vq":
+        assert {"bf16", "fp32"} <= {x["case"].split(", ")[-1].split()[0] for x in ok}
+    if family == "attention":
+        assert {"sdpa-flash", "sdpa-flash (padded)"} <= timed  # the CPU has SDPA's flash kernel
 
 
 @pytest.mark.parametrize("family", MISSING or [pytest.param("none", marks=pytest.mark.skip("every family exists"))])
