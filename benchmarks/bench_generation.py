@@ -18,6 +18,7 @@ skips what does not fit, with the reason.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import pytest
@@ -85,9 +86,8 @@ def contender(label: str, model, llm, ids: list[int], parallel_size: int):
         janus = peers.transformers_janus(model)
     except (ImportError, AttributeError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: OOM too
         harness.free_memory()
-        import transformers
-
-        harness.skip_unavailable(f"transformers {transformers.__version__} JanusForConditionalGeneration", e)
+        version = getattr(sys.modules.get("transformers"), "__version__", "(not installed)")
+        harness.skip_unavailable(f"transformers {version} JanusForConditionalGeneration", e)
     return lambda: peers.transformers_janus_generate(janus, model, ids, parallel_size), janus
 
 
