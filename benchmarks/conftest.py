@@ -61,13 +61,12 @@ def _write(family: str, lines: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: works with every pytest the GPU machine may have
 def pytest_runtest_makereport(item, call):
-    report = yield
+    report = (yield).get_result()
     # A test ends at its call phase, or at setup when setup skipped or failed.
-    ended = report.when == "call" or (report.when == "setup" and not report.passed)
-    if not ended:
-        return report
+    if not (report.when == "call" or (report.when == "setup" and not report.passed)):
+        return
     declared, records = harness.take_records()
     family = _family(item)
     base = {"family": family, "table": getattr(item.module, "TABLE", family), "test": item.nodeid,
@@ -78,4 +77,3 @@ def pytest_runtest_makereport(item, call):
         cell.update(status="skipped" if report.skipped else "failed", reason=_reason(report))
         lines.append({**base, **cell})
     _write(family, lines)
-    return report

@@ -5,6 +5,7 @@ a summary, reasons and charts. A broken benchmark fails here, not on a scarce GP
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,26 @@ def test_generation_peers_run_our_model():
         step = peer._llm(llm.get_input_embeddings()(tokens[:, -1:]))
     torch.testing.assert_close(prefill, want[:, -2], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(step, want[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_failures_and_skips_become_lines_with_their_reason(tmp_path):
+    """A case that raises or skips is written with its cell and reason, next to timed ones."""
+    (tmp_path / "bench_demo.py").write_text(
+        "import pytest\n"
+        "from benchmarks import harness\n"
+        "@pytest.mark.parametrize('impl', ['raises', 'skips', 'times'])\n"
+        "def test_case(impl):\n"
+        "    harness.declare('case one', impl)\n"
+        "    if impl == 'raises':\n"
+        "        raise ValueError('boom here')\n"
+        "    if impl == 'skips':\n"
+        "        pytest.skip('no such kernel here')\n"
+        "    harness.keep('case one', impl, 2.0, 'host clock')\n")
+    env = {**os.environ, "JANUS_FAST_BENCH_OUT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.conftest",
+                    str(tmp_path / "bench_demo.py")], cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    lines = {x["label"]: x for x in lines_of(tmp_path, "demo")}
+    assert lines["raises"]["status"] == "failed" and lines["raises"]["reason"] == "ValueError: boom here"
+    assert lines["skips"]["status"] == "skipped" and lines["skips"]["reason"] == "no such kernel here"
+    assert lines["times"]["status"] == "ok" and lines["times"]["kernel_ms"] == 2.0
+    assert all(x["case"] == "case one" and x["family"] == "demo" for x in lines.values())
