@@ -63,13 +63,16 @@ def read_config(path) -> tuple[JanusProConfig, str]:
         raise CheckpointError(f"{path / CONFIG_NAME} must hold a JSON object")
     kind = d.get("model_type")
     if kind == "janus":
-        return _config_from_transformers(d), "transformers"
+        try:
+            return _config_from_transformers(d), "transformers"
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
     if kind not in ("multi_modality", None):
         raise CheckpointError(f"{path / CONFIG_NAME}: model_type {kind!r} is not Janus-Pro "
                               "('multi_modality', or 'janus' for a transformers conversion)")
     try:
         return JanusProConfig.from_dict(d), "official"
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
 
 
