@@ -51,8 +51,9 @@ def test_auto_classes_return_our_model_and_processor(model_path):
     assert config.to_janus_config().language == vl_gpt.config.language
     processor = transformers.AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     assert type(processor) is VLChatProcessor and processor.num_image_tokens == vl_gpt.config.vision.num_tokens
-    f32 = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch.float32)
-    assert f32.dtype == torch.float32
+    f32 = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, dtype=torch.float32,
+                                               device_map="cpu")
+    assert f32.dtype == torch.float32 and f32.device.type == "cpu"
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['quantization_config'\]"):
         AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, quantization_config={"bits": 4})
 
@@ -149,6 +150,7 @@ import sys
 import janus_fast
 assert "transformers" not in sys.modules and "janus_fast.models" not in sys.modules
 import janus_fast.models
+assert "transformers" not in sys.modules  # registration waits for transformers to be imported
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 assert "multi_modality" in CONFIG_MAPPING

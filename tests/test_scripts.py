@@ -123,3 +123,12 @@ def test_gpu_check_rejects_bad_arguments_and_a_machine_without_gpu(tmp_path):
     if not torch.cuda.is_available():
         result = run_script(REPO, ["gpu_check.sh", "test"], bin_dir)
         assert result.returncode == 1 and "needs a CUDA GPU" in result.stderr
+
+
+def test_activate_sources_the_venv_only_when_setup_made_one(tmp_path):
+    root = copy_scripts(tmp_path)
+    probe = [BASH, "-c", ". scripts/activate.sh && echo \"${MARK:-none}\""]
+    assert subprocess.run(probe, cwd=root, capture_output=True, text=True).stdout.strip() == "none"
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "activate").write_text("MARK=activated\n")
+    assert subprocess.run(probe, cwd=root, capture_output=True, text=True).stdout.strip() == "activated"
