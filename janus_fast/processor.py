@@ -239,7 +239,10 @@ class JanusProcessor:
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "JanusProcessor":
+        from .checkpoint import finish_interrupted_save
+
         path = Path(path)
+        finish_interrupted_save(path)  # a save killed mid-publish may have replaced some files only
         pre = _read_json(path / "preprocessor_config.json")
         proc = _read_json(path / "processor_config.json")
         kwargs = {k: pre[k] for k in ("image_size", "min_size", "image_mean", "image_std", "rescale_factor",
