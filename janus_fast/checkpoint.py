@@ -352,9 +352,20 @@ def _fsync_file(file: Path) -> None:
 
 
 def _umask() -> int:
+    try:  # Linux reports it; os.umask would change it, briefly, for every thread
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _is_ours(name: str) -> bool:
@@ -380,20 +391,26 @@ def finish_interrupted_save(path) -> None:
         journal = json.loads(journal_file.read_text(encoding="utf-8"))
         staging = path / journal["staging"]
         files, stale = list(journal["files"]), list(journal["stale"])
-    except (ValueError, KeyError, TypeError) as e:
+        # Only plain names inside `path`: a crafted journal must not move or delete anything else.
+        if not (_plain_name(journal["staging"]) and journal["staging"].startswith(STAGING_PREFIX)
+                and all(_plain_name(n) and not _is_ours(n) for n in files)
+                and all(_plain_name(n) and _WEIGHT_NAME.match(n) for n in stale)):
+            raise ValueError("it names files outside the checkpoint")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{journal_file} is damaged ({e}); the interrupted save's files are in "
                               f"{path}/{STAGING_PREFIX}*") from None
-    try:
+    try:  # tolerant of a second process (a reader) finishing the same commit at the same time
         for name in files:
-            if (staging / name).exists():
+            try:
                 os.replace(staging / name, path / name)
-            elif not (path / name).exists():
-                raise CheckpointError(f"interrupted save in {path}: {name} is neither in {staging} nor in place")
+            except FileNotFoundError:
+                if not (path / name).exists():
+                    raise CheckpointError(f"interrupted save in {path}: {name} is neither in {staging} "
+                                          "nor in place") from None
         for name in stale:
-            if (path / name).exists():
-                os.unlink(path / name)
+            (path / name).unlink(missing_ok=True)
         _fsync_dir(path)
-        os.unlink(journal_file)
+        journal_file.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     except PermissionError as e:
         raise CheckpointError(f"{path} holds a save that was interrupted after its commit point and cannot be "
@@ -443,6 +460,9 @@ def save_model(model, path, max_shard_size: int | str = "5GB") -> None:
             os.chmod(staging / name, mode)
             _fsync_file(staging / name)
         _fsync_dir(staging)
+        blocked = [n for n in files if (target / n).is_dir() and not (target / n).is_symlink()]
+        if blocked:
+            raise CheckpointError(f"cannot save into {path}: {blocked} are folders where the checkpoint's files go")
         stale = sorted(n for n in os.listdir(target) if _WEIGHT_NAME.match(n) and n not in files)
         journal = target / f"{JOURNAL_NAME}.tmp"
         journal.write_text(json.dumps({"staging": staging.name, "files": files, "stale": stale}))

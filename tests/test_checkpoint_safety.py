@@ -176,7 +176,7 @@ def op_counts(tmp_path_factory, models):
 def kill_points(total: int, commit: int) -> list:
     if FULL:
         return ["torn", *range(1, total + 1)]
-    return ["torn", 1, commit, commit + 1, commit + 4, total]
+    return ["torn", commit, commit + 1, commit + 4, total]
 
 
 def test_sigkill_at_any_point_leaves_old_or_new(tmp_path, models, op_counts):
@@ -230,3 +230,30 @@ def test_load_errors_name_files_and_earlier_interrupted_saves(tmp_path, models):
     models[0].save_pretrained(held)
     with pytest.raises(FileNotFoundError, match=f"interrupted save left a checkpoint in {held}"):
         JanusPro.from_pretrained(tmp_path / "ck", device="cpu")
+
+
+def test_a_crafted_journal_moves_and_deletes_nothing(tmp_path, models):
+    """A downloaded directory's journal is data: names outside the checkpoint are refused."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    target = tmp_path / "ck"
+    models[0].save_pretrained(target)
+    for journal in ({"staging": "../victim", "files": [], "stale": []},
+                    {"staging": ".janus_fast-save-x", "files": ["../victim/precious.txt"], "stale": []},
+                    {"staging": ".janus_fast-save-x", "files": [], "stale": ["../victim/precious.txt"]},
+                    {"staging": ".janus_fast-save-x", "files": [], "stale": ["NOTES.md"]}):
+        (target / checkpoint.JOURNAL_NAME).write_text(json.dumps(journal))
+        with pytest.raises(CheckpointError, match="is damaged"):
+            JanusPro.from_pretrained(target, device="cpu")
+        assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_a_folder_where_a_checkpoint_file_goes_is_refused_before_the_commit(tmp_path, models):
+    target = tmp_path / "ck"
+    models[0].save_pretrained(target)
+    (target / "model.safetensors").unlink()
+    (target / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"\['model.safetensors'\] are folders"):
+        models[1].save_pretrained(target)
+    assert ours(target) == [] and (target / "model.safetensors").is_dir()
