@@ -1,6 +1,6 @@
 """The `janus-fast` command: generate images, chat about an image, or run a self-contained demo.
 
-  janus-fast demo                     random-weight model -> real checkpoint -> load -> generate + answer
+  janus-fast demo [--keep DIR]        random-weight model -> real checkpoint -> load -> generate + answer
   janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR
   janus-fast chat --model DIR --image FILE "question"
 
