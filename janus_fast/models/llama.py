@@ -310,14 +310,17 @@ class LlamaForCausalLM(nn.Module):
                          past_key_values=past_key_values, use_cache=use_cache)
         return CausalLMOutputWithPast(self.lm_head(out.last_hidden_state), out.past_key_values)
 
-    def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator):
+    def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator=None,
+               rng_state=None):
         """Next token [B] from logits [B, V]: argmax, or a draw through ops.cfg_sample with the
-        logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance)."""
+        logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance), from
+        `generator` or from a device `rng_state` (ops.new_rng_state) that the launch advances;
+        a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
         if not do_sample:
             return logits.argmax(-1)
         both = torch.cat([logits, logits]).float()
         return ops.cfg_sample(both, cfg_weight=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator, layout="halves")
+                              generator=generator, rng_state=rng_state, layout="halves")
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,
@@ -333,13 +336,21 @@ class LlamaForCausalLM(nn.Module):
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
-        b, t = inputs_embeds.shape[:2]
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs a left-padded batch: attention_mask[:, -1] must be 1 in every row")
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        new = self.generate_new_tokens(inputs_embeds, attention_mask, max_new_tokens, do_sample, temperature,
+                                       top_k, top_p, tuple(eos), pad, generator)
+        return torch.cat([input_ids, new], 1) if input_ids is not None else new
+
+    def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
+                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
+        """The decoding loop of `generate`, eager over a growing cache (the engine replaces it):
+        left-padded embeds [B, T, H] -> new ids [B, n]."""
+        b, t = embeds.shape[:2]
         cache = self.model.new_cache(b, t + max_new_tokens)
-        h = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+        h = self.model(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache,
                        use_cache=True).last_hidden_state[:, -1]
         eos_t = torch.tensor(eos, dtype=torch.long, device=h.device)
         done = torch.zeros(b, dtype=torch.bool, device=h.device)
@@ -357,5 +368,4 @@ class LlamaForCausalLM(nn.Module):
             with ops.no_value_checks():  # the cache lengths are ours: skip per-layer device reads
                 h = self.model.decode_step(self.model.embed_tokens(sampled), cache)
             cache.max_seqlen += 1
-        new = torch.stack(tokens, 1) if tokens else torch.zeros(b, 0, dtype=torch.long, device=h.device)
-        return torch.cat([input_ids, new], 1) if input_ids is not None else new
+        return torch.stack(tokens, 1) if tokens else torch.zeros(b, 0, dtype=torch.long, device=h.device)

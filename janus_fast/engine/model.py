@@ -1,0 +1,59 @@
+"""The engine-backed model classes: the models' JanusPro and LlamaForCausalLM with their decoding
+loops replaced by the engine's. `janus_fast.JanusPro` is this JanusPro.
+
+The models stay a description of the maths (they import nothing from here); these subclasses
+override only the loop methods (`generate_image_tokens`, `generate_new_tokens`), so the front
+doors (prompt templates, argument checks, image decoding, `answer`) are the models' own. Buckets
+of buffers and captured steps live on each instance, made on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import janus_pro, llama
+from .images import ImageSettings, generate_image_tokens
+from .step import Buckets
+from .text import TextSettings, generate_tokens
+
+
+def _buckets(module: torch.nn.Module) -> Buckets:
+    return module.__dict__.setdefault("_engine_buckets", Buckets())
+
+
+class LlamaForCausalLM(llama.LlamaForCausalLM):
+    """`generate` on the engine: a packed prefill and a captured step per token."""
+
+    check_every = 8  # steps between the host's non-blocking looks at the EOS flag
+
+    def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
+                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
+        b, t, hidden = embeds.shape
+        if attention_mask is None:
+            lengths = [t] * b
+        else:  # one host read of the mask; the real tokens are the last `length` of each row
+            lengths = attention_mask.bool().sum(1).tolist()
+        if max_new_tokens < 1 or b == 0:
+            return torch.zeros(b, 0, dtype=torch.long, device=embeds.device)
+        if min(lengths) < 1:
+            raise ValueError("every row of attention_mask needs at least one real token")
+        index = torch.tensor([r * t + c for r, n in enumerate(lengths) for c in range(t - n, t)])
+        packed = embeds.reshape(b * t, hidden)[index.to(embeds.device, non_blocking=True)]
+        if generator is not None and generator.device != embeds.device:
+            raise ValueError(f"generator is on {generator.device}, the model on {embeds.device}")
+        seed = torch.randint(0, 1 << 62, (1,), generator=generator, device=embeds.device)  # no host sync
+        settings = TextSettings(bool(do_sample), float(temperature), int(top_k), float(top_p), eos, int(pad))
+        return generate_tokens(self, packed, lengths, max_new_tokens, settings, seed, _buckets(self),
+                               check_every=self.check_every)
+
+
+class JanusPro(janus_pro.JanusPro):
+    """Janus-Pro with image and text generation on the engine (see janus_fast.engine)."""
+
+    language_model_class = LlamaForCausalLM
+
+    def generate_image_tokens(self, prompts, pad_id, parallel_size, cfg_weight, temperature, top_k, top_p, seeds,
+                              progress=None) -> torch.Tensor:
+        settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p),
+                                 (parallel_size,) * len(prompts))
+        return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, _buckets(self), progress)
