@@ -73,7 +73,7 @@ def save_images(images: torch.Tensor, out: Path, stem: str = "img") -> Path:
 
 
 def _load(args):
-    from .models.janus_pro import JanusPro
+    from .engine import JanusPro
 
     device = _device(args.device)
     t = time.perf_counter()
@@ -100,7 +100,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .models.janus_pro import JanusPro
+    from .engine import JanusPro
     from .models.random_model import build_random_checkpoint
 
     device = _device(args.device)

@@ -53,7 +53,10 @@ class JanusPro(janus_pro.JanusPro):
     language_model_class = LlamaForCausalLM
 
     def generate_image_tokens(self, prompts, pad_id, parallel_size, cfg_weight, temperature, top_k, top_p, seeds,
-                              progress=None) -> torch.Tensor:
+                              progress=None, use_graphs: bool | None = None) -> torch.Tensor:
+        """The engine's image-token loop; use_graphs=False forces eager steps on CUDA (default:
+        captured wherever every op has a capture-safe backend)."""
         settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p),
                                  (parallel_size,) * len(prompts))
-        return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, _buckets(self), progress)
+        return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, _buckets(self), progress,
+                                     use_graphs)
