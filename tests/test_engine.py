@@ -71,7 +71,7 @@ def test_copies_of_a_prompt_share_one_prefill(engine, monkeypatch):
 def test_a_bucket_is_reused_without_a_new_build(plain):
     eng = engine_copy(plain)
     first = eng.generate_images("a fox", parallel_size=2, seed=1)
-    buckets = eng._engine_buckets
+    buckets = eng._engine.buckets
     step = next(iter(buckets._items.values())).step
     again = eng.generate_images("a fix", parallel_size=2, seed=1)  # same length class, same settings
     assert buckets.built == 1 and next(iter(buckets._items.values())).step is step
@@ -79,6 +79,11 @@ def test_a_bucket_is_reused_without_a_new_build(plain):
     assert first.shape == again.shape
     eng.generate_images("a fox", parallel_size=3, seed=1)  # more rows: a new bucket
     assert buckets.built == 2
+    copy = __import__("copy").deepcopy(eng)  # starts without the buckets
+    assert copy._engine.buckets.built == 0 and copy._engine.module is copy
+    eng.double()  # new weight tensors: the buckets (whose graphs hold the old ones) are dropped
+    assert eng.generate_images("a fox", parallel_size=3, seed=1).shape == (3, 64, 64, 3)
+    assert buckets.built == 3 and len(buckets._items) == 1
 
 
 def contract_sampler(real):
@@ -182,7 +187,7 @@ def test_replayed_graphs_equal_eager_steps(settings):
     prompts = ["fox", "a much longer prompt about a fox in the snow"]
     want = tokens(eng, prompts, 3, [1, 2], use_graphs=False, **settings)
     got = tokens(eng, prompts, 3, [1, 2], **settings)
-    steps = [b.step for b in eng._engine_buckets._items.values()]
+    steps = [b.step for b in eng._engine.buckets._items.values()]
     assert [s.captured for s in steps] == [False, True]
     assert torch.equal(got, want)
     torch.cuda.set_sync_debug_mode("error")  # a host sync inside the replays raises
@@ -199,5 +204,5 @@ def test_replayed_text_equals_eager_text():
     eng = engine_copy(plain)
     ids = torch.randint(0, 100, (3, 7), device="cuda")
     got = eng.language_model.generate(input_ids=ids, max_new_tokens=12)
-    assert next(iter(eng.language_model._engine_buckets._items.values())).step.captured
+    assert next(iter(eng.language_model._engine.buckets._items.values())).step.captured
     assert torch.equal(got, plain.language_model.generate(input_ids=ids, max_new_tokens=12))

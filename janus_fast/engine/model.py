@@ -17,8 +17,30 @@ from .step import Buckets
 from .text import TextSettings, generate_tokens
 
 
-def _buckets(module: torch.nn.Module) -> Buckets:
-    return module.__dict__.setdefault("_engine_buckets", Buckets())
+class _EngineState:
+    """The buckets of one model, dropped when its weights move: a captured graph holds their
+    addresses (in-place updates such as load_state_dict keep them and stay valid)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.buckets, self.weights = module, Buckets(), None
+
+    def __enter__(self) -> Buckets:
+        if self.weights is not None and self.weights != self._addresses():
+            self.buckets.clear()
+        return self.buckets
+
+    def __exit__(self, *exc):
+        self.weights = self._addresses()  # after the first call's fusion of the projections
+
+    def __getstate__(self):  # a copy of the model starts without buckets (graphs do not copy)
+        return {"module": self.module, "buckets": Buckets(), "weights": None}
+
+    def _addresses(self):
+        return tuple(p.data_ptr() for p in self.module.parameters())
+
+
+def _engine(module: torch.nn.Module) -> _EngineState:
+    return module.__dict__.setdefault("_engine", _EngineState(module))
 
 
 class LlamaForCausalLM(llama.LlamaForCausalLM):
@@ -43,8 +65,9 @@ class LlamaForCausalLM(llama.LlamaForCausalLM):
             raise ValueError(f"generator is on {generator.device}, the model on {embeds.device}")
         seed = torch.randint(0, 1 << 62, (1,), generator=generator, device=embeds.device)  # no host sync
         settings = TextSettings(bool(do_sample), float(temperature), int(top_k), float(top_p), eos, int(pad))
-        return generate_tokens(self, packed, lengths, max_new_tokens, settings, seed, _buckets(self),
-                               check_every=self.check_every)
+        with _engine(self) as buckets:
+            return generate_tokens(self, packed, lengths, max_new_tokens, settings, seed, buckets,
+                                   check_every=self.check_every)
 
 
 class JanusPro(janus_pro.JanusPro):
@@ -58,5 +81,6 @@ class JanusPro(janus_pro.JanusPro):
         captured wherever every op has a capture-safe backend)."""
         settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p),
                                  (parallel_size,) * len(prompts))
-        return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, _buckets(self), progress,
-                                     use_graphs)
+        with _engine(self) as buckets:
+            return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, buckets, progress,
+                                         use_graphs)
