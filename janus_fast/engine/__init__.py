@@ -8,6 +8,7 @@ CUDA graph (captured once per bucket) on the GPU.
 from .images import BadLogitsError, ImageSettings, generate_image_tokens
 from .model import JanusPro, LlamaForCausalLM
 from .prefill import prefill
+from .profile import decode_launches_per_layer, decode_op_counts
 from .step import Buckets, Step, graphs_usable
 from .text import TextSettings, generate_tokens
 
@@ -19,6 +20,8 @@ __all__ = [
     "LlamaForCausalLM",
     "Step",
     "TextSettings",
+    "decode_launches_per_layer",
+    "decode_op_counts",
     "generate_image_tokens",
     "generate_tokens",
     "graphs_usable",
