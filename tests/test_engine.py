@@ -213,3 +213,10 @@ def test_decode_layer_dispatches_at_most_twelve_ops(plain):
     counts = decode_op_counts(plain.language_model.model)
     assert counts["per_layer"] == decode_launches_per_layer(plain) <= 12
     assert counts["per_step"] == counts["fixed"] + plain.config.language.num_hidden_layers * counts["per_layer"]
+
+
+def test_text_rejects_a_mask_that_is_not_left_padding(engine):
+    ids = torch.randint(0, 100, (2, 5))
+    for mask in ([[1, 1, 1, 1, 0]] * 2, [[1, 0, 1, 1, 1], [1] * 5]):
+        with pytest.raises(ValueError, match="left-padded"):
+            engine.language_model.generate(input_ids=ids, attention_mask=torch.tensor(mask))

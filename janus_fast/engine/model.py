@@ -51,14 +51,17 @@ class LlamaForCausalLM(llama.LlamaForCausalLM):
     def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
                             top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
         b, t, hidden = embeds.shape
-        if attention_mask is None:
-            lengths = [t] * b
-        else:  # one host read of the mask; the real tokens are the last `length` of each row
-            lengths = attention_mask.bool().sum(1).tolist()
+        lengths = [t] * b
+        if attention_mask is not None:  # the one host read of a call: the real tokens of each row
+            if tuple(attention_mask.shape) != (b, t):
+                raise ValueError(f"attention_mask must be [{b}, {t}], got {tuple(attention_mask.shape)}")
+            rows = attention_mask.bool().tolist()
+            lengths = [sum(row) for row in rows]
+            if any(not row[-1] or not all(row[t - n:]) for row, n in zip(rows, lengths)):
+                raise ValueError("generate needs a left-padded batch: each row of attention_mask must be 0s "
+                                 "then 1s, ending in 1")
         if max_new_tokens < 1 or b == 0:
             return torch.zeros(b, 0, dtype=torch.long, device=embeds.device)
-        if min(lengths) < 1:
-            raise ValueError("every row of attention_mask needs at least one real token")
         index = torch.tensor([r * t + c for r, n in enumerate(lengths) for c in range(t - n, t)])
         packed = embeds.reshape(b * t, hidden)[index.to(embeds.device, non_blocking=True)]
         if generator is not None and generator.device != embeds.device:

@@ -397,8 +397,6 @@ class LlamaForCausalLM(nn.Module):
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
-        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate needs a left-padded batch: attention_mask[:, -1] must be 1 in every row")
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         new = self.generate_new_tokens(inputs_embeds, attention_mask, max_new_tokens, do_sample, temperature,
@@ -408,8 +406,11 @@ class LlamaForCausalLM(nn.Module):
     def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
                             top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
         """The decoding loop of `generate`, eager over a growing cache (the engine replaces it):
-        left-padded embeds [B, T, H] -> new ids [B, n]."""
+        left-padded embeds [B, T, H] (attention_mask [B, T] or None) -> new ids [B, n]; raises
+        ValueError for a mask that is not left padding."""
         b, t = embeds.shape[:2]
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs a left-padded batch: attention_mask[:, -1] must be 1 in every row")
         cache = self.model.new_cache(b, t + max_new_tokens)
         h = self.model(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache,
                        use_cache=True).last_hidden_state[:, -1]
