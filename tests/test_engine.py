@@ -220,3 +220,29 @@ def test_text_rejects_a_mask_that_is_not_left_padding(engine):
     for mask in ([[1, 1, 1, 1, 0]] * 2, [[1, 0, 1, 1, 1], [1] * 5]):
         with pytest.raises(ValueError, match="left-padded"):
             engine.language_model.generate(input_ids=ids, attention_mask=torch.tensor(mask))
+
+
+def test_decode_step_on_the_triton_kernels(plain, monkeypatch):
+    """The model's fused decode step with the layer ops forced onto the Triton kernels (the
+    interpreter here) equals the reference step: the views of the fused projections, the cache
+    slots and the RoPE table reach the kernels as the reference reads them."""
+    from janus_fast.ops import decode_layer
+
+    lm = plain.language_model.model
+    prefix = torch.randn(3, 5, 64)
+
+    def step():
+        cache = lm.new_cache(3, 8)
+        with torch.no_grad():
+            lm(inputs_embeds=prefix, attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]),
+               past_key_values=cache, use_cache=True)
+            out = lm.decode_step(prefix[:, 0] * 0.5, cache)
+        return out, cache
+
+    want, want_cache = step()
+    monkeypatch.setattr(decode_layer, "_resolve", lambda op, backend, t: "triton")
+    got, got_cache = step()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_cache.seqlens, want_cache.seqlens)
