@@ -208,11 +208,14 @@ def test_replayed_text_equals_eager_text():
 
 
 def test_a_decode_layer_dispatches_nine_ops(plain):
-    from janus_fast.engine import decode_launches_per_layer, decode_op_counts
+    from janus_fast.engine import decode_launches_per_layer, decode_op_counts, image_step_launches
 
     counts = decode_op_counts(plain.language_model.model)
     assert counts["per_layer"] == decode_launches_per_layer(plain) == 9  # 42 before the fused layer
-    assert counts["per_step"] == counts["fixed"] + plain.config.language.num_hidden_layers * counts["per_layer"]
+    layers = plain.config.language.num_hidden_layers
+    assert counts["per_step"] == counts["fixed"] + layers * counts["per_layer"]
+    image_step = image_step_launches(plain)
+    assert counts["per_step"] < image_step < counts["per_step"] + 30  # + head, sampler, embeddings
 
 
 def test_text_rejects_a_mask_that_is_not_left_padding(engine):

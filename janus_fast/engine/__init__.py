@@ -8,7 +8,7 @@ CUDA graph (captured once per bucket) on the GPU.
 from .images import BadLogitsError, ImageSettings, generate_image_tokens
 from .model import JanusPro, LlamaForCausalLM
 from .prefill import prefill
-from .profile import decode_launches_per_layer, decode_op_counts
+from .profile import decode_launches_per_layer, decode_op_counts, image_step_launches
 from .step import Buckets, Step, graphs_usable
 from .text import TextSettings, generate_tokens
 
@@ -25,5 +25,6 @@ __all__ = [
     "generate_image_tokens",
     "generate_tokens",
     "graphs_usable",
+    "image_step_launches",
     "prefill",
 ]

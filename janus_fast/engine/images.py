@@ -51,19 +51,21 @@ class ImageBuffers:
         self.hidden = torch.zeros(rows, model.config.language.hidden_size, dtype=model.dtype, device=device)
         self.codes = torch.zeros(rows // 2, n_tokens, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self.bad_step = torch.full((1,), -1, dtype=torch.long, device=device)
+        self.bad_step = torch.full((1,), NO_BAD_STEP, dtype=torch.long, device=device)
         self.rng = torch.zeros(requests, 3, dtype=torch.long, device=device)
 
     def reset(self, seeds: list[int]) -> None:
         self.step.zero_()
-        self.bad_step.fill_(-1)
+        self.bad_step.fill_(NO_BAD_STEP)
         self.rng.copy_(torch.tensor([[s, 0, 0] for s in seeds], dtype=torch.long), non_blocking=True)
 
 
+NO_BAD_STEP = 1 << 62  # what a bad-step counter holds until a sampler returns -1
+
+
 def flag_bad_tokens(bad_step: torch.Tensor, step: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Record in bad_step the first step at which a sampler returned the -1 of bad logits."""
-    first = (tokens < 0).any() & (bad_step < 0)
-    bad_step.copy_(torch.where(first, step, bad_step))
+    """Keep in bad_step the first step at which a sampler returned the -1 of bad logits."""
+    torch.minimum(bad_step, torch.where(tokens.amin() < 0, step, NO_BAD_STEP), out=bad_step)
 
 
 def image_step(model: JanusPro, buf: ImageBuffers, settings: ImageSettings) -> None:
@@ -123,7 +125,7 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
             if progress is not None:
                 progress(i + 1, n_tokens)
     bad = int(buf.bad_step)  # the one host sync of the loop
-    if bad >= 0:
+    if bad != NO_BAD_STEP:
         raise BadLogitsError(f"the guided image logits held NaN or +inf (or nothing finite) at image token "
                              f"{bad} of {n_tokens}: no token can be sampled; check the weights and cfg_weight")
     return buf.codes.clone()

@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .. import ops
 from ..models.llama import LlamaModel
+from .images import ImageBucket, ImageSettings
 
 # Ops that only describe memory (no kernel runs for them on a GPU).
 METADATA_OPS = frozenset({
@@ -60,3 +61,15 @@ def decode_launches_per_layer(model) -> int:
     LlamaModel): the benchmark's `launches per layer` field."""
     lm = getattr(model, "language_model", model)
     return decode_op_counts(getattr(lm, "model", lm))["per_layer"]
+
+
+@torch.inference_mode()
+def image_step_launches(model, parallel_size: int = 1, prompts: int = 1) -> int:
+    """Dispatched ops of one whole image-token step of a JanusPro (gen_head, sampling, code write,
+    gen_embed + gen_aligner, the LLM decode step): the benchmark's `launches per step` field."""
+    settings = ImageSettings(5.0, 1.0, 0, 1.0, (parallel_size,) * prompts)
+    bucket = ImageBucket(model, 2 * parallel_size * prompts, 8, settings, capture=False)
+    bucket.buffers.reset([0] * prompts)
+    with ops.no_value_checks():
+        bucket.step()  # warm-up: first-call work (the weight fusion) is not a step's
+        return _count(bucket.step)

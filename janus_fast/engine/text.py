@@ -12,7 +12,7 @@ import torch
 
 from .. import ops
 from ..models.llama import LlamaForCausalLM
-from .images import BadLogitsError, flag_bad_tokens
+from .images import NO_BAD_STEP, BadLogitsError, flag_bad_tokens
 from .prefill import prefill
 from .step import Buckets, Step, graphs_usable, round_up
 
@@ -49,7 +49,7 @@ class TextBuffers:
 
     def reset(self, seed: torch.Tensor) -> None:
         self.done.zero_()
-        self.counters.copy_(torch.tensor([0, -1, -1]), non_blocking=True)
+        self.counters.copy_(torch.tensor([0, NO_BAD_STEP, -1]), non_blocking=True)
         self.rng.zero_()
         self.rng[0:1].copy_(seed, non_blocking=True)
 
@@ -128,7 +128,7 @@ def generate_tokens(lm: LlamaForCausalLM, embeds: torch.Tensor, lengths: list[in
                 if done_at is not None and done_at >= 0:
                     break
     _, bad, done_at = buf.counters.tolist()  # the one host sync of the loop
-    if bad >= 0:
+    if bad != NO_BAD_STEP:
         raise BadLogitsError(f"the logits held NaN or +inf (or nothing finite) at new token {bad}")
     n = done_at + 1 if done_at >= 0 else max_new_tokens
     return buf.out[:, :n].clone()
