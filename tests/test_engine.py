@@ -249,3 +249,10 @@ def test_decode_step_on_the_triton_kernels(plain, monkeypatch):
     for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert torch.equal(got_cache.seqlens, want_cache.seqlens)
+
+
+def test_graphs_only_where_every_op_is_capture_safe():
+    from janus_fast.engine import graphs_usable
+
+    assert not graphs_usable(torch.device("cpu"), torch.float32)
+    assert not graphs_usable(torch.device("cuda"), torch.float64)  # the reference sampler would sync

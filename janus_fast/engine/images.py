@@ -102,7 +102,7 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
     n_tokens, device = model.config.vq.num_tokens, model.device
     rows = 2 * len(prompts) * parallel_size
     capacity = round_up(max(len(p) for p in prompts), CAPACITY_MULTIPLE) + n_tokens
-    capture = graphs_usable(device) if use_graphs is None else use_graphs
+    capture = graphs_usable(device, model.dtype) if use_graphs is None else use_graphs
     bucket = buckets.get(("image", rows, capacity, settings, capture),
                          lambda: ImageBucket(model, rows, capacity, settings, capture))
     buf = bucket.buffers

@@ -15,10 +15,12 @@ import torch
 from .. import ops
 
 
-def graphs_usable(device: torch.device) -> bool:
-    """Capture only where every op of the step has a fast, sync-free backend: on CUDA with Triton
-    (the reference backends read tensors on the host, which capture forbids)."""
-    return device.type == "cuda" and ops.backends()["triton"] is not None
+def graphs_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Capture only where every op of the step has a fast, sync-free backend: CUDA tensors of a
+    dtype the kernels take, with Triton installed (the reference sampler reads its random state
+    on the host, which capture forbids)."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and ops.backends()["triton"] is not None)
 
 
 class Step:

@@ -113,7 +113,7 @@ def generate_tokens(lm: LlamaForCausalLM, embeds: torch.Tensor, lengths: list[in
     every row is done."""
     device, rows = embeds.device, len(lengths)
     capacity = round_up(max(lengths) + max_new_tokens, CAPACITY_MULTIPLE)
-    capture = graphs_usable(device) if use_graphs is None else use_graphs
+    capture = graphs_usable(device, embeds.dtype) if use_graphs is None else use_graphs
     bucket = buckets.get(("text", rows, capacity, settings, capture),
                          lambda: TextBucket(lm, rows, capacity, settings, capture))
     buf = bucket.buffers
