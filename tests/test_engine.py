@@ -256,3 +256,12 @@ def test_graphs_only_where_every_op_is_capture_safe():
 
     assert not graphs_usable(torch.device("cpu"), torch.float32)
     assert not graphs_usable(torch.device("cuda"), torch.float64)  # the reference sampler would sync
+
+
+def test_random_model_on_the_engine():
+    import janus_fast
+    from janus_fast.models.random_model import random_model
+
+    assert janus_fast.JanusPro is JanusPro
+    model = random_model("tiny", model_class=janus_fast.JanusPro)
+    assert type(model) is JanusPro and type(model.language_model).__module__ == "janus_fast.engine.model"
