@@ -265,3 +265,13 @@ def test_random_model_on_the_engine():
     assert janus_fast.JanusPro is JanusPro
     model = random_model("tiny", model_class=janus_fast.JanusPro)
     assert type(model) is JanusPro and type(model.language_model).__module__ == "janus_fast.engine.model"
+
+
+def test_buckets_serve_callers_in_and_out_of_inference_mode(plain):
+    lm = engine_copy(plain).language_model
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.inference_mode():
+        first = lm.generate(input_ids=ids, max_new_tokens=3)
+    again = lm.generate(input_ids=ids, max_new_tokens=3)  # same bucket, outside inference mode
+    assert torch.equal(first, again) and not again.is_inference()
+    again.add_(1)  # a normal tensor

@@ -99,6 +99,13 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
                           progress=None, use_graphs: bool | None = None) -> torch.Tensor:
     """Image token ids [len(prompts) * parallel_size, num_tokens] for prompt token ids, prompt by
     prompt; raises BadLogitsError naming the first step whose guided logits were not finite."""
+    with torch.inference_mode():  # the buffers are inference tensors, whoever calls first
+        codes = _generate_image_tokens(model, prompts, pad_id, parallel_size, settings, seeds, buckets, progress,
+                                       use_graphs)
+    return codes.clone()  # a normal tensor outside inference mode
+
+
+def _generate_image_tokens(model, prompts, pad_id, parallel_size, settings, seeds, buckets, progress, use_graphs):
     n_tokens, device = model.config.vq.num_tokens, model.device
     rows = 2 * len(prompts) * parallel_size
     capacity = round_up(max(len(p) for p in prompts), CAPACITY_MULTIPLE) + n_tokens
@@ -128,4 +135,4 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
     if bad != NO_BAD_STEP:
         raise BadLogitsError(f"the guided image logits held NaN or +inf (or nothing finite) at image token "
                              f"{bad} of {n_tokens}: no token can be sampled; check the weights and cfg_weight")
-    return buf.codes.clone()
+    return buf.codes

@@ -111,6 +111,12 @@ def generate_tokens(lm: LlamaForCausalLM, embeds: torch.Tensor, lengths: list[in
     """New token ids [B, n <= max_new_tokens] for B packed prompts (embeds [sum(lengths), H]);
     rows that produced an EOS are padded with settings.pad, and n stops at the step after which
     every row is done."""
+    with torch.inference_mode():  # the buffers are inference tensors, whoever calls first
+        out = _generate_tokens(lm, embeds, lengths, max_new_tokens, settings, seed, buckets, check_every, use_graphs)
+    return out.clone()  # a normal tensor outside inference mode
+
+
+def _generate_tokens(lm, embeds, lengths, max_new_tokens, settings, seed, buckets, check_every, use_graphs):
     device, rows = embeds.device, len(lengths)
     capacity = round_up(max(lengths) + max_new_tokens, CAPACITY_MULTIPLE)
     capture = graphs_usable(device, embeds.dtype) if use_graphs is None else use_graphs
@@ -131,4 +137,4 @@ def generate_tokens(lm: LlamaForCausalLM, embeds: torch.Tensor, lengths: list[in
     if bad != NO_BAD_STEP:
         raise BadLogitsError(f"the logits held NaN or +inf (or nothing finite) at new token {bad}")
     n = done_at + 1 if done_at >= 0 else max_new_tokens
-    return buf.out[:, :n].clone()
+    return buf.out[:, :n]
