@@ -275,3 +275,14 @@ def test_buckets_serve_callers_in_and_out_of_inference_mode(plain):
     again = lm.generate(input_ids=ids, max_new_tokens=3)  # same bucket, outside inference mode
     assert torch.equal(first, again) and not again.is_inference()
     again.add_(1)  # a normal tensor
+
+
+def test_buckets_keep_the_most_recent():
+    from janus_fast.engine import Buckets
+
+    buckets = Buckets(limit=2)
+    a = buckets.get("a", object)
+    buckets.get("b", object)
+    assert buckets.get("a", object) is a  # reused, and now the most recent
+    buckets.get("c", object)  # evicts "b", the least recent
+    assert buckets.built == 3 and list(buckets._items) == ["a", "c"]
