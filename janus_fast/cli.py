@@ -122,7 +122,7 @@ def check_out_dir(path: str) -> Path:
 
 
 def _load(args, model_dir: Path):
-    from .models.janus_pro import JanusPro
+    from .engine import JanusPro
 
     device = _device(args.device)
     t = time.perf_counter()
@@ -154,7 +154,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .models.janus_pro import JanusPro
+    from .engine import JanusPro
     from .models.random_model import build_random_checkpoint
 
     device = _device(args.device)
