@@ -8,7 +8,8 @@
 # used; `. scripts/activate.sh` then puts .venv's `python` and `janus-fast` on the PATH.
 #
 # torch, when missing: torch==2.13.0, the CUDA build (PyPI's default wheel) when nvidia-smi
-# finds a GPU, else the CPU build (from download.pytorch.org/whl/cpu). An installed torch is kept.
+# finds a GPU, else the CPU build (torch's CPU wheel index as an extra index, so its "+cpu" wheel
+# wins over PyPI's CUDA one and PyPI still serves the dependencies). An installed torch is kept.
 # Nothing already installed is installed again, so it also works offline on a prepared machine.
 #
 #   bash scripts/setup.sh            set up
@@ -73,7 +74,7 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   run "$py" -m pip install -q "torch==$TORCH_VERSION"
 else
   say "installing torch $TORCH_VERSION, CPU build (no GPU found)"
-  run "$py" -m pip install -q "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
+  run "$py" -m pip install -q "torch==$TORCH_VERSION" --extra-index-url "$TORCH_CPU_INDEX"
 fi
 
 # ---------------------------------------------------------------- janus_fast

@@ -56,7 +56,7 @@ def test_setup_makes_a_venv_for_an_externally_managed_python3(tmp_path):
     out = result.stdout
     assert f"{bin_dir}/python3 is externally managed" in out
     assert f"$ {bin_dir}/python3 -m venv .venv" in out and "interpreter: .venv/bin/python" in out
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in out  # no GPU: the CPU build
+    assert "torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu" in out  # no GPU: the CPU build
     assert "$ .venv/bin/python -m pip install -q --no-build-isolation -e .[test]" in out
     assert not (root / ".venv").exists()  # a dry run changes nothing
 
