@@ -7,6 +7,7 @@ available for the tensors' device and the plain-PyTorch reference on the CPU.
 from ._backend import backends
 from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
+from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .sampling import cfg_sample, new_rng_state
 from .vq import vq_lookup, vq_quantize
 
@@ -17,6 +18,9 @@ __all__ = [
     "flash_attention",
     "new_rng_state",
     "no_value_checks",
+    "rms_norm",
+    "rope_kv_write",
+    "silu_mul",
     "varlen_attention",
     "vq_lookup",
     "vq_quantize",
