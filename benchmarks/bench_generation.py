@@ -1,18 +1,20 @@
 """Text-to-image generation, end to end (prompt ids -> uint8 images on the host): ours
-(`JanusPro.generate_images`) against the peers of generation_peers.py in one run, at the 1B and
-7B configs with random bf16 weights built in memory (janus_fast.models.random_model; nothing on
-disk), parallel_size 16 and 1, and a 40-token prompt (the template and this text under the
-random model's byte-level tokenizer: a typical prompt's length under the real one).
+(`janus_fast.JanusPro.generate_images`, on the engine) against the peers of generation_peers.py
+in one run, at the 1B and 7B configs with random bf16 weights built in memory
+(janus_fast.models.random_model; nothing on disk), parallel_size 16 and 1, and a 40-token prompt
+(the template and this text under the random model's byte-level tokenizer: a typical prompt's
+length under the real one).
 
 A cell is seconds per batch, the median over its runs (host clock around a call that ends on
-the host), with ms per image token (batch time / 576, prefill and VQ decode included), images/s
-and the peak device memory beyond what was allocated before the run (cache, activations).
+the host), with ms per image token (batch time / 576, prefill and VQ decode included), images/s,
+the peak device memory beyond what was allocated before the run (cache, activations) and, for
+ours, the engine's launch counts (per layer per decode step, per image-token step).
 
 Budget on a cold H100 (~7-8 min; `-k 1b` / `-k 7b` split it into two calls if needed): over the
 4 configs, the official loop's one timed batch each (~40-50 s, issue 8's anchors: ~180 s),
 transformers' Janus' one batch plus its build (~20-25 s: ~95 s), the CUDA-graph peer's warm-up
 and timed batches (~2-7 s each: ~70 s), ours (a warm-up, then 3 timed batches under 5 s a
-batch, 2 under 10 s, else 1: ~100 s while ours is still eager), two random-model builds (~15 s).
+batch, 2 under 10 s, else 1), two random-model builds (~15 s).
 The family's budget skips what does not fit, with the reason.
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from benchmarks import generation_peers as peers
 from benchmarks import harness
+from janus_fast import JanusPro
 from janus_fast.models.random_model import random_model
 
 PROMPT = "A red fox in fresh snow at dusk"
@@ -45,43 +48,47 @@ TARGET_S = {("1b", 1): 0.8, ("1b", 16): 1.2, ("7b", 1): 3.0, ("7b", 16): 4.0}  #
 _loaded: dict = {}
 
 
-def loaded(size: str):
-    """(our random model, transformers' Llama on its tensors or the error that prevented it),
-    one size held at a time."""
+def model_of(size: str):
+    """Our random engine-backed JanusPro (janus_fast.JanusPro) of `size`, one size held at a time."""
     if _loaded.get("size") != size:
         _loaded.clear()
         harness.free_memory()
-        model = random_model(size, harness.DEVICE, DTYPE, seed=0)
+        _loaded.update(size=size, model=random_model(size, harness.DEVICE, DTYPE, seed=0, model_class=JanusPro))
+    return _loaded["model"]
+
+
+def llm_of(model):
+    """transformers' Llama on our model's tensors, built at the first peer that needs it: after
+    ours has run, so it shares the engine's fused projection weights (their views keep the
+    official names) instead of holding a second copy. Skips with the reason when it cannot."""
+    if "llm" not in _loaded:
         try:
-            llm = peers.hf_llama(model)
+            _loaded["llm"] = peers.hf_llama(model)
         except (ImportError, RuntimeError, KeyError, TypeError) as e:  # e.g. our LLM's keys changed
-            llm = e
-        _loaded.update(size=size, model=model, llm=llm)
-    return _loaded["model"], _loaded["llm"]
+            _loaded["llm"] = e
+    if isinstance(_loaded["llm"], Exception):
+        harness.skip_unavailable("transformers' LlamaForCausalLM on our model's tensors", _loaded["llm"])
+    return _loaded["llm"]
 
 
-def launches_per_layer_per_step(model) -> int | None:
-    """Kernel launches per LLM layer per decode step of ours, counted by the engine's profiler
-    helper (janus_fast.engine.profile.decode_launches_per_layer: dispatched non-metadata ops of
-    one eager decode step, which a captured graph replays as kernels). None, and the field left
-    out of the cell, while this checkout has no engine."""
-    try:
-        from janus_fast.engine.profile import decode_launches_per_layer
-    except ImportError:
-        return None
-    return decode_launches_per_layer(model)
+def launch_counts(model, parallel_size: int) -> dict:
+    """Kernel launches of ours, counted by the engine's profiler helpers on the eager path (what
+    a captured step replays as kernels): per LLM layer per decode step, and per image-token step."""
+    from janus_fast.engine import decode_launches_per_layer, image_step_launches
+
+    return {"launches_per_layer_per_step": decode_launches_per_layer(model),
+            "launches_per_step": image_step_launches(model, parallel_size)}
 
 
-def contender(label: str, model, llm, ids: list[int], parallel_size: int):
+def contender(label: str, model, ids: list[int], parallel_size: int):
     """(a function generating one batch, an object to free after the case or None)."""
     if label == OURS:
         return lambda: model.generate_images(PROMPT, parallel_size=parallel_size, seed=0), None
-    if isinstance(llm, Exception) and label in (GRAPH_PEER, OFFICIAL):
-        harness.skip_unavailable("transformers' LlamaForCausalLM on our model's tensors", llm)
     if label == GRAPH_PEER:
-        peer = peers.StaticGraphPeer(llm, model, len(ids), parallel_size)
+        peer = peers.StaticGraphPeer(llm_of(model), model, len(ids), parallel_size)
         return lambda: peer.generate(ids), peer
     if label == OFFICIAL:
+        llm = llm_of(model)
         return lambda: peers.official_loop(llm, model, ids, parallel_size), None
     try:
         janus = peers.transformers_janus(model)
@@ -98,7 +105,7 @@ def contender(label: str, model, llm, ids: list[int], parallel_size: int):
 def test_generate_images(size, parallel_size, impl):
     case = f"{size}, {parallel_size} image{'s' if parallel_size > 1 else ''}"
     harness.declare(case, impl)
-    model, llm = loaded(size)
+    model = model_of(size)
     ids = peers.prompt_ids(model, PROMPT)
     n_tokens = model.config.vq.num_tokens
     rows = 2 * parallel_size
@@ -109,7 +116,7 @@ def test_generate_images(size, parallel_size, impl):
     if impl == HF_JANUS:
         need += sum(p.numel() * p.element_size() for p in model.parameters())
     harness.require_memory(need, f"{impl} at {case}")
-    fn, holder = contender(impl, model, llm, ids, parallel_size)
+    fn, holder = contender(impl, model, ids, parallel_size)
     errors = (ImportError,) if impl == OURS else harness.PEER_ERRORS
     runs = 1
     if impl not in SLOW or harness.TINY:
@@ -142,8 +149,6 @@ def test_generate_images(size, parallel_size, impl):
                         target={"metric": "seconds", "at_most": target} if target and impl == OURS else None,
                         info=info)
     if impl == OURS:  # after keep(): a failing count still leaves the timing in the results
-        launches = launches_per_layer_per_step(model)
-        if launches is not None:
-            cell["launches_per_layer_per_step"] = launches
+        cell.update(launch_counts(model, parallel_size))
     del fn, holder
     harness.free_memory()

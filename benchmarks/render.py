@@ -32,6 +32,7 @@ METRICS = {  # field: unit
     "ms_per_step": "ms/step",
     "peak_extra_gib": "GiB peak beyond weights",
     "launches_per_layer_per_step": "launches/layer/step",
+    "launches_per_step": "launches/step",
     "peak_extra_mib": "MiB extra",
 }
 HIGHER_IS_BETTER = {"tflops", "gbps", "images_per_s", "tokens_per_s"}
