@@ -102,6 +102,8 @@ def cell_text(line: dict, notes: dict[str, int]) -> str:
         number = notes.setdefault(line.get("reason") or "no reason recorded", len(notes) + 1)
         return f"{line.get('status', '?')} [{number}]"
     parts = [fmt_time(line["kernel_ms"])]
+    if "failed" in line.get("kernel_timing", ""):  # e.g. a graph capture that fell back to eager calls
+        parts[0] += f" [{notes.setdefault(line['kernel_timing'], len(notes) + 1)}]"
     for name, unit in METRICS.items():
         value = line.get(name)
         if isinstance(value, (int, float)) and value == value:  # NaN: not measured here

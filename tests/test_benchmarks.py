@@ -98,6 +98,7 @@ def test_render_summary_ratio_target_and_reasons(tmp_path):
         cell("decode", "sdpa-flash", None, status="skipped", reason="needs 99 GiB; 70 GiB free"),
         cell("decode", "sdpa-flash", 0.3),  # a later timed line wins over a skipped one
         cell("decode", "sdpa-cudnn", None, status="failed", reason="boom"),
+        cell("decode", "sdpa-efficient", 0.4, kernel_timing="eager calls (graph capture failed: sync)"),
     ]
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"cut by a ki\n")
@@ -107,6 +108,7 @@ def test_render_summary_ratio_target_and_reasons(tmp_path):
     assert ("| attention | decode | janus_fast triton 200 µs | sdpa-flash 300 µs | 1.5× | ≤ 120 µs "
             "| 200 µs: missed |") in text
     assert "200 µs · call 250 µs" in text and "failed [1]" in text and "1. boom" in text
+    assert "400 µs [2]" in text and "2. eager calls (graph capture failed: sync)" in text
     assert "CPU results" not in text and "skipped" not in text
 
 
