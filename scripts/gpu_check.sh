@@ -53,7 +53,13 @@ if ! pick_python; then
   exit 1
 fi
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # nothing may come from the network
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# The device copy of a working tree has no .git: the caller passes JANUS_FAST_COMMIT (and
+# JANUS_FAST_DIRTY), which the benchmark results record; a checkout fills them in itself.
+if [ -z "${JANUS_FAST_COMMIT:-}" ] && git rev-parse HEAD >/dev/null 2>&1; then
+  export JANUS_FAST_COMMIT="$(git rev-parse --short HEAD)"
+  export JANUS_FAST_DIRTY="$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo 1 || echo 0)"
+fi
+commit="${JANUS_FAST_COMMIT:-unknown}"
 results="${GPU_CHECK_RESULTS:-benchmarks/results/gpu-check-$commit}"
 
 run() {  # print a command; run it unless --dry-run, killed after STEP_TIMEOUT seconds
