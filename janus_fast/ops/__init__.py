@@ -8,6 +8,7 @@ from ._backend import backends
 from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
+from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .sampling import cfg_sample, new_rng_state
 from .vq import vq_lookup, vq_quantize
 
@@ -19,6 +20,9 @@ __all__ = [
     "linear_cross_entropy",
     "new_rng_state",
     "no_value_checks",
+    "rms_norm",
+    "rope_kv_write",
+    "silu_mul",
     "varlen_attention",
     "vq_lookup",
     "vq_quantize",

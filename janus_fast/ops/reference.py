@@ -24,6 +24,9 @@ __all__ = [
     "guided_logits",
     "sampling_probs",
     "cfg_sample",
+    "rms_norm",
+    "rope_kv_write",
+    "silu_mul",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
 ]
@@ -227,6 +230,48 @@ def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generato
     if temperature == 0:
         return p.argmax(-1)
     return torch.multinomial(p, 1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------- decode layer
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """Llama RMSNorm of h = x (+ residual, added in x.dtype as torch adds): the normalisation
+    h / sqrt(mean(h²) + eps) in the compute dtype, cast to x.dtype, then times weight.
+    -> (y, h), both in x.dtype."""
+    h = x if residual is None else x + residual
+    h32 = h.to(_compute_dtype(h))
+    y = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * y).to(x.dtype), h
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
+    """Rotate-half RoPE of q [B, Hq, D] and k [B, Hkv, D] at position positions[b] (rows of the
+    cos/sin tables [S, D]), in the compute dtype; the rotated k and the unchanged v are written to
+    k_cache/v_cache [B, S_max, Hkv, D] at slot positions[b] (in place). -> rotated q in q.dtype."""
+    ct = _compute_dtype(q)
+    pos = positions.long()
+    c, s = cos[pos].to(ct)[:, None, :], sin[pos].to(ct)[:, None, :]
+
+    def rotate(x):
+        x = x.to(ct)
+        return x * c + _rotate_half(x) * s
+
+    rows = torch.arange(q.shape[0], device=q.device)
+    k_cache[rows, pos] = rotate(k).to(k_cache.dtype)
+    v_cache[rows, pos] = v.to(v_cache.dtype)
+    return rotate(q).to(q.dtype).contiguous()
+
+
+def silu_mul(gate, up):
+    """silu(gate) · up in the compute dtype -> gate.dtype."""
+    ct = _compute_dtype(gate)
+    return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
 # --------------------------------------------------------------------------- cross-entropy
