@@ -18,6 +18,7 @@ from janus_fast import cli
 from janus_fast.models.janus_pro import JanusPro
 from janus_fast.training import TrainConfig, Trainer
 from janus_fast.training.config import is_trained
+from tests.helpers import FULL
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +88,7 @@ def test_train_command(data, tmp_path):
     file.write_text(json.dumps(cfg))
     cli.main(["train", "--config", str(file)])
     out = tmp_path / "run"
-    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    history = metrics(out)
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < history[0]["loss"]
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -116,17 +117,14 @@ def test_bad_config(tmp_path, data, capsys):
         config(data, tmp_path, grad_accum=0)
 
 
-def test_fsdp2_two_gloo_processes_match_one(data, tmp_path):
-    """torchrun, 2 CPU processes, gloo, fully_shard per decoder layer: each rank runs 1 of the 2
-    micro-batches of a step; one process accumulating both must give the same losses."""
-    single = Trainer(config(data, tmp_path / "single", steps=2, grad_accum=2)).fit()
-    cfg = dataclasses.asdict(config(data, tmp_path / "fsdp", steps=2, grad_accum=1))
-    file = tmp_path / "fsdp.json"
-    file.write_text(json.dumps(cfg))
+def torchrun_train(cfg: TrainConfig, file: Path, *extra: str) -> None:
+    """`janus-fast train` under torchrun with 2 CPU processes (gloo)."""
+    d = dataclasses.asdict(cfg)
+    file.write_text(json.dumps(d))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # Its own process group, so a hang is ended with the workers torchrun started.
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "janus_fast.cli", "train", "--config", str(file)],
+                            "-m", "janus_fast.cli", "train", "--config", str(file), *extra],
                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     try:
@@ -135,14 +133,39 @@ def test_fsdp2_two_gloo_processes_match_one(data, tmp_path):
         os.killpg(run.pid, signal.SIGKILL)
         output, _ = run.communicate()
     assert run.returncode == 0, output[-3000:]
-    sharded = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-    assert len(sharded) == 2
-    for a, b in zip(losses(sharded), losses(single)):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(losses(a), losses(b)):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+
+
+def test_fsdp2_two_gloo_processes_match_one(data, tmp_path):
+    """torchrun, 2 CPU processes, gloo, fully_shard per decoder layer: each rank runs 1 of the 2
+    micro-batches of a step; one process accumulating both must give the same losses."""
+    single = Trainer(config(data, tmp_path / "single", steps=2, grad_accum=2)).fit()
+    torchrun_train(config(data, tmp_path / "fsdp", steps=2, grad_accum=1), tmp_path / "fsdp.json")
+    assert_same_losses(metrics(tmp_path / "fsdp"), single)
     a = JanusPro.from_pretrained(tmp_path / "fsdp" / "checkpoint-0000002", dtype=None, device="cpu")
     b = JanusPro.from_pretrained(tmp_path / "single" / "checkpoint-0000002", dtype=None, device="cpu")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not FULL, reason="full tier (JANUS_FAST_FULL_TESTS=1): two more torchrun launches")
+def test_fsdp2_resume(data, tmp_path):
+    """An FSDP2 run stopped after step 1 and restarted reads the sharded checkpoint back and goes
+    on as one process accumulating both ranks' micro-batches would."""
+    single = Trainer(config(data, tmp_path / "single", steps=3, grad_accum=2)).fit()
+    cfg = config(data, tmp_path / "fsdp", steps=3, grad_accum=1)
+    torchrun_train(cfg, tmp_path / "fsdp.json", "--steps", "1")
+    torchrun_train(cfg, tmp_path / "fsdp.json")
+    assert_same_losses(metrics(tmp_path / "fsdp"), single)
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
