@@ -20,6 +20,11 @@ Layouts follow the ops contract (janus_fast/ops/reference.py): dense q [B, Sq, H
 k/v [B, Sk, Hkv, D], lse [B, Hq, Sq]; varlen q [total_q, Hq, D], lse [Hq, total_q];
 decode q [B, Hq, D], caches [B, S_max, Hkv, D]. Any strides with stride(-1) == 1 are accepted.
 Outputs are allocated with torch.empty: every element is written by a kernel.
+
+Non-finite inputs (the ops contract): NaN in a visible score or value propagates as in SDPA's
+math path; keys a row cannot see never reach its result: keys past a sequence's end are loaded
+as 0 and causally hidden scores are replaced by -inf; hidden values in a diagonal block are
+zeroed before the P V product (see _causal_safe_values).
 """
 import functools
 
@@ -204,9 +209,29 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         p = tl.math.exp2(qk - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if CAUSAL and MASK:
+            v, seen_bad = _causal_safe_values(v, cols, offs_m, causal_off, BLOCK_N)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            acc = tl.where(seen_bad, float("nan"), acc)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _causal_safe_values(v, cols, offs_m, causal_off, BLOCK_N: tl.constexpr):
+    """(v with non-finite entries zeroed, [BLOCK_M, BLOCK_D] mask of elements that see one).
+
+    In a diagonal block a key j is invisible to some rows (j > i + off): P = 0 there, but the
+    dot's 0 * NaN would still poison them, so non-finite values are taken out of the product.
+    Rows see a prefix of the keys, so element (i, d) saw a non-finite value iff the first
+    non-finite row of column d is visible to row i; those elements become NaN (contract 1).
+    Keys past len_k were loaded as 0 and never count."""
+    finite = tl.abs(v.to(tl.float32)) < float("inf")  # False for NaN and +-inf
+    first_bad = tl.min(tl.where(finite, 2147483647, cols[:, None]), 0)
+    seen_bad = first_bad[None, :] <= offs_m[:, None] + causal_off
+    return tl.where(finite, v, 0.0), seen_bad
 
 
 @_autotune(_FWD_CONFIGS)

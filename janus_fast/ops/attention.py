@@ -97,6 +97,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] with Hq a multiple of Hkv (GQA/MQA) -> [B, Sq, Hq, D].
     causal with Sq != Sk is bottom-right aligned (query i sees keys j <= i + Sk - Sq); a query
     that sees no key gets 0. softmax_scale defaults to D ** -0.5.
+    Non-finite values (every backend): a NaN in a query row or in a key it sees makes that output
+    row NaN, a non-finite value it sees makes that element non-finite; keys a query cannot see
+    (causally masked, another packed sequence, past cache_seqlens) are never read into its result.
     """
     _check_qkv(q, k, v, backend, ndim=4)
     _checks.same("batch sizes of q and k", q=q.shape[0], k=k.shape[0])
