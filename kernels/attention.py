@@ -1,4 +1,9 @@
-"""Triton attention: fused forward/backward (dense and packed varlen) and flash-decoding.
+"""Triton attention launchers: fused forward/backward (dense and packed varlen) and flash-decoding.
+
+Kernels, one idea per file: attention_fwd (FlashAttention-2, pointer loads), attention_fwd_sm90
+(Hopper, non-causal: TMA + warp specialisation, persistent), attention_bwd (fused 5-GEMM with
+atomic dQ; deterministic split kernels), attention_decode (flash-decoding), attention_configs
+(per-architecture tiles, autotune key), attention_common (shared device and host helpers).
 
 Maths (per batch b, query head h, kv head g = h // (Hq // Hkv), scale s):
     S = s * Q K^T            (causal: key j visible to query i iff j <= i + Sk - Sq, bottom-right aligned)
@@ -26,13 +31,27 @@ math path; keys a row cannot see never reach its result: keys past a sequence's 
 as 0 and causally hidden scores are replaced by -inf; hidden values in a diagonal block are
 zeroed before the P V product (see _causal_safe_values).
 """
+import warnings
+
 import torch
 import triton
 
 from . import attention_fwd_sm90 as fwd_sm90
-from .attention_bwd import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_fused_kernel, _bwd_delta_kernel,
-                            _bwd_dq_convert_kernel)
-from .attention_common import LOG2E, block_d_for, check_runnable, dot_precision, last_dim_contiguous, num_sms
+from .attention_bwd import (
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_bwd_fused_kernel,
+    _bwd_delta_kernel,
+    _bwd_dq_convert_kernel,
+)
+from .attention_common import (
+    LOG2E,
+    block_d_for,
+    check_runnable,
+    dot_precision,
+    last_dim_contiguous,
+    num_sms,
+)
 from .attention_configs import arch, tune_buckets
 from .attention_decode import decode_attention
 from .attention_fwd import _attn_fwd_kernel
@@ -46,11 +65,36 @@ def _common_meta(q, causal):
     return dict(HEAD_D=d, BLOCK_D=block_d_for(d), CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
 
 
-def _use_sm90_forward(q, k, v, out, softmax_scale):
-    """The TMA + warp-specialised forward runs on Hopper for 16-bit inputs whose strides suit TMA,
-    when the installed Triton has the features; everything else takes the pointer-load kernel."""
-    return (q.is_cuda and arch(q.device.index) == "sm90" and q.element_size() == 2 and softmax_scale > 0
-            and fwd_sm90.available() and fwd_sm90.tma_compatible(q, k, v, out))
+_SM90_COMPILE_ERRORS = []  # set when this Triton failed to build the sm_90 kernel: fall back for good
+
+
+def _use_sm90_forward(q, k, v, out, causal, softmax_scale):
+    """The TMA + warp-specialised forward runs on Hopper for non-causal 16-bit inputs whose strides
+    suit TMA, when the installed Triton has the features; everything else takes the pointer-load
+    kernel (kernels/attention_fwd_sm90.py says why causal does)."""
+    return (q.is_cuda and not causal and arch(q.device.index) == "sm90" and q.element_size() == 2
+            and softmax_scale > 0 and fwd_sm90.available() and not _SM90_COMPILE_ERRORS
+            and fwd_sm90.tma_compatible(q, k, v, out))
+
+
+def _launch_sm90_forward(args, n_seq, max_q, hq, meta):
+    """Launch the sm_90 kernel; False if this Triton cannot compile it. Warp specialisation is a
+    young compiler pass whose coverage changes between Triton releases (the GPU machines run 3.6,
+    CI compiles with 3.9): a failure warns once and the pointer-load kernel serves from then on."""
+    fwd_sm90.set_descriptor_allocator()
+    sms = num_sms(args[0].device.index)
+
+    def persistent_grid(m):
+        return (min(sms, triton.cdiv(max_q, m["BLOCK_M"]) * n_seq * hq),)
+
+    try:
+        fwd_sm90._attn_fwd_tma_kernel[persistent_grid](*args, n_seq, **meta)
+    except (RuntimeError, triton.CompilationError) as error:
+        _SM90_COMPILE_ERRORS.append(error)
+        warnings.warn(f"the sm_90 attention forward did not compile with Triton {triton.__version__} "
+                      f"({type(error).__name__}); using the pointer-load kernel", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _forward(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, varlen):
@@ -70,15 +114,8 @@ def _forward(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, va
     args = (q, k, v, out, lse, cu_q, cu_k, *qs, *ks, *vs, *os_, *ls, max_q, max_k, hq, hq // hkv,
             softmax_scale * LOG2E)
     meta = dict(**tune_buckets(max_q, max_k, n_seq * hq), IS_VARLEN=varlen, **_common_meta(q, causal))
-    if _use_sm90_forward(q, k, v, out, softmax_scale):
-        fwd_sm90.set_descriptor_allocator()
-        sms = num_sms(q.device.index if q.is_cuda else -1)
-
-        def persistent_grid(m):
-            return (min(sms, triton.cdiv(max_q, m["BLOCK_M"]) * n_seq * hq),)
-
-        fwd_sm90._attn_fwd_tma_kernel[persistent_grid](*args, n_seq, **meta)
-    else:
+    sm90 = _use_sm90_forward(q, k, v, out, causal, softmax_scale)
+    if not (sm90 and _launch_sm90_forward(args, n_seq, max_q, hq, meta)):
         _attn_fwd_kernel[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_seq * hq)](*args, **meta)
     return out, lse
 
@@ -107,7 +144,10 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, n_seq, max_q, max_k, causal, 
     args = (*strides(q), *strides(k), *strides(v), *strides(dout))
     scale2 = softmax_scale * LOG2E
     tunes = tune_buckets(max_q, max_k, n_seq * hq)
-    kv_grid = lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), n_seq * hkv)  # noqa: E731
+
+    def kv_grid(m):
+        return (triton.cdiv(max_k, m["BLOCK_N"]), n_seq * hkv)
+
     if not deterministic:
         _attn_bwd_fused_kernel[kv_grid](
             q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, *args, *strides(dk), *strides(dv),

@@ -14,7 +14,13 @@ Maths in kernels/attention.py.
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_ranges, _heavy_first, _load_tile, _seq_bounds, _store_tile
+from .attention_common import (
+    _causal_ranges,
+    _heavy_first,
+    _load_tile,
+    _seq_bounds,
+    _store_tile,
+)
 from .attention_configs import BWD_DKDV, BWD_DQ, BWD_FUSED, autotune
 
 

@@ -7,27 +7,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import LOG2E, _load_tile, _store_tile, block_d_for, check_runnable, dot_precision, num_sms
+from .attention_common import (
+    LOG2E,
+    _load_tile,
+    _store_tile,
+    block_d_for,
+    check_runnable,
+    dot_precision,
+    num_sms,
+)
 from .attention_configs import arch
-
-
-@triton.jit
-def _decode_scores(q, k, DOT_PREC: tl.constexpr, BLOCK_H: tl.constexpr):
-    """[BLOCK_H, BLOCK_N] = q k^T (fp32). One query head per kv head (MHA) multiplies and sums on
-    the CUDA cores: a tensor-core dot would pad the single row to 16."""
-    if BLOCK_H == 1:
-        return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
-    else:
-        return tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-
-
-@triton.jit
-def _decode_weighted(p, v, DOT_PREC: tl.constexpr, BLOCK_H: tl.constexpr):
-    """[BLOCK_H, BLOCK_D] = p v (fp32), as _decode_scores."""
-    if BLOCK_H == 1:
-        return tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-    else:
-        return tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -40,8 +29,10 @@ def _decode_split_kernel(
 ):
     """One (batch, kv head, split): the group's query heads against cache[split*split_len, ...).
 
-    Online softmax in fp32 over BLOCK_N-key tiles (the loop is software-pipelined: num_stages
-    K/V buffers in flight). SPLIT: writes the split's normalised partial output (fp32) and its
+    Online softmax in fp32 over BLOCK_N-key tiles. The loop is software-pipelined: K/V tiles go
+    to shared memory by async copies, num_stages buffers in flight. The group's query heads are
+    the rows of a tensor-core dot, padded to 16 (MHA uses one row: the padding costs FLOPs a
+    memory-bound loop has to spare, and buys the async double-buffered loads). SPLIT: writes the split's normalised partial output (fp32) and its
     lse in log2 units (-inf if empty) for _decode_combine_kernel; otherwise (one split) the final
     output, with no combine launch. The loop bound comes from SEQLENS in device memory, so no
     recompilation or host sync; keys at or past it are never loaded (contract 1).
@@ -70,13 +61,13 @@ def _decode_split_kernel(
         rows = cols[:, None].to(tl.int64)
         k = _load_tile(k_base + rows * stride_kn + offs_d[None, :], cols, hi, offs_d, HEAD_D, BLOCK_D, True)
         v = _load_tile(v_base + rows * stride_vn + offs_d[None, :], cols, hi, offs_d, HEAD_D, BLOCK_D, True)
-        qk = _decode_scores(q, k, DOT_PREC, BLOCK_H) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         qk = tl.where((cols < hi)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite unless a score is NaN: each tile has a valid key
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _decode_weighted(p, v, DOT_PREC, BLOCK_H)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -181,18 +172,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):
 
 
 def _block_h(group):
-    return 1 if group == 1 else max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    return max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
 
 
 def compile_specs(arch_name, head_dim, dtype, full=True):
     """The decode kernels as launched on `arch_name` (for tests/test_compile_facts.py): the split
-    kernel for MHA and for GQA (group 4), with and without a combine (full=False: MHA split and
-    GQA direct only), and the combine."""
+    kernel (query heads per kv head 1 and 32) with and without a combine (full=False: the Janus
+    case, MHA, both ways), and the combine."""
     from .attention_configs import CompileSpec
 
     block_d = block_d_for(head_dim)
     block_n, num_warps, num_stages = _tiles(arch_name, block_d, 4 if dtype == "fp32" else 2)
-    cases = [(1, False), (1, True), (4, False), (4, True)] if full else [(1, True), (4, False)]
+    cases = [(1, False), (1, True), (32, False), (32, True)] if full else [(1, False), (1, True)]
     for group, split in cases:
         meta = dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_H=_block_h(group), BLOCK_N=block_n, SPLIT=split,
                     DOT_PREC="ieee" if dtype == "fp32" else "tf32")

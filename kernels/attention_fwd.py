@@ -5,7 +5,14 @@ Online softmax in fp32 over key blocks; see kernels/attention.py for the maths a
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_ranges, _causal_safe_values, _heavy_first, _load_tile, _seq_bounds, _store_tile
+from .attention_common import (
+    _causal_ranges,
+    _causal_safe_values,
+    _heavy_first,
+    _load_tile,
+    _seq_bounds,
+    _store_tile,
+)
 from .attention_configs import FWD, autotune
 
 

@@ -1,4 +1,4 @@
-"""Attention forward for Hopper (sm_90): TMA tensor descriptors, warp specialisation, persistent.
+"""Attention forward for Hopper (sm_90), non-causal: TMA descriptors, warp specialisation, persistent.
 
 Same maths, layouts and non-finite rule as kernels/attention_fwd.py (see kernels/attention.py);
 what differs is how the work reaches the tensor cores:
@@ -6,13 +6,15 @@ what differs is how the work reaches the tensor cores:
     (tl.make_tensor_descriptor), which lower to TMA copies. A descriptor spans one sequence of one
     head, so rows past the sequence (another packed sequence, the tensor's end) are filled with
     zeros by the hardware and never read.
-  - The key loop is one loop (the causal mask is a select inside it) marked
-    warp_specialize=True: Triton splits it into a TMA producer and consumer warpgroups that
-    overlap the softmax of one tile with the tensor-core work of another (needs num_warps=4).
-  - The grid is persistent (one program per SM walks the tiles) and heavy-first: tiles are
-    ordered by query block from the bottom, where causal rows see the most keys.
-Used when the installed Triton has these features (available()) and the strides suit TMA
-(tma_compatible()); the launcher falls back to the pointer-load kernel otherwise.
+  - The key loop is marked warp_specialize=True: Triton splits it into a TMA producer and
+    consumer warpgroups that overlap the softmax of one tile with the tensor-core work of another
+    (needs num_warps=4). Its only mask is the bound check of the last tile.
+  - The grid is persistent: one program per SM walks the (query block, batch x head) tiles.
+Causal attention stays on the pointer-load kernel: contract 1 needs the hidden values of a
+diagonal tile zeroed before P V, and Triton 3.9's warp-specialisation pass rejects that select
+inside the specialised loop, and rejects a separate diagonal loop for varlen and for head_dim 256
+(tests/test_compile_facts.py would show it). Used when the installed Triton has these features
+(available()) and the strides suit TMA (tma_compatible()); the launcher falls back otherwise.
 """
 import functools
 import inspect
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_safe_values, _seq_bounds
+from .attention_common import _seq_bounds
 from .attention_configs import FWD_SM90, autotune
 
 
@@ -68,14 +70,13 @@ def _attn_fwd_tma_kernel(
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out = softmax(s Q K^T) V and lse for every (query block, batch x head) tile; fp32 softmax
-    statistics and accumulator. qk_scale = s * log2(e): p = exp2(qk * qk_scale - m) is one FMA."""
+    statistics and accumulator. qk_scale = s * log2(e) > 0: the running max m is kept in scaled
+    units, so p = exp2(qk * qk_scale - m) is one FMA per score."""
+    tl.static_assert(not CAUSAL, "causal attention uses the pointer-load kernel")
     n_m = tl.cdiv(seqlen_q, BLOCK_M)
     n_bh = n_seq * n_heads_q
     for tile in tl.range(tl.program_id(0), n_m * n_bh, tl.num_programs(0), flatten=False):
-        if CAUSAL:
-            pid_m = n_m - 1 - tile // n_bh  # heavy first
-        else:
-            pid_m = tile // n_bh
+        pid_m = tile // n_bh
         bh = tile % n_bh
         b = bh // n_heads_q
         h = bh % n_heads_q
@@ -97,39 +98,25 @@ def _attn_fwd_tma_kernel(
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        causal_off = len_k - len_q
-        if CAUSAL:
-            hi = tl.minimum(len_k, tl.maximum(m0 + BLOCK_M + causal_off, 0))
-        else:
-            hi = len_k
-        hi = tl.where(m0 < len_q, hi, 0)  # a block past this sequence's end does nothing
+        end = tl.where(m0 < len_q, len_k, 0)  # a block past this sequence's end does nothing
 
         q = q_desc.load([m0, 0])
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        for start_n in tl.range(0, end, BLOCK_N, warp_specialize=True):
             k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
-            cols = start_n + offs_n
-            ok = cols[None, :] < len_k
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= offs_m[:, None] + causal_off)
-            qk = tl.where(ok, tl.dot(q, k.T, input_precision=DOT_PREC), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
+            v = v_desc.load([start_n, 0])  # rows past len_k are zeros: P V reads nothing hidden
+            qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+            qk = tl.where((start_n + offs_n)[None, :] < len_k, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: every tile has a key
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if CAUSAL:  # hidden values of a diagonal tile must not reach P V as 0 * NaN (contract 1)
-                v, seen_bad = _causal_safe_values(v, cols, offs_m, causal_off)
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-                acc = tl.where(seen_bad, float("nan"), acc)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
 
-        empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
+        empty = l_i == 0.0  # no key at all (len_k = 0): out = 0, lse = -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         o_desc.store([m0, 0], out.to(O.dtype.element_ty))  # rows past len_q are clipped by the descriptor
