@@ -129,7 +129,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, n_seq, max_q, max_k, causal, 
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
-    # the fused kernel adds dQ into an fp32 accumulator (cleared by the delta kernel)
+    # the fused kernel adds dQ into an fp32 accumulator (cleared by the delta kernel); unused otherwise
     dq_acc = dq if deterministic else torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
     def strides(t):
@@ -148,18 +148,15 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, n_seq, max_q, max_k, causal, 
     def kv_grid(m):
         return (triton.cdiv(max_k, m["BLOCK_N"]), n_seq * hkv)
 
+    kv_kernel = _attn_bwd_dkdv_kernel if deterministic else _attn_bwd_fused_kernel
+    kv_kernel[kv_grid](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, *args, *strides(dk), *strides(dv),
+        *strides(dq_acc), *ls, max_q, max_k, hkv, hq // hkv, scale2, softmax_scale, **tunes,
+        IS_VARLEN=varlen, ATOMIC_DQ=not deterministic, **meta,
+    )
     if not deterministic:
-        _attn_bwd_fused_kernel[kv_grid](
-            q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, *args, *strides(dk), *strides(dv),
-            *strides(dq_acc), *ls, max_q, max_k, hkv, hq // hkv, scale2, softmax_scale, **tunes,
-            IS_VARLEN=varlen, **meta,
-        )
         _bwd_dq_convert_kernel[(triton.cdiv(dq.numel(), 1024),)](dq_acc, dq, dq.numel(), softmax_scale, BLOCK=1024)
         return dq, dk, dv
-    _attn_bwd_dkdv_kernel[kv_grid](
-        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *args, *strides(dk), *strides(dv), *ls,
-        max_q, max_k, hkv, hq // hkv, scale2, softmax_scale, **tunes, IS_VARLEN=varlen, **meta,
-    )
     _attn_bwd_dq_kernel[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_seq * hq)](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k, *args, *strides(dq), *ls,
         max_q, max_k, hq, hq // hkv, scale2, softmax_scale, **tunes, IS_VARLEN=varlen, **meta,

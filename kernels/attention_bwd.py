@@ -69,11 +69,12 @@ def _load_row_stats(LSE, DELTA, base, offs_m, len_q):
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, stat_base,
-                    offs_n, offs_d, lo, hi, len_q, causal_off, qk_scale,
-                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
-    """Accumulate dK (unscaled) and dV of a key block over query blocks [lo, hi), transposed form."""
+def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, acc_base, stride_qm, stride_dom, stride_am, LSE, DELTA, stat_base,
+                  offs_n, offs_d, lo, hi, len_q, causal_off, qk_scale,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+                  ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of a key block over query blocks [lo, hi), transposed form;
+    with ATOMIC_DQ also add each query block's dQ = dS K (unscaled) to the fp32 accumulator."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d,
@@ -87,28 +88,44 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, D
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            _atomic_add_tile(acc_base + offs_m[:, None] * stride_am + offs_d[None, :],
+                             tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC), offs_m, len_q, offs_d,
+                             HEAD_D, BLOCK_D)
     return dk, dv
 
 
-@autotune(BWD_DKDV)
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+def _atomic_add_tile(ptrs, x, rows, n_rows, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 atomic add of a [rows, BLOCK_D] tile where rows < n_rows and d < HEAD_D (relaxed
+    ordering: the sum is only read by the next kernel)."""
+    if HEAD_D == BLOCK_D:
+        tl.atomic_add(ptrs, x, mask=rows[:, None] < n_rows, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_D), sem="relaxed")
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
+    stride_ab, stride_am, stride_ah,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale,
     tune_q, tune_k, tune_bh,  # autotuning key only (attention_configs.tune_buckets)
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one kv head: sums over the group's query heads, no atomics."""
+    """dK, dV of BLOCK_N keys of one kv head, summed over the group's query heads; with
+    ATOMIC_DQ also their dQ contributions, added to DQ_ACC (fp32, unscaled) by atomics: 5 GEMMs
+    per query block (4 without)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_kv
@@ -140,21 +157,33 @@ def _attn_bwd_dkdv_kernel(
         full = 0
     q_start = b64 * stride_qb + start_q.to(tl.int64) * stride_qm
     do_start = b64 * stride_dob + start_q.to(tl.int64) * stride_dom
-    for g in range(0, group):
+    acc_start = b64 * stride_ab + start_q.to(tl.int64) * stride_am
+    for g in range(group):
         h = hk * group + g
         q_base = Q + q_start + h * stride_qh
         do_base = DO + do_start + h * stride_doh
+        acc_base = DQ_ACC + acc_start + h * stride_ah
         stat_base = b64 * stride_lb + h * stride_lh + start_q
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, stat_base,
-                                 offs_n, offs_d, lo, full, len_q, causal_off, qk_scale,
-                                 HEAD_D, BLOCK_D, BLOCK_M, True, DOT_PREC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, LSE, DELTA, stat_base,
-                                 offs_n, offs_d, full, q_end, len_q, causal_off, qk_scale,
-                                 HEAD_D, BLOCK_D, BLOCK_M, False, DOT_PREC)
+        if ATOMIC_DQ:  # one loop, the causal mask a select: a second loop copy spills on sm_90
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, acc_base, stride_qm, stride_dom, stride_am, LSE,
+                                   DELTA, stat_base, offs_n, offs_d, lo, q_end, len_q, causal_off, qk_scale,
+                                   HEAD_D, BLOCK_D, BLOCK_M, CAUSAL, True, DOT_PREC)
+        else:
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, acc_base, stride_qm, stride_dom, stride_am, LSE,
+                                   DELTA, stat_base, offs_n, offs_d, lo, full, len_q, causal_off, qk_scale,
+                                   HEAD_D, BLOCK_D, BLOCK_M, True, False, DOT_PREC)
+            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, acc_base, stride_qm, stride_dom, stride_am, LSE,
+                                   DELTA, stat_base, offs_n, offs_d, full, q_end, len_q, causal_off, qk_scale,
+                                   HEAD_D, BLOCK_D, BLOCK_M, False, False, DOT_PREC)
     dk_ptrs = DK + b64 * stride_dkb + krow[:, None] * stride_dkn + hk * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + b64 * stride_dvb + krow[:, None] * stride_dvn + hk * stride_dvh + offs_d[None, :]
     _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, len_k, offs_d, HEAD_D, BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, len_k, offs_d, HEAD_D, BLOCK_D)
+
+
+# One kernel, two tile tables: the fused backward (ATOMIC_DQ=True) holds more live tiles.
+_attn_bwd_fused_kernel = autotune(BWD_FUSED)(_bwd_kv_kernel)
+_attn_bwd_dkdv_kernel = autotune(BWD_DKDV)(_bwd_kv_kernel)
 
 
 @triton.jit
@@ -227,97 +256,6 @@ def _attn_bwd_dq_kernel(
     _store_tile(DQ + b64 * stride_dqb + qrow[:, None] * stride_dqm + h * stride_dqh + offs_d[None, :],
                 (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, len_q, offs_d, HEAD_D, BLOCK_D)
 
-
-
-# --------------------------------------------------------------------------------------------
-# Fused (5-GEMM) backward
-# --------------------------------------------------------------------------------------------
-
-@autotune(BWD_FUSED)
-@triton.jit
-def _attn_bwd_fused_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_dom, stride_doh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
-    stride_ab, stride_am, stride_ah,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, n_heads_kv, group, qk_scale, sm_scale,
-    tune_q, tune_k, tune_bh,  # autotuning key only (attention_configs.tune_buckets)
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dK, dV of BLOCK_N keys of one kv head (summed over its query heads) and their dQ
-    contributions, added to DQ_ACC (fp32, unscaled) with atomics. One loop body, 5 dots; the
-    causal mask is a select inside it (cheap beside the dots), so the loop stays a single loop."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_kv
-    hk = pid_bh % n_heads_kv
-    start_q, len_q, start_k, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-    n0 = pid_n * BLOCK_N
-    if n0 >= len_k:
-        return
-    b64 = b.to(tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    krow = (start_k + offs_n).to(tl.int64)
-    k = _load_tile(K + b64 * stride_kb + krow[:, None] * stride_kn + hk * stride_kh + offs_d[None, :],
-                   offs_n, len_k, offs_d, HEAD_D, BLOCK_D, True)
-    v = _load_tile(V + b64 * stride_vb + krow[:, None] * stride_vn + hk * stride_vh + offs_d[None, :],
-                   offs_n, len_k, offs_d, HEAD_D, BLOCK_D, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    causal_off = len_k - len_q
-    if CAUSAL:  # the first query row that sees key n0 is n0 - off
-        lo = tl.maximum(n0 - causal_off, 0) // BLOCK_M * BLOCK_M
-    else:
-        lo = 0
-    q_start = b64 * stride_qb + start_q.to(tl.int64) * stride_qm
-    do_start = b64 * stride_dob + start_q.to(tl.int64) * stride_dom
-    acc_start = b64 * stride_ab + start_q.to(tl.int64) * stride_am
-    for g in range(0, group):
-        h = hk * group + g
-        q_base = Q + q_start + h * stride_qh
-        do_base = DO + do_start + h * stride_doh
-        acc_base = DQ_ACC + acc_start + h * stride_ah
-        stat_base = b64 * stride_lb + h * stride_lh + start_q
-        for start_m in range(lo, len_q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d,
-                           HEAD_D, BLOCK_D, True)
-            do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, len_q, offs_d,
-                            HEAD_D, BLOCK_D, True)
-            lse, delta = _load_row_stats(LSE, DELTA, stat_base, offs_m, len_q)
-            # Rows past len_q load q = dO = 0 and lse = delta = 0, so they add exactly 0.
-            p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse[None, :])
-            if CAUSAL:
-                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-            dk += tl.dot(ds_t, q, input_precision=DOT_PREC)
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
-            _atomic_add_tile(acc_base + offs_m[:, None] * stride_am + offs_d[None, :], dq, offs_m, len_q, offs_d,
-                             HEAD_D, BLOCK_D)
-    dk_ptrs = DK + b64 * stride_dkb + krow[:, None] * stride_dkn + hk * stride_dkh + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + krow[:, None] * stride_dvn + hk * stride_dvh + offs_d[None, :]
-    _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, len_k, offs_d, HEAD_D, BLOCK_D)
-    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, len_k, offs_d, HEAD_D, BLOCK_D)
-
-
-@triton.jit
-def _atomic_add_tile(ptrs, x, rows, n_rows, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 atomic add of a [rows, BLOCK_D] tile where rows < n_rows and d < HEAD_D (relaxed
-    ordering: the sum is only read by the next kernel)."""
-    if HEAD_D == BLOCK_D:
-        tl.atomic_add(ptrs, x, mask=rows[:, None] < n_rows, sem="relaxed")
-    else:
-        tl.atomic_add(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_D), sem="relaxed")
 
 
 @triton.jit

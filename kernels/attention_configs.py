@@ -48,11 +48,13 @@ FWD_SM90 = _configs({
     ("sm90", "wide"): [(64, 32, 4, 2)],
     **_INTERP,
 })
-# Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream.
+# Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream. dK, dV and the
+# transposed P / dP tiles all live in registers: 64x128 and 32x128 tiles spill on sm_90 in Triton
+# 3.9 (FA3 keeps dQ's tile in shared memory, which Triton does not let us choose).
 BWD_FUSED = _configs({
-    ("sm90", "narrow"): [(32, 128, 8, 2), (16, 128, 8, 2)],
+    ("sm90", "narrow"): [(16, 128, 8, 2), (32, 64, 8, 2)],
     ("sm90", "wide"): [(16, 32, 8, 2)],
-    ("sm90", "fp32"): [(16, 16, 8, 2)],
+    ("sm90", "fp32"): [(16, 16, 8, 1)],
     ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
     ("sm80", "wide"): [(16, 32, 8, 2)],
     ("sm80", "fp32"): [(16, 16, 8, 2)],
@@ -142,12 +144,12 @@ class CompileSpec:
 _SHAPES = {"narrow": [(128, 128, "bf16")], "wide": [(256, 256, "bf16")], "fp32": [(256, 256, "fp32")]}
 
 
-def _table_specs(name, kernel, table, arch_name, causal=True):
+def _table_specs(name, kernel, table, arch_name, causal=True, **extra):
     for width, shapes in _SHAPES.items():
         for config in table.get((arch_name, width), []):
             for d, block_d, dtype in shapes:
                 meta = dict(HEAD_D=d, BLOCK_D=block_d, CAUSAL=causal, IS_VARLEN=width == "narrow",
-                            DOT_PREC="ieee" if dtype == "fp32" else "tf32", **config.kwargs)
+                            DOT_PREC="ieee" if dtype == "fp32" else "tf32", **config.kwargs, **extra)
                 yield CompileSpec(name, kernel, meta, dict(num_warps=config.num_warps, num_stages=config.num_stages),
                                   dtype)
 
@@ -163,8 +165,8 @@ def shipped_compile_specs(arch_name, full=True):
     yield from _table_specs("fwd", fwd._attn_fwd_kernel, FWD, arch_name)
     if arch_name == "sm90" and fwd_sm90.available():
         yield from _table_specs("fwd_sm90", fwd_sm90._attn_fwd_tma_kernel, FWD_SM90, arch_name, causal=False)
-    yield from _table_specs("bwd_fused", bwd._attn_bwd_fused_kernel, BWD_FUSED, arch_name)
-    yield from _table_specs("bwd_dkdv", bwd._attn_bwd_dkdv_kernel, BWD_DKDV, arch_name)
+    yield from _table_specs("bwd_fused", bwd._attn_bwd_fused_kernel, BWD_FUSED, arch_name, ATOMIC_DQ=True)
+    yield from _table_specs("bwd_dkdv", bwd._attn_bwd_dkdv_kernel, BWD_DKDV, arch_name, ATOMIC_DQ=False)
     yield from _table_specs("bwd_dq", bwd._attn_bwd_dq_kernel, BWD_DQ, arch_name)
     yield CompileSpec("bwd_delta", bwd._bwd_delta_kernel,
                       dict(HEAD_D=96, BLOCK_D=128, IS_VARLEN=True, BLOCK_M=64, ZERO_DQ=True),

@@ -380,9 +380,10 @@ def test_bf16_refused_in_the_interpreter():
 # --------------------------------------------------------------------------- torch.library
 
 
-def test_opcheck_dense():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_dense(deterministic):
     q, k, v, _, scale = _dense_case((1, 17, 20, 2, 1, 32), True, torch.float32)
-    args = (*(_leaf(t) for t in (q, k, v)), True, scale, "triton")
+    args = (*(_leaf(t) for t in (q, k, v)), True, scale, "triton", deterministic)
     torch.library.opcheck(torch.ops.janus_fast.attention_fwd.default, args)
 
 
