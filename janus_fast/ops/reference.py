@@ -49,29 +49,50 @@ def _visible(sq: int, sk: int, causal: bool, device) -> torch.Tensor:
     return j <= i + (sk - sq)
 
 
-def _scores(q, k, causal, scale):
-    """Scaled, masked scores [B, Hq, Sq, Sk] in the compute dtype; GQA by repeating kv heads."""
-    ct = _compute_dtype(q)
-    group = q.shape[2] // k.shape[2]
-    qh = q.to(ct).transpose(1, 2)  # [B, Hq, Sq, D]
-    kh = k.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    return s.masked_fill(~_visible(q.shape[1], k.shape[1], causal, q.device), -math.inf)
+def _heads_first(t, group):
+    """[B, S, H, D] -> [B, H·group, S, D] in the compute dtype (GQA: each kv head repeated)."""
+    return t.to(_compute_dtype(t)).transpose(1, 2).repeat_interleave(group, dim=1)
+
+
+def _softmax_rows(s):
+    """(P, lse) of scores s whose invisible entries are -inf. A row with no visible key has
+    lse = -inf and P = 0; a NaN score makes its whole row NaN, as in SDPA's math path."""
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    return p.masked_fill(torch.isneginf(lse)[..., None], 0.0), lse
+
+
+def _weighted_values(p, vh, visible):
+    """P V reading only visible values: out[i, d] = sum over keys j visible to i of P[i, j] V[j, d].
+
+    A plain P @ V would turn a NaN/inf at an invisible position into 0 * NaN = NaN, so the
+    non-finite values are left out of the product and a row element is set to NaN if one of
+    its visible values is non-finite (visible NaN propagates; visible inf gives a non-finite
+    result, as SDPA's inf * weight or 0 * inf does). `visible` broadcasts against p."""
+    finite = torch.isfinite(vh)
+    out = p @ vh.where(finite, 0.0)
+    bad = (visible.to(p.dtype) @ (~finite).to(p.dtype)) > 0
+    return out.masked_fill(bad, math.nan)
+
+
+def _scores(q, k, visible, scale):
+    """Scaled scores [B, Hq, Sq, Sk] in the compute dtype, -inf where not visible."""
+    s = (_heads_first(q, 1) @ _heads_first(k, q.shape[2] // k.shape[2]).transpose(-1, -2)) * scale
+    return s.masked_fill(~visible, -math.inf)
 
 
 def attention(q, k, v, causal=False, softmax_scale=None):
     """softmax(q kᵀ·scale + mask) v. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] ->
-    (out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32/64). A query with no visible key
-    gives out = 0 and lse = -inf."""
+    (out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32/64).
+
+    Non-finite values (contract 1): a query with no visible key gives out = 0 and lse = -inf; a
+    NaN in a visible score (q row or visible k) makes the row NaN, a non-finite visible value
+    makes its element non-finite; keys a query cannot see are never read into its result."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    ct = _compute_dtype(q)
-    group = q.shape[2] // k.shape[2]
-    s = _scores(q, k, causal, scale)
-    lse = torch.logsumexp(s, dim=-1)  # -inf for fully masked rows
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    out = (p @ vh).transpose(1, 2)
-    return out.to(q.dtype).contiguous(), lse
+    visible = _visible(q.shape[1], k.shape[1], causal, q.device)
+    p, lse = _softmax_rows(_scores(q, k, visible, scale))
+    out = _weighted_values(p, _heads_first(v, q.shape[2] // k.shape[2]), visible)
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
@@ -82,13 +103,12 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None
     ct = _compute_dtype(q)
     b, sk, hkv, d = k.shape
     group = q.shape[2] // hkv
-    s = _scores(q, k, causal, scale)
-    p = torch.exp(s - lse.to(ct)[..., None]).nan_to_num(0.0)  # [B, Hq, Sq, Sk]
-    do = dout.to(ct).transpose(1, 2)
-    qh = q.to(ct).transpose(1, 2)
-    kh = k.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    delta = (do * out.to(ct).transpose(1, 2)).sum(-1, keepdim=True)
+    s = _scores(q, k, _visible(q.shape[1], sk, causal, q.device), scale)
+    lse = lse.to(ct)[..., None]
+    p = torch.exp(s - lse).masked_fill(torch.isneginf(lse), 0.0)  # [B, Hq, Sq, Sk]; 0 for empty rows
+    do, qh = _heads_first(dout, 1), _heads_first(q, 1)
+    kh, vh = _heads_first(k, group), _heads_first(v, group)
+    delta = (do * _heads_first(out, 1)).sum(-1, keepdim=True)
     dv = p.transpose(-1, -2) @ do
     ds = p * (do @ vh.transpose(-1, -2) - delta)
     dq = (ds @ kh) * scale
@@ -133,17 +153,14 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     """One query per sequence against its cache prefix: q [B, Hq, D], caches [B, S_max, Hkv, D],
-    cache_seqlens [B]; keys at positions >= cache_seqlens[b] are ignored; length 0 gives 0."""
+    cache_seqlens [B]; positions >= cache_seqlens[b] are never read into the result (they may
+    hold garbage); length 0 gives 0. Non-finite values as in `attention`."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    ct = _compute_dtype(q)
-    group = q.shape[1] // k_cache.shape[2]
-    k = k_cache.to(ct).repeat_interleave(group, dim=2)  # [B, S, Hq, D]
-    v = v_cache.to(ct).repeat_interleave(group, dim=2)
-    s = torch.einsum("bhd,bshd->bhs", q.to(ct), k) * scale
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < cache_seqlens[:, None].long()
-    s = s.masked_fill(~valid[:, None, :], -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhs,bshd->bhd", p, v).to(q.dtype).contiguous()
+    visible = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
+    visible = visible[:, None, None, :]  # [B, 1, 1, S_max]
+    p, _ = _softmax_rows(_scores(q[:, None], k_cache, visible, scale))
+    out = _weighted_values(p, _heads_first(v_cache, q.shape[1] // k_cache.shape[2]), visible)
+    return out[:, :, 0].to(q.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- VQ
