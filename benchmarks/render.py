@@ -30,12 +30,14 @@ METRICS = {  # field: unit
     "images_per_s": "img/s",
     "tokens_per_s": "tok/s",
     "ms_per_step": "ms/step",
+    "mfu": "MFU",
+    "peak_gib": "GiB peak",
     "peak_extra_gib": "GiB peak beyond weights",
     "launches_per_layer_per_step": "launches/layer/step",
     "launches_per_step": "launches/step",
     "peak_extra_mib": "MiB extra",
 }
-HIGHER_IS_BETTER = {"tflops", "gbps", "images_per_s", "tokens_per_s"}
+HIGHER_IS_BETTER = {"tflops", "gbps", "images_per_s", "tokens_per_s", "mfu"}
 
 
 def read_lines(paths) -> list[dict]:
