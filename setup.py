@@ -66,6 +66,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "transformers>=4.50", "tokenizers"],
+        "bench": ["matplotlib"],  # benchmarks/render.py's charts
     },
     entry_points={"console_scripts": ["janus-fast=janus_fast.cli:main"]},
     **extension_kwargs(),

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ops": ("janus_fast.ops", None),
     "backends": ("janus_fast.ops._backend", "backends"),
-    "JanusPro": ("janus_fast.models.janus_pro", "JanusPro"),
+    "JanusPro": ("janus_fast.engine", "JanusPro"),
     "JanusProcessor": ("janus_fast.processor", "JanusProcessor"),
 }
 

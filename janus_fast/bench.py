@@ -1,98 +1,98 @@
-"""`python -m janus_fast.bench`: the kernel benchmark table, peers side by side.
+"""`python -m janus_fast.bench`: run benchmark families, one JSON line per finished case.
 
-With a CUDA GPU it runs the pytest-benchmark suites in benchmarks/ (the real shapes), saves the
-JSON under benchmarks/results/ and prints the markdown table. Without one it says so and times
-tiny shapes on the CPU — the reference backend against the torch peers — which shows the
-harness works, not how fast the kernels are.
+    python -m janus_fast.bench --family attention --out bench-results        # one family
+    python -m janus_fast.bench --family vq --out bench-results -k lookup    # -k and pytest args pass through
+    python -m janus_fast.bench --out bench-results                          # every family, one after another
+    python benchmarks/render.py bench-results/*.jsonl -o benchmarks/RESULTS.md
+
+Each family is a pytest-benchmark file, benchmarks/bench_<family>.py, run by path in a pytest
+subprocess, so this package never imports the benchmarks folder. Cells are appended to
+OUT/<family>.jsonl as each case finishes, so a run stopped by a timeout keeps what finished; a
+family's remaining cases skip with a reason once its --budget is spent, so one family fits one
+10-minute GPU call. Without CUDA the families run tiny shapes timed by the host clock (--tiny is
+then the default): that checks the benchmarks run, not how fast anything is.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from . import ops, peers
-
 REPO = Path(__file__).resolve().parent.parent
+FAMILIES = ("attention", "flex", "vq", "sampling", "generation", "training")  # benchmarks/bench_<family>.py
+DEFAULT_BUDGET_S = 480  # of a 10-minute call: the rest is start-up, imports and a last case begun in time (<= ~60 s)
 
 
-def run_gpu_suites(extra: list[str]) -> int:
-    bench_dir = REPO / "benchmarks"
-    if not bench_dir.is_dir():
-        sys.exit(f"janus_fast.bench: {bench_dir} not found; run from a source checkout (pip install -e .)")
-    out_dir = bench_dir / "results"
-    out_dir.mkdir(exist_ok=True)
-    name = torch.cuda.get_device_name().replace(" ", "_")
-    out = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    code = subprocess.call([sys.executable, "-m", "pytest", str(bench_dir), "-q", "--benchmark-only",
-                            f"--benchmark-json={out}", *extra], cwd=REPO)
-    if out.exists():
-        sys.path.insert(0, str(REPO))
-        from benchmarks.render import main as render
-
-        render([str(out)])
-        print(f"\nresults: {out}")
-    return code
+def _missing_line(family: str, path: Path, command: str) -> dict:
+    return {"family": family, "table": family, "case": "(family)", "label": "(all)", "status": "skipped",
+            "reason": f"{path.relative_to(REPO)} does not exist in this checkout",
+            "context": {"device": "n/a", "command": command,
+                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
 
 
-def cpu_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+def run_families(families: list[str], out_dir: Path, pytest_args: list[str], *, tiny: bool, budget_s: float,
+                 command: str) -> int:
+    """Run the families' benchmark files in one pytest subprocess; 0 unless pytest failed.
+    A family whose file is missing gets one skipped line saying so."""
+    paths = []
+    for family in families:
+        path = REPO / "benchmarks" / f"bench_{family}.py"
+        if path.is_file():
+            paths.append(str(path))
+            continue
+        print(f"janus_fast.bench: {family}: skipped, {path} does not exist in this checkout")
+        with open(out_dir / f"{family}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(_missing_line(family, path, command)) + "\n")
+    if not paths:
+        return 0
+    env = dict(os.environ, JANUS_FAST_BENCH_OUT=str(out_dir.resolve()), JANUS_FAST_BENCH_TINY="1" if tiny else "0",
+               JANUS_FAST_BENCH_BUDGET=str(budget_s), JANUS_FAST_BENCH_COMMAND=command)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if tiny:
+        env.setdefault("TRITON_INTERPRET", "1")
+    code = subprocess.call([sys.executable, "-m", "pytest", *paths, "-q", "-rsfE", "-p", "no:cacheprovider",
+                            *pytest_args], cwd=REPO, env=env)
+    print(f"janus_fast.bench: pytest exit {code}; cells in {out_dir}/<family>.jsonl")
+    return 0 if code in (0, 5) else code  # 5: every case deselected by -k
 
 
-def cpu_cases():
-    """(op, case, {contender: fn}) at tiny shapes."""
-    q, k, v = (torch.randn(2, 128, h, 64) for h in (8, 8, 8))
-    z, codebook = torch.randn(576, 8), torch.randn(16384, 8)
-    ids = torch.randint(0, 16384, (576,))
-    logits = torch.randn(8, 16384)
-    return [
-        ("flash_attention", "B2 H8 S128 D64 causal", {
-            "janus_fast (reference)": lambda: ops.flash_attention(q, k, v, causal=True),
-            "torch sdpa": lambda: peers.sdpa(q, k, v, causal=True)}),
-        ("vq_quantize", "576 latents x 16384 codes, D 8", {
-            "janus_fast (reference)": lambda: ops.vq_quantize(z, codebook),
-            "torch distance + argmin": lambda: peers.torch_vq_quantize(z, codebook)}),
-        ("vq_lookup", "1 x 576 ids -> [1, 8, 24, 24]", {
-            "janus_fast (reference)": lambda: ops.vq_lookup(ids, codebook, shape=(1, 8, 24, 24)),
-            "torch embedding + permute": lambda: peers.torch_vq_lookup(ids, codebook, (1, 8, 24, 24))}),
-        ("cfg_sample", "logits [8, 16384]", {
-            "janus_fast (reference)": lambda: ops.cfg_sample(logits, cfg_weight=5.0),
-            "official softmax + multinomial": lambda: peers.official_cfg_sample(logits, 5.0)}),
-    ]
-
-
-def run_cpu_table() -> int:
-    print("janus_fast.bench: no CUDA GPU here, so this times tiny shapes on the CPU with the reference "
-          "backend against the torch peers. These numbers say nothing about kernel speed; run on an "
-          "NVIDIA GPU for the real table (benchmarks/RESULTS.md).\n")
-    print("| op | case | contender | CPU median |")
-    print("|---|---|---|---|")
-    for op, case, contenders in cpu_cases():
-        for name, fn in contenders.items():
-            print(f"| {op} | {case} | {name} | {cpu_ms(fn):.3f} ms |")
-    return 0
+def parse(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m janus_fast.bench", description=__doc__.splitlines()[0],
+                                     epilog="Any other argument (-k EXPR, -x, ...) goes to pytest.",
+                                     allow_abbrev=False)
+    parser.add_argument("--family", action="append", choices=FAMILIES,
+                        help="family to run (repeatable); default: all of them, one after another")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                        help="directory that receives <family>.jsonl (appended; default benchmarks/results)")
+    parser.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
+                        help="tiny shapes (default: on without CUDA, off with it)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds per family, from its first case, after which its remaining cases skip "
+                             f"(default {DEFAULT_BUDGET_S})")
+    return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m janus_fast.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments for the GPU suites (e.g. -k vq)")
-    args = parser.parse_args(argv)
-    print("janus_fast backends:", ops.backends())
-    if torch.cuda.is_available():
-        return run_gpu_suites(args.pytest_args)
-    return run_cpu_table()
+    import torch
+
+    raw = sys.argv[1:] if argv is None else argv
+    args, pytest_args = parse(raw)
+    cuda = torch.cuda.is_available()
+    tiny = (not cuda) if args.tiny is None else args.tiny
+    if not cuda:
+        print("janus_fast.bench: no CUDA GPU here, so the families run tiny shapes timed by the host clock. "
+              "That shows the benchmarks run end to end; it says nothing about kernel speed.")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "janus_fast.bench", *raw])
+    return run_families(args.family or list(FAMILIES), out_dir, pytest_args, tiny=tiny, budget_s=args.budget,
+                        command=command)
 
 
 if __name__ == "__main__":

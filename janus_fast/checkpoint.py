@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,20 +50,29 @@ def _read_json(file: Path) -> dict:
 def read_config(path) -> tuple[JanusProConfig, str]:
     """(config, layout) from `path`/config.json; layout is "official" or "transformers"."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file: a checkpoint is a directory holding {CONFIG_NAME} and weights")
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} not found")
+        # janus_fast 0.1.0 swapped directories with renames; a kill between them left the data here
+        held = sorted(path.parent.glob(f".{path.name}.old-*/ckpt")) if path.parent.is_dir() else []
+        hint = f"; an interrupted save left a checkpoint in {held[-1]} (move it to {path})" if held else ""
+        raise FileNotFoundError(f"checkpoint directory {path} not found{hint}")
+    finish_interrupted_save(path)
     d = _read_json(path / CONFIG_NAME)
     if not isinstance(d, dict):
         raise CheckpointError(f"{path / CONFIG_NAME} must hold a JSON object")
     kind = d.get("model_type")
     if kind == "janus":
-        return _config_from_transformers(d), "transformers"
+        try:
+            return _config_from_transformers(d), "transformers"
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
     if kind not in ("multi_modality", None):
         raise CheckpointError(f"{path / CONFIG_NAME}: model_type {kind!r} is not Janus-Pro "
                               "('multi_modality', or 'janus' for a transformers conversion)")
     try:
         return JanusProConfig.from_dict(d), "official"
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
 
 
@@ -313,42 +321,156 @@ def write_weights(state: dict[str, torch.Tensor], directory, *, safe: bool = Tru
     return names
 
 
-def _is_weight_file(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin", ".index.json")) or name == CONFIG_NAME
+# Saving is crash-safe without moving the user's directory. Inside the target directory:
+#   1. every new file is written (and fsynced) into a hidden staging directory;
+#   2. a journal naming the staging directory, the new files and the stale weight files is
+#      written atomically (write + fsync + rename): this rename is the commit point;
+#   3. each new file is renamed over its place, stale weight files are unlinked;
+#   4. the journal is unlinked, then the empty staging directory.
+# A kill before (2) leaves the old checkpoint untouched (the staging data is deleted by the next
+# save); a kill after it leaves a journal, and the next load or save rolls the commit forward
+# (every step of 3-4 is idempotent), so a reader always gets the old or the new checkpoint.
+STAGING_PREFIX = ".janus_fast-save-"
+JOURNAL_NAME = ".janus_fast-commit.json"
+# The files of a checkpoint's weights; in a Janus checkpoint directory these belong to the
+# checkpoint and are replaced by a save. Everything else in the directory is never touched.
+_WEIGHT_NAME = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin"
+                          r"|model\.safetensors\.index\.json|pytorch_model\.bin\.index\.json)$")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _umask() -> int:
+    try:  # Linux reports it; os.umask would change it, briefly, for every thread
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _is_ours(name: str) -> bool:
+    return name.startswith(STAGING_PREFIX) or name.startswith(JOURNAL_NAME)
+
+
+def _is_janus_config(file: Path) -> bool:
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("model_type") in ("multi_modality", "janus")
+
+
+def finish_interrupted_save(path) -> None:
+    """Roll forward a save that was killed after its commit point (see above). A directory that
+    cannot be written raises a CheckpointError naming where the new checkpoint's files are."""
+    path = Path(path)
+    journal_file = path / JOURNAL_NAME
+    if not journal_file.is_file():
+        return
+    try:
+        journal = json.loads(journal_file.read_text(encoding="utf-8"))
+        staging = path / journal["staging"]
+        files, stale = list(journal["files"]), list(journal["stale"])
+        # Only plain names inside `path`: a crafted journal must not move or delete anything else.
+        if not (_plain_name(journal["staging"]) and journal["staging"].startswith(STAGING_PREFIX)
+                and all(_plain_name(n) and not _is_ours(n) for n in files)
+                and all(_plain_name(n) and _WEIGHT_NAME.match(n) for n in stale)):
+            raise ValueError("it names files outside the checkpoint")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{journal_file} is damaged ({e}); the interrupted save's files are in "
+                              f"{path}/{STAGING_PREFIX}*") from None
+    try:  # tolerant of a second process (a reader) finishing the same commit at the same time
+        for name in files:
+            try:
+                os.replace(staging / name, path / name)
+            except FileNotFoundError:
+                if not (path / name).exists():
+                    raise CheckpointError(f"interrupted save in {path}: {name} is neither in {staging} "
+                                          "nor in place") from None
+        for name in stale:
+            (path / name).unlink(missing_ok=True)
+        _fsync_dir(path)
+        journal_file.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    except PermissionError as e:
+        raise CheckpointError(f"{path} holds a save that was interrupted after its commit point and cannot be "
+                              f"completed here ({e}); the new checkpoint's files are in {staging}, listed in "
+                              f"{journal_file}") from None
+
+
+def _prepare_target(path: Path) -> Path:
+    """The directory to save into: symlinks followed, created if missing; a non-empty directory
+    must already hold a Janus checkpoint. Interrupted saves are finished, stale staging removed."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it is a file, not a directory")
+    target.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_save(target)
+    foreign = sorted(n for n in os.listdir(target) if not _is_ours(n))
+    if foreign and not _is_janus_config(target / CONFIG_NAME):
+        raise CheckpointError(f"refusing to save into {path}: the directory is not empty ({_listing(foreign, 5)}) "
+                              f"and holds no Janus-Pro checkpoint (no {CONFIG_NAME} with model_type "
+                              "'multi_modality'); choose an empty or new directory")
+    for name in os.listdir(target):  # what saves killed before their commit point left
+        if name.startswith(STAGING_PREFIX):
+            shutil.rmtree(target / name, ignore_errors=True)
+        elif name == f"{JOURNAL_NAME}.tmp":
+            os.unlink(target / name)
+    return target
 
 
 def save_model(model, path, max_shard_size: int | str = "5GB") -> None:
-    """Write config.json + safetensors (+ the processor's files) into a temporary directory beside
-    `path`, then swap it in with renames: a failure at any point leaves an earlier checkpoint at
-    `path` as it was. Files of an earlier checkpoint that are not weights or config (a tokenizer,
-    say) are carried over."""
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = None
+    """Write config.json, safetensors weights (and the processor's files) into the directory
+    `path` (through a symlink, created if missing), crash-safely: see the comment above.
+    Only the files written and the previous checkpoint's weight files are replaced; other
+    files and subdirectories stay as they are. Modes follow the umask."""
+    target = _prepare_target(Path(path))
+    staging = target / f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(staging)
     try:
         config = model.config.to_dict()
         config["torch_dtype"] = str(model.dtype).replace("torch.", "")
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        write_weights(model.state_dict(), tmp, safe=True, max_shard_size=max_shard_size)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_weights(model.state_dict(), staging, safe=True, max_shard_size=max_shard_size)
         if getattr(model, "processor", None) is not None:
-            model.processor.save_pretrained(tmp)
-        if path.exists():
-            for f in path.iterdir():
-                if f.is_file() and not _is_weight_file(f.name) and not (tmp / f.name).exists():
-                    shutil.copy2(f, tmp / f.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "ckpt")
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.rename(old / "ckpt", path)
-            raise
+            model.processor.save_pretrained(staging)
+        files = sorted(os.listdir(staging))
+        mode = 0o666 & ~_umask()
+        for name in files:
+            os.chmod(staging / name, mode)
+            _fsync_file(staging / name)
+        _fsync_dir(staging)
+        blocked = [n for n in files if (target / n).is_dir() and not (target / n).is_symlink()]
+        if blocked:
+            raise CheckpointError(f"cannot save into {path}: {blocked} are folders where the checkpoint's files go")
+        stale = sorted(n for n in os.listdir(target) if _WEIGHT_NAME.match(n) and n not in files)
+        journal = target / f"{JOURNAL_NAME}.tmp"
+        journal.write_text(json.dumps({"staging": staging.name, "files": files, "stale": stale}))
+        _fsync_file(journal)
+        os.replace(journal, target / JOURNAL_NAME)  # the commit point
+        _fsync_dir(target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not (old / "ckpt").exists():
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        (target / f"{JOURNAL_NAME}.tmp").unlink(missing_ok=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finish_interrupted_save(target)

@@ -1,14 +1,19 @@
 """The `janus-fast` command: generate images, chat about an image, or run a self-contained demo.
 
-  janus-fast demo                     random-weight model -> real checkpoint -> load -> generate + answer
+  janus-fast demo [--keep DIR]        random-weight model -> real checkpoint -> load -> generate + answer
   janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR
   janus-fast chat --model DIR --image FILE "question"
+  janus-fast train --config FILE      packed multi-task training (under torchrun: FSDP2)
+
+Arguments are checked before anything loads; an error the user can fix prints one line
+(`--debug` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -20,8 +25,20 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+class UsageError(Exception):
+    """An error the user can fix from the command line: printed as one line."""
+
+
 def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (cuda, cuda:1, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    return name
 
 
 def _dtype(name: str | None, device: str) -> torch.dtype:
@@ -72,40 +89,81 @@ def save_images(images: torch.Tensor, out: Path, stem: str = "img") -> Path:
     return grid
 
 
-def _load(args):
-    from .models.janus_pro import JanusPro
+def check_model_dir(path: str) -> Path:
+    """The release directory, checked (config parsed, weights and tokenizer present) before any
+    weight is read."""
+    from .checkpoint import read_config, weight_files
+
+    model = Path(path)
+    if not model.exists():
+        raise UsageError(f"--model {model}: no such directory")
+    if not model.is_dir():
+        raise UsageError(f"--model {model} is a file; pass the release directory that holds config.json")
+    if not (model / "config.json").is_file():
+        raise UsageError(f"--model {model} has no config.json: not a Janus-Pro release directory")
+    read_config(model)
+    weight_files(model)
+    if not (model / "tokenizer.json").is_file():
+        raise UsageError(f"--model {model} has no tokenizer.json; a release directory holds it beside the weights")
+    return model
+
+
+def check_out_dir(path: str) -> Path:
+    """The output directory, created now so that an unwritable one fails before generating."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; pass a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be written: {e.strerror or e}") from None
+    return out
+
+
+def _load(args, model_dir: Path):
+    from .engine import JanusPro
 
     device = _device(args.device)
     t = time.perf_counter()
-    model = JanusPro.from_pretrained(args.model, dtype=_dtype(args.dtype, device), device=device)
-    if model.processor is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer.json; a release directory holds it beside the weights")
-    print(f"loaded {args.model} on {device} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    model = JanusPro.from_pretrained(model_dir, dtype=_dtype(args.dtype, device), device=device)
+    print(f"loaded {model_dir} on {device} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     return model
 
 
 def cmd_generate(args) -> None:
-    model = _load(args)
+    model_dir, out = check_model_dir(args.model), check_out_dir(args.out)
+    _device(args.device)
+    model = _load(args, model_dir)
     t = time.perf_counter()
     images = model.generate_images(args.prompt, parallel_size=args.n, cfg_weight=args.cfg,
                                    temperature=args.temperature, seed=args.seed, progress=ProgressBar("generating"))
     dt = time.perf_counter() - t
-    grid = save_images(images, Path(args.out))
-    print(f"{len(images)} images in {dt:.1f}s ({len(images) / dt:.2f} images/s); wrote {args.out}/img_*.png and {grid}")
+    grid = save_images(images, out)
+    print(f"{len(images)} images in {dt:.1f}s ({len(images) / dt:.2f} images/s); wrote {out / 'img_*.png'} and {grid}")
 
 
 def cmd_chat(args) -> None:
-    model = _load(args)
-    print(model.answer(args.image, args.question, max_new_tokens=args.max_new_tokens))
+    from .processor import load_image
+
+    model_dir = check_model_dir(args.model)
+    image = load_image(args.image)
+    _device(args.device)
+    model = _load(args, model_dir)
+    print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens))
 
 
 def cmd_demo(args) -> None:
-    from .models.janus_pro import JanusPro
+    from .engine import JanusPro
     from .models.random_model import build_random_checkpoint
 
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
-    out = Path(args.out)
+    out = check_out_dir(args.out)
+    keep = Path(args.keep) if args.keep else None
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        raise UsageError(f"--keep {keep} must be a new or empty directory")
     n = args.n or (16 if device.startswith("cuda") else 4)
     print("janus-fast demo: RANDOM weights, so the images are noise and the answer is gibberish.\n"
           "It shows the whole path (build, save a real checkpoint, load, generate, answer) and its speed.\n"
@@ -113,7 +171,7 @@ def cmd_demo(args) -> None:
           "  janus-fast generate --model /path/to/Janus-Pro-1B --prompt 'a red fox in snow' --out out/\n"
           "  janus-fast chat --model /path/to/Janus-Pro-1B --image photo.jpg 'What is in this image?'\n")
     with tempfile.TemporaryDirectory(prefix="janus-fast-demo-") as tmp:
-        ckpt = Path(tmp) / "janus-pro-random"
+        ckpt = keep if keep is not None else Path(tmp) / "janus-pro-random"
         t = time.perf_counter()
         config = build_random_checkpoint(ckpt, "1b" if device.startswith("cuda") else "tiny", device, dtype)
         size = "1B" if config.language.hidden_size == 2048 else "tiny"
@@ -135,50 +193,116 @@ def cmd_demo(args) -> None:
     reply = model.answer(model.to_pil(images[:1])[0], "What is in this image?", max_new_tokens=args.max_new_tokens)
     print(f"[4/4] answer in {time.perf_counter() - t:.1f}s: {reply!r}")
     print("done. Random weights: expect noise and gibberish, as announced.")
+    if keep is None:
+        print("(the checkpoint was temporary: `janus-fast demo --keep DIR` keeps it to try the commands below on)")
+        return
+    q = shlex.quote
+    print(f"kept the random checkpoint in {keep}; try it with:\n"
+          f"  janus-fast generate --model {q(str(keep))} --prompt 'a red fox in snow' --n 4 --out {q(str(out / 'more'))}\n"
+          f"  janus-fast chat --model {q(str(keep))} --image {q(str(out / 'img_000.png'))} 'What is in this image?'")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite(minimum: float | None = None):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number{f' >= {minimum}' if minimum is not None else ''}, "
+                                             f"got {text}")
+        return value
+    parse.__name__ = "number"  # argparse names the type in its error
+    return parse
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" where a default is a value (not for required options, flags, or
+    None, whose meaning the help text states)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="janus-fast", description="Janus-Pro image generation and understanding.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str):
+        sp = sub.add_parser(name, help=help, description=help, formatter_class=_DefaultsFormatter)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+        return sp
 
     def common(sp, model: bool = True):
         if model:
             sp.add_argument("--model", required=True, help="Janus-Pro release directory (config.json, weights, tokenizer)")
-        sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+        sp.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
         sp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
+                        help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
 
-    g = sub.add_parser("generate", help="text -> images (PNGs and a grid)")
+    g = command("generate", "text -> images (PNGs and a grid)")
     common(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--n", type=int, default=16, help="images per prompt (parallel_size)")
-    g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance weight")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--n", type=_positive_int, default=16, help="images per prompt (parallel_size)")
+    g.add_argument("--cfg", type=_finite(), default=5.0, help="classifier-free guidance weight")
+    g.add_argument("--temperature", type=_finite(0.0), default=1.0, help="sampling temperature (0: argmax)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--out", required=True, help="output directory (created; img_NNN.png and grid.png)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="image + question -> answer")
+    c = command("chat", "image + question -> answer")
     common(c)
-    c.add_argument("--image", required=True)
-    c.add_argument("--max-new-tokens", type=int, default=512)
-    c.add_argument("question")
+    c.add_argument("--image", required=True, help="image file")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=512, help="longest answer, in tokens")
+    c.add_argument("question", help="the question about the image")
     c.set_defaults(func=cmd_chat)
 
-    d = sub.add_parser("demo", help="random-weight end-to-end demo (no download)")
+    d = command("demo", "random-weight end-to-end demo (no download)")
     common(d, model=False)
-    d.add_argument("--out", default="janus-fast-demo", help="where the image grid goes")
-    d.add_argument("--prompt", default="A close-up photo of a red fox in fresh snow.")
-    d.add_argument("--n", type=int, default=None, help="images (default: 16 on a GPU, 4 on the CPU)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=16)
+    d.add_argument("--out", default="janus-fast-demo", help="where the images and grid go")
+    d.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep the random checkpoint in DIR (new or empty) to try generate and chat on")
+    d.add_argument("--prompt", default="A close-up photo of a red fox in fresh snow.", help="what to draw")
+    d.add_argument("--n", type=_positive_int, default=None, help="images (default: 16 on a GPU, 4 on the CPU)")
+    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--max-new-tokens", type=_positive_int, default=16, help="longest answer, in tokens")
     d.set_defaults(func=cmd_demo)
+
+    from .training.command import add_train_command
+
+    add_train_command(command)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. Errors the user can fix (bad paths, files, configs, out of memory) print
+    one line and exit with status 2; anything else is a bug and shows its traceback."""
+    from .checkpoint import CheckpointError
+
     args = parser().parse_args(argv)
-    args.func(args)
+    fixable = (UsageError, CheckpointError, OSError, ValueError, torch.OutOfMemoryError)
+    try:
+        args.func(args)
+    except fixable as e:
+        if args.debug:
+            raise
+        hint = "; try a smaller --n or --dtype bfloat16" if isinstance(e, torch.OutOfMemoryError) else ""
+        print(f"janus-fast {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"janus-fast {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -31,18 +31,62 @@ def _read_json(file: Path) -> dict:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
 
 
+# Modes PIL's convert("RGB") would clip rather than scale, with their factor to 0..255.
+# 16-bit files open as I;16* (or I in older Pillow); float images are taken to lie in [0, 1].
+_HIGH_DEPTH_SCALE = {"I;16": 255 / 65535, "I;16L": 255 / 65535, "I;16B": 255 / 65535, "I;16N": 255 / 65535,
+                     "I": 255 / 65535, "F": 255.0}
+
+
+def to_rgb8(image):
+    """An 8-bit RGB copy of a PIL image of any mode: 16-bit and 32-bit integer greyscale scaled
+    from 0..65535, float greyscale from [0, 1] (values outside clipped), palette images through
+    their palette (transparent entries keep their colour, as for RGBA, whose alpha is dropped as
+    the official loader does), everything else by PIL's conversion."""
+    from PIL import Image
+
+    scale = _HIGH_DEPTH_SCALE.get(image.mode)
+    if scale is not None:
+        gray = np.asarray(image, dtype=np.float64) * scale
+        gray = np.clip(np.nan_to_num(gray, nan=0.0), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")  # a palette with transparency would warn going to RGB directly
+    return image.convert("RGB")
+
+
+def _read_image(source, name: str):
+    from PIL import Image
+
+    try:
+        with Image.open(source) as im:
+            return to_rgb8(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read {name} as an image: {e}") from None
+
+
 def load_image(image):
-    """A PIL image (converted to RGB) from a PIL image or a path."""
+    """An 8-bit RGB PIL image (see to_rgb8) from a PIL image, a path, or a base64
+    "data:image/...;base64," string (as the official loader takes); a source that cannot be read
+    as an image raises a ValueError naming it."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb8(image)
+    if isinstance(image, str) and image.startswith("data:image"):
+        import base64
+        import binascii
+        import io
+
+        try:
+            data = base64.b64decode(image.split(",", 1)[-1], validate=True)
+        except binascii.Error as e:
+            raise ValueError(f"a data:image string that is not valid base64: {e}") from None
+        return _read_image(io.BytesIO(data), "the data:image string")
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image file {image} not found")
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    raise TypeError(f"an image must be a PIL.Image or a path, got {type(image).__name__}")
+        return _read_image(image, f"image file {image}")
+    raise TypeError(f"an image must be a PIL.Image, a path or a data:image string, got {type(image).__name__}")
 
 
 def load_pil_images(conversations) -> list:
@@ -195,7 +239,10 @@ class JanusProcessor:
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "JanusProcessor":
+        from .checkpoint import finish_interrupted_save
+
         path = Path(path)
+        finish_interrupted_save(path)  # a save killed mid-publish may have replaced some files only
         pre = _read_json(path / "preprocessor_config.json")
         proc = _read_json(path / "processor_config.json")
         kwargs = {k: pre[k] for k in ("image_size", "min_size", "image_mean", "image_std", "rescale_factor",

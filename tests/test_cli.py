@@ -1,5 +1,7 @@
-"""The `janus-fast` command: demo, generate and chat, run in-process on the CPU."""
+"""The `janus-fast` command: demo, generate and chat, run in-process on the CPU; arguments are
+checked before anything loads, and errors the user can fix print one line."""
 
+import shlex
 import subprocess
 import sys
 
@@ -7,18 +9,57 @@ import pytest
 from PIL import Image
 
 from janus_fast import cli
+from janus_fast.models import JanusPro
 
 from .tiny_janus import tiny_model
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    cli.main(["demo", "--out", str(tmp_path), "--n", "2", "--max-new-tokens", "3", "--device", "cpu"])
+def run(argv, capsys):
+    """(exit status, stdout, stderr) of `janus-fast argv`."""
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
     out = capsys.readouterr()
-    assert "RANDOM weights" in out.out and "janus-fast generate --model" in out.out
-    assert "[4/4] answer" in out.out and "images/s" in out.out
-    assert "16/16 tokens" in out.err  # the progress bar
-    grid = Image.open(tmp_path / "grid.png")
-    assert grid.size == (128, 64) and len(list(tmp_path.glob("img_*.png"))) == 2
+    return code, out.out, out.err
+
+
+def test_demo_keeps_its_checkpoint_and_the_printed_commands_work(tmp_path, capsys):
+    keep = tmp_path / "random ckpt"  # a space: the printed commands must quote it
+    code, out, err = run(["demo", "--out", str(tmp_path / "demo"), "--n", "2", "--max-new-tokens", "3",
+                          "--device", "cpu", "--keep", str(keep)], capsys)
+    assert code == 0, err
+    assert "RANDOM weights" in out and "[4/4] answer" in out and "images/s" in out
+    assert "16/16 tokens" in err  # the progress bar
+    grid = Image.open(tmp_path / "demo" / "grid.png")
+    assert grid.size == (128, 64) and len(list((tmp_path / "demo").glob("img_*.png"))) == 2
+    assert (keep / "config.json").is_file() and (keep / "tokenizer.json").is_file()
+    commands = [line.strip() for line in out.splitlines() if line.strip().startswith("janus-fast ")][-2:]
+    assert commands[0].startswith("janus-fast generate") and commands[1].startswith("janus-fast chat")
+    for command in commands:
+        argv = shlex.split(command)[1:] + ["--device", "cpu"]
+        if argv[0] == "generate":
+            argv[argv.index("--n") + 1] = "1"
+        else:
+            argv = argv[:1] + ["--max-new-tokens", "2"] + argv[1:]
+        code, out2, err2 = run(argv, capsys)
+        assert code == 0, (command, err2)
+    assert (tmp_path / "demo" / "more" / "img_000.png").is_file()
+
+
+def test_demo_without_keep_says_how_to_keep(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(JanusPro, "generate_images", lambda self, *a, **k: tiny_images(1))
+    monkeypatch.setattr(JanusPro, "answer", lambda self, *a, **k: "x")
+    code, out, err = run(["demo", "--out", str(tmp_path), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "--keep DIR" in out and not list(tmp_path.glob("janus-pro-random"))
+
+
+def tiny_images(n):
+    import torch
+
+    return torch.zeros(n, 64, 64, 3, dtype=torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -28,32 +69,84 @@ def release(tmp_path_factory):
     return path
 
 
-def test_generate_writes_pngs_and_grid(release, tmp_path, capsys):
+def test_generate_writes_pngs_and_grid_with_clean_paths(release, tmp_path, capsys):
     out = tmp_path / "images"
-    cli.main(["generate", "--model", str(release), "--prompt", "a fox", "--n", "3", "--seed", "1", "--out", str(out),
-              "--device", "cpu"])
+    code, stdout, err = run(["generate", "--model", str(release), "--prompt", "a fox", "--n", "3", "--seed", "1",
+                             "--out", str(out) + "/", "--device", "cpu"], capsys)
+    assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "img_000.png", "img_001.png", "img_002.png"]
     assert Image.open(out / "img_000.png").size == (64, 64)
-    assert "3 images" in capsys.readouterr().out
+    assert "3 images" in stdout and f"wrote {out}/img_*.png and {out}/grid.png" in stdout and "//" not in stdout
 
 
 def test_chat_prints_the_answer(release, tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("RGB", (20, 30), (1, 2, 3)).save(image)
-    cli.main(["chat", "--model", str(release), "--image", str(image), "--max-new-tokens", "4", "--device", "cpu",
-              "what is it?"])
+    code, out, err = run(["chat", "--model", str(release), "--image", str(image), "--max-new-tokens", "4",
+                          "--device", "cpu", "what is it?"], capsys)
     want = tiny_model().answer(str(image), "what is it?", max_new_tokens=4)
-    assert capsys.readouterr().out == want + "\n"
+    assert code == 0 and out == want + "\n"
 
 
-def test_errors_are_clear(tmp_path):
-    with pytest.raises(SystemExit):
-        cli.main(["generate", "--prompt", "x", "--out", str(tmp_path)])  # --model is required
-    with pytest.raises(FileNotFoundError, match="not found"):
-        cli.main(["chat", "--model", str(tmp_path / "missing"), "--image", "x.png", "q"])
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the model fails the test: the argument checks must come first."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(JanusPro, "from_pretrained", classmethod(loaded))
 
 
-def test_module_entry_point_help():
-    result = subprocess.run([sys.executable, "-m", "janus_fast.cli", "--help"], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0 and "demo" in result.stdout and "generate" in result.stdout
+def one_line_error(code, out, err, *fragments):
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_bad_paths_fail_before_loading_with_one_line(release, tmp_path, capsys, no_loading):
+    a_file = tmp_path / "taken.png"
+    Image.new("RGB", (4, 4)).save(a_file)
+    gen = ["generate", "--model", str(release), "--prompt", "x", "--device", "cpu", "--out"]
+    one_line_error(*run(gen + [str(a_file)], capsys), f"--out {a_file} is an existing file")
+    one_line_error(*run(gen + [str(a_file / "sub")], capsys), f"--out {a_file / 'sub'} cannot be written")
+    chat = ["chat", "--model", str(release), "--device", "cpu", "q", "--image"]
+    one_line_error(*run(chat + [str(tmp_path / "missing.jpg")], capsys), f"image file {tmp_path / 'missing.jpg'} not found")
+    (tmp_path / "fake.jpg").write_text("not an image")
+    one_line_error(*run(chat + [str(tmp_path / "fake.jpg")], capsys), f"cannot read image file {tmp_path / 'fake.jpg'}")
+    model_args = ["chat", "--image", str(a_file), "q", "--model"]
+    one_line_error(*run(model_args + [str(tmp_path / "nope")], capsys), "no such directory")
+    one_line_error(*run(model_args + [str(a_file)], capsys), "is a file")
+    one_line_error(*run(model_args + [str(tmp_path)], capsys), "has no config.json")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((release / "config.json").read_text())
+    one_line_error(*run(model_args + [str(partial)], capsys), "no weights in")
+    one_line_error(*run(["generate", "--model", str(release), "--prompt", "x", "--out", str(tmp_path / "o"),
+                         "--device", "cuda:0" if not __import__("torch").cuda.is_available() else "nonsense"], capsys),
+                   "--device")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(cli.UsageError, match="no such directory"):
+        cli.main(["--debug", "chat", "--model", str(tmp_path / "nope"), "--image", "x.png", "q"])
+    with pytest.raises(cli.UsageError, match="no such directory"):
+        cli.main(["chat", "--debug", "--model", str(tmp_path / "nope"), "--image", "x.png", "q"])
+
+
+def test_bad_numbers_are_usage_errors(release, tmp_path, capsys):
+    for flag, value in (("--n", "0"), ("--cfg", "nan"), ("--temperature", "-1")):
+        code, _, err = run(["generate", "--model", str(release), "--prompt", "x", "--out", str(tmp_path),
+                            flag, value], capsys)
+        assert code == 2 and f"argument {flag}" in err
+
+
+def test_help_shows_defaults():
+    result = subprocess.run([sys.executable, "-m", "janus_fast.cli", "generate", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for default in ("(default: 16)", "(default: 5.0)", "(default: 1.0)", "(default: 0)", "(default: cuda if available)"):
+        assert default in text, default
+    top = cli.parser().format_help()
+    assert "demo" in top and "generate" in top and "chat" in top

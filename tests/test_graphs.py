@@ -36,6 +36,28 @@ def test_decode_attention_replays_with_new_lengths():
                                    atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("batch,heads", [(2, 16), (32, 32)])  # several splits + combine; one split, no combine
+def test_decode_attention_replays_for_janus_shapes(batch, heads):
+    q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(batch, 700, heads, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((batch,), 600, dtype=torch.int32, device="cuda")
+    graph, out = capture(lambda: ops.decode_attention(q, kc, vc, lengths))
+    for new in (1, 350, 700):
+        lengths.fill_(new)
+        graph.replay()
+        torch.testing.assert_close(out, ops.decode_attention(q, kc, vc, lengths, backend="reference"),
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_flash_attention_bf16_replays():
+    """bf16 runs the TMA forward on an H100 (its descriptor workspace comes from the graph's pool)."""
+    q, k, v = (torch.randn(2, 576, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    graph, out = capture(lambda: ops.flash_attention(q, k, v))
+    q.normal_()
+    graph.replay()
+    torch.testing.assert_close(out, ops.flash_attention(q, k, v, backend="reference"), atol=2e-2, rtol=2e-2)
+
+
 def test_flash_attention_replays():
     q, k, v = (torch.randn(2, 129, 4, 64, device="cuda", dtype=torch.float16) for _ in range(3))
     graph, out = capture(lambda: ops.flash_attention(q, k, v, causal=True))

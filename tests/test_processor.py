@@ -140,3 +140,80 @@ def test_save_and_reload(tmp_path, proc):
     assert again.image_size == SIZE and again.num_image_tokens == N_TOKENS
     text = "<|User|>: what is it\n\n<|Assistant|>:"
     assert again.tokenizer.encode(text) == proc.tokenizer.encode(text)
+
+
+# --------------------------------------------------------------------------- image modes
+
+
+def picture():
+    """An 8-bit greyscale ramp with every value 0..255 and its RGB version."""
+    gray = (np.arange(32 * 40).reshape(32, 40) % 256).astype(np.uint8)
+    return gray, np.repeat(gray[..., None], 3, axis=-1)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_high_depth_greyscale_is_scaled_not_clipped(tmp_path, proc, mode):
+    from janus_fast.processor import load_image
+
+    gray, rgb = picture()
+    wide = gray.astype(np.uint16) * 257
+    image = {"F": lambda: Image.fromarray(gray.astype(np.float32) / 255, mode="F"),
+             "I": lambda: Image.fromarray(wide.astype(np.int32)),
+             "I;16": lambda: Image.fromarray(wide),
+             "I;16B": lambda: Image.frombytes("I;16B", gray.shape[::-1], wide.astype(">u2").tobytes())}[mode]()
+    assert image.mode == mode
+    np.testing.assert_array_equal(np.asarray(load_image(image)), rgb)
+    if mode == "I;16":  # a 16-bit PNG file, as the issue found it: same pixels as the 8-bit one
+        image.save(tmp_path / "g16.png")
+        Image.fromarray(gray).save(tmp_path / "g8.png")
+        with Image.open(tmp_path / "g16.png") as f:
+            assert f.mode == "I;16"
+        torch.testing.assert_close(proc.preprocess_images([str(tmp_path / "g16.png")]),
+                                   proc.preprocess_images([str(tmp_path / "g8.png")]), rtol=0, atol=0)
+
+
+def test_float_outside_unit_range_and_nan_are_clipped():
+    from janus_fast.processor import load_image
+
+    image = Image.fromarray(np.array([[-1.0, 0.5, 2.0, np.nan]], dtype=np.float32), mode="F")
+    assert np.asarray(load_image(image))[0, :, 0].tolist() == [0, 128, 255, 0]
+
+
+def test_palette_images_use_their_palette(tmp_path):
+    from janus_fast.processor import load_image
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (7, 3), dtype=np.uint8)
+    rgb = colours[rng.integers(0, 7, (20, 24))]
+    pal = Image.fromarray(rgb).quantize(colors=7, method=Image.Quantize.MAXCOVERAGE)
+    assert pal.mode == "P"
+    np.testing.assert_array_equal(np.asarray(load_image(pal)), rgb)
+    pal.info["transparency"] = 0  # a transparent palette entry keeps its colour, without a warning
+    pal.save(tmp_path / "p.png")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(np.asarray(load_image(str(tmp_path / "p.png"))), rgb)
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+    from janus_fast.processor import load_image, load_pil_images
+
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=f"cannot read image file {bad} as an image"):
+        load_image(str(bad))
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(good)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(noise.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"cannot read image file {truncated}"):
+        load_image(truncated)
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(good.read_bytes()).decode()
+    images = load_pil_images([{"role": "<|User|>", "content": "x", "images": [uri, str(good)]}])
+    assert [im.getpixel((0, 0)) for im in images] == [(10, 20, 30), (10, 20, 30)]

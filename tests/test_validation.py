@@ -93,3 +93,71 @@ def test_cfg_sample_errors():
     raises(ValueError, "layout must be one of", ops.cfg_sample, logits, cfg_weight=1.0, layout="pairs")
     raises(TypeError, "generator must be", ops.cfg_sample, logits, cfg_weight=1.0, generator=0)
     raises(TypeError, "logits must have dtype", ops.cfg_sample, logits.long(), cfg_weight=1.0)
+
+
+# --------------------------------------------------------------------------- model configs
+# A config.json is checked when it loads: types, ranges and divisibility, each error naming the
+# field and the rule (not a shape mismatch or a torch error later).
+
+import json  # noqa: E402
+
+from janus_fast.checkpoint import CheckpointError  # noqa: E402
+from janus_fast.models import JanusPro, JanusProConfig  # noqa: E402
+
+
+def tiny_dict():
+    return JanusProConfig.tiny().to_dict()
+
+
+def set_field(d, dotted, value):
+    *parents, last = dotted.split(".")
+    for k in parents:
+        d = d[k]
+    d[last] = value
+
+
+CONFIG_ERRORS = [
+    ("language_config.num_attention_heads", 3, ValueError,
+     r"language_config.hidden_size \(64\) must be divisible by num_attention_heads \(3\)"),
+    ("language_config.num_key_value_heads", 3, ValueError,
+     r"language_config.num_attention_heads \(4\) must be divisible by num_key_value_heads \(3\)"),
+    ("language_config.hidden_size", "64", TypeError, r"language_config.hidden_size must be an integer, got '64' \(str\)"),
+    ("language_config.vocab_size", -5, ValueError, r"language_config.vocab_size must be >= 1, got -5"),
+    ("language_config.num_hidden_layers", 2.0, TypeError, r"language_config.num_hidden_layers must be an integer"),
+    ("language_config.rms_norm_eps", "abc", TypeError, r"language_config.rms_norm_eps must be a number, got 'abc'"),
+    ("language_config.rms_norm_eps", 0, ValueError, r"language_config.rms_norm_eps must be finite and > 0"),
+    ("language_config.rope_theta", float("inf"), ValueError, r"language_config.rope_theta must be finite and > 0"),
+    ("language_config.hidden_size", 60, ValueError, r"head size .* = 15 must be even"),
+    ("vision_config.params.patch_size", 24, ValueError,
+     r"vision_config.params.image_size \(64\) must be divisible by patch_size \(24\)"),
+    ("vision_config.params.heads", True, TypeError, r"vision_config.params.heads must be an integer, got True"),
+    ("vision_config.params.select_layer", 0, ValueError, r"select_layer must be in \[-2, -1\] or \[1, 2\]"),
+    ("gen_vision_config.params.image_token_size", 0, ValueError,
+     r"gen_vision_config.params.image_token_size must be >= 1, got 0"),
+    ("gen_vision_config.params.ch_mult", [1, "2"], TypeError, r"gen_vision_config.params.ch_mult\[1\] must be an integer"),
+    ("gen_vision_config.params.image_size", 72, ValueError,
+     r"gen_vision_config.params.image_size \(72\) must be divisible by the downsampling factor"),
+    ("gen_head_config.params", "x", TypeError, r"gen_head_config.params must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("field,value,exc,match", CONFIG_ERRORS, ids=[f"{c[0]}={c[1]!r}" for c in CONFIG_ERRORS])
+def test_config_errors_name_field_and_rule(field, value, exc, match):
+    d = tiny_dict()
+    set_field(d, field, value)
+    raises(exc, match, JanusProConfig.from_dict, d)
+
+
+def test_config_checked_when_the_checkpoint_loads(tmp_path):
+    d = tiny_dict()
+    d["language_config"]["num_attention_heads"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    raises(CheckpointError, r"config.json: language_config.hidden_size \(64\) must be divisible",
+           JanusPro.from_pretrained, tmp_path, device="cpu")
+    d = tiny_dict()
+    d["language_config"]["hidden_size"] = "64"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    raises(CheckpointError, r"config.json: language_config.hidden_size must be an integer",
+           JanusPro.from_pretrained, tmp_path, device="cpu")
+    raises(CheckpointError, r"config.json is a file: a checkpoint is a directory", JanusPro.from_pretrained,
+           tmp_path / "config.json", device="cpu")

@@ -10,10 +10,32 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 SIGLIP_LARGE = dict(width=1024, layers=24, heads=16, mlp_dim=4096, patch_size=16)
 VQ16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, image_size=384)
+
+
+# Validation at construction: every config (parsed from config.json or built in code) is checked
+# for types, ranges and divisibility, and the error names the config.json field and the rule.
+def _int(section: str, name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{section}.{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{section}.{name} must be >= {minimum}, got {value}")
+
+
+def _positive(section: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{section}.{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{section}.{name} must be finite and > 0, got {value}")
+
+
+def _divides(section: str, name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise ValueError(f"{section}.{name} ({value}) must be divisible by {by_name} ({by})")
 
 
 @dataclass
@@ -27,6 +49,18 @@ class LlamaConfig:
     max_position_embeddings: int = 16384
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        sec = "language_config"
+        for f in dataclasses.fields(self)[:7]:
+            _int(sec, f.name, getattr(self, f.name))
+        _positive(sec, "rms_norm_eps", self.rms_norm_eps)
+        _positive(sec, "rope_theta", self.rope_theta)
+        _divides(sec, "hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+        _divides(sec, "num_attention_heads", self.num_attention_heads, "num_key_value_heads", self.num_key_value_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"{sec}: the head size hidden_size / num_attention_heads = {self.head_dim} must be even "
+                             "(rotary embeddings rotate pairs)")
 
     @property
     def head_dim(self) -> int:
@@ -45,6 +79,19 @@ class VisionConfig:
     mlp_dim: int = 4096
     select_layer: int = -1
     model_name: str = "siglip_large_patch16_384"
+
+    def __post_init__(self):
+        sec = "vision_config.params"
+        for name in ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim"):
+            _int(sec, name, getattr(self, name))
+        _int(sec, "select_layer", self.select_layer, minimum=-self.layers)
+        if self.select_layer == 0 or self.select_layer > self.layers:
+            raise ValueError(f"{sec}.select_layer must be in [-{self.layers}, -1] or [1, {self.layers}] "
+                             f"(layers is {self.layers}), got {self.select_layer}")
+        if not isinstance(self.model_name, str):
+            raise TypeError(f"{sec}.model_name must be a string, got {self.model_name!r}")
+        _divides(sec, "image_size", self.image_size, "patch_size", self.patch_size)
+        _divides(sec, "width", self.width, "heads", self.heads)
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +115,19 @@ class VQConfig:
     num_res_blocks: int = 2
     z_channels: int = 256
     image_size: int = 384
+
+    def __post_init__(self):
+        sec = "gen_vision_config.params"
+        for name, official in (("codebook_size", "image_token_size"), ("codebook_dim", "n_embed"), ("ch", "ch"),
+                               ("num_res_blocks", "num_res_blocks"), ("z_channels", "z_channels"),
+                               ("image_size", "image_size")):
+            _int(sec, official, getattr(self, name))
+        if not isinstance(self.ch_mult, (list, tuple)) or not self.ch_mult:
+            raise TypeError(f"{sec}.ch_mult must be a non-empty list of integers, got {self.ch_mult!r}")
+        for i, m in enumerate(self.ch_mult):
+            _int(sec, f"ch_mult[{i}]", m)
+        self.ch_mult = tuple(self.ch_mult)
+        _divides(sec, "image_size", self.image_size, "the downsampling factor 2**(len(ch_mult) - 1)", self.downsample)
 
     @property
     def downsample(self) -> int:
@@ -127,6 +187,11 @@ class JanusProConfig:
             gen_head = d.pop("gen_head_config")["params"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"config.json is not a Janus-Pro (multi_modality) config: missing {e}") from None
+        for name, part in (("language_config", lang), ("vision_config.params", vis),
+                           ("gen_vision_config.params", gen), ("aligner_config.params", aligner),
+                           ("gen_aligner_config.params", gen_aligner), ("gen_head_config.params", gen_head)):
+            if not isinstance(part, dict):
+                raise TypeError(f"config.json {name} must be a JSON object, got {part!r}")
         names = [f.name for f in dataclasses.fields(LlamaConfig)]
         missing = [n for n in names[:6] if n not in lang]
         if missing:
@@ -158,7 +223,7 @@ class JanusProConfig:
                                                                  image_token_size=vq.codebook_size))):
             for k, v in want.items():
                 if k in p and p[k] != v:
-                    raise ValueError(f"config.json {name}.params.{k} is {p[k]}, expected {v} from the other parts")
+                    raise ValueError(f"config.json {name}.params.{k} is {p[k]!r}, expected {v} from the other parts")
         for name, p in (("aligner_config", aligner), ("gen_aligner_config", gen_aligner)):
             if p.get("projector_type", "mlp_gelu") != "mlp_gelu" or p.get("depth", 2) != 2:
                 raise ValueError(f"config.json {name}: only projector_type 'mlp_gelu' with depth 2 is supported")

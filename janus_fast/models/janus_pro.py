@@ -3,6 +3,7 @@ keys, same methods), plus `generate_images` and `answer`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -28,7 +29,29 @@ class VisionHead(nn.Module):
         return self.vision_head(self.vision_activation(self.output_mlp_projector(x)))
 
 
+@dataclass
+class MultiTaskOutput:
+    """The losses of a packed multi-task batch. `loss` is the mean over every target token, text
+    and image ((text_loss_sum + image_loss_weight * image_loss_sum) / (n_text + n_image));
+    text_loss / image_loss are the means of each kind (0 when a batch has none). The sums and
+    counts let a caller normalise over several batches (gradient accumulation, data parallel)."""
+
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
+    text_loss_sum: torch.Tensor
+    image_loss_sum: torch.Tensor
+    num_text_targets: int
+    num_image_targets: int
+
+
 class JanusPro(nn.Module):
+    """The model and the straightforward eager generation loops (a growing cache, one launch at a
+    time). `janus_fast.JanusPro` is its engine-backed subclass (janus_fast.engine): the same
+    model with static buffers and captured decode steps."""
+
+    language_model_class = LlamaForCausalLM  # the engine's subclass decodes text on the engine
+
     def __init__(self, config: JanusProConfig):
         super().__init__()
         self.config = config
@@ -39,7 +62,7 @@ class JanusPro(nn.Module):
         self.gen_aligner = MlpProjector(config.vq.codebook_dim, h)
         self.gen_head = VisionHead(h, config.vq.codebook_size)
         self.gen_embed = nn.Embedding(config.vq.codebook_size, config.vq.codebook_dim)
-        self.language_model = LlamaForCausalLM(config.language)
+        self.language_model = self.language_model_class(config.language)
         self.processor = None  # a JanusProcessor, set by from_pretrained when the tokenizer is there
 
     @torch.no_grad()
@@ -118,6 +141,49 @@ class JanusPro(nn.Module):
     def prepare_gen_img_embeds(self, image_ids):
         return self.gen_aligner(self.gen_embed(image_ids))
 
+    # ------------------------------------------------------------------ training
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, *, text_positions=None,
+                text_targets=None, image_positions=None, image_targets=None, gen_image_positions=None,
+                gen_image_ids=None, pixel_values=None, und_image_positions=None,
+                image_loss_weight: float = 1.0) -> MultiTaskOutput:
+        """The losses of a packed batch (`model(**batch)`), everything flat over T packed tokens:
+
+        input_ids [T] text ids (placeholders at image positions); position_ids [T] and
+        cu_seqlens int32 [n + 1] / max_seqlen describe the sequences (see LlamaModel.forward_packed).
+        Understanding images: pixel_values [n_img, 3, S, S], whose SigLIP + aligner embeddings go to
+        und_image_positions [n_img * tokens_per_image]. Generation images: gen_image_ids [G] (VQ
+        ids) embedded by gen_aligner(gen_embed(.)) at gen_image_positions [G]. Losses: the hidden
+        state at text_positions [Nt] predicts text_targets [Nt] through lm_head, the one at
+        image_positions [Ni] predicts image_targets [Ni] through gen_head; both with
+        ops.linear_cross_entropy, so no [tokens, vocab] logits exist."""
+        lm = self.language_model
+        emb = lm.get_input_embeddings()(input_ids.clamp(min=0))
+        # Every branch runs whenever its inputs are given, even when they are empty: each trained
+        # parameter then gets a gradient (zero if unused) in every batch, which data-parallel
+        # reductions need (FSDP reduces the same tensors on every rank), and shapes stay uniform.
+        if gen_image_ids is not None:
+            gen = self.prepare_gen_img_embeds(gen_image_ids)
+            emb = emb.index_put((gen_image_positions,), gen.to(emb.dtype))
+        if pixel_values is not None:
+            und = self.aligner(self.vision_model(pixel_values.to(self.aligner.layers[0].weight.dtype)))
+            emb = emb.index_put((und_image_positions,), und.flatten(0, 1).to(emb.dtype))
+        hidden = lm.model.forward_packed(emb, position_ids, cu_seqlens, max_seqlen)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        text_sum, image_sum = zero, zero
+        n_text = 0 if text_targets is None else text_targets.shape[0]
+        n_image = 0 if image_targets is None else image_targets.shape[0]
+        if text_targets is not None:
+            text_sum = ops.linear_cross_entropy(hidden.index_select(0, text_positions), lm.lm_head.weight,
+                                                text_targets, reduction="sum")
+        if image_targets is not None:
+            head = self.gen_head
+            x = head.vision_activation(head.output_mlp_projector(hidden.index_select(0, image_positions)))
+            image_sum = ops.linear_cross_entropy(x, head.vision_head.weight, image_targets, head.vision_head.bias,
+                                                 reduction="sum")
+        loss = (text_sum + image_loss_weight * image_sum) / max(n_text + n_image, 1)
+        return MultiTaskOutput(loss, text_sum / max(n_text, 1), image_sum / max(n_image, 1), text_sum, image_sum,
+                               n_text, n_image)
+
     # ------------------------------------------------------------------ high level
     def _processor(self, processor):
         proc = processor if processor is not None else self.processor
@@ -134,27 +200,48 @@ class JanusPro(nn.Module):
     @torch.inference_mode()
     def generate_images(self, prompt: str | Sequence[str], parallel_size: int = 16, cfg_weight: float = 5.0,
                         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                        seed: int | None = None, processor=None,
+                        seed: int | Sequence[int] | None = None, processor=None,
                         progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Text -> images as the official generation script does, for one prompt or several
         (of any lengths) in one batch: uint8 [len(prompts) * parallel_size, S, S, 3] on the CPU,
         prompt by prompt. Classifier-free guidance pairs each prompt row with an unconditional
-        row (the prompt's first and last tokens around pads, pads attended). `seed` makes the
-        result reproducible; `progress(step, total)` is called after each image token."""
+        row (the prompt's first and last tokens around pads, pads attended). `seed` (one for all
+        prompts, or one per prompt) makes the result reproducible: a prompt's images depend on its
+        text, seed and settings only, not on the other prompts of the batch. `progress(step,
+        total)` is called after each image token."""
         proc = self._processor(processor)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or parallel_size < 1:
-            raise ValueError("need at least one prompt and parallel_size >= 1")
-        pad = proc.pad_id
+        if not prompts or isinstance(parallel_size, bool) or not isinstance(parallel_size, int) or parallel_size < 1:
+            raise ValueError(f"need at least one prompt and an int parallel_size >= 1, got {len(prompts)} prompts "
+                             f"and parallel_size={parallel_size!r}")
+        if seed is None:  # drawn on the host: no device sync
+            seeds = torch.randint(0, 1 << 62, (len(prompts),)).tolist()
+        elif isinstance(seed, int):
+            seeds = [seed] * len(prompts)
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seed must be one int or one per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
+        ids = [self._generation_prompt_ids(proc, text) for text in prompts]
+        codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k or 0,
+                                           1.0 if top_p is None else top_p, seeds, progress)
+        return self.decode_images(codes)
+
+    def generate_image_tokens(self, prompts: list[list[int]], pad_id: int, parallel_size: int, cfg_weight: float,
+                              temperature: float, top_k: int, top_p: float, seeds: list[int],
+                              progress=None) -> torch.Tensor:
+        """The image-token loop of `generate_images`, eager over a growing cache (the engine
+        replaces it): prompt token ids -> codes [len(prompts) * parallel_size, num_tokens].
+        Request r samples its rows in its own cfg_sample launch from the random state
+        new_rng_state(seeds[r]), so its draws do not depend on the other requests."""
         rows = []
-        for text in prompts:
-            ids = self._generation_prompt_ids(proc, text)
-            uncond = ids[:1] + [pad] * max(len(ids) - 2, 0) + ids[1:][-1:]
+        for ids in prompts:
+            uncond = ids[:1] + [pad_id] * max(len(ids) - 2, 0) + ids[1:][-1:]
             rows += [ids, uncond] * parallel_size
         lm = self.language_model
         device = self.device
         longest = max(len(r) for r in rows)
-        ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), longest, dtype=torch.long)
         for i, r in enumerate(rows):  # left padding
             ids[i, longest - len(r):] = torch.tensor(r)
@@ -164,23 +251,22 @@ class JanusPro(nn.Module):
         cache = lm.model.new_cache(len(rows), longest + n_tokens)
         h = lm.model(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=mask, past_key_values=cache,
                      use_cache=True).last_hidden_state[:, -1]
-        # The random state lives on the device and each sampling launch advances it: one launch
-        # per step, no host sync, and the same seed gives the same images.
-        if seed is None:
-            seed = int(torch.randint(0, 1 << 62, ()))
-        rng_state = ops.new_rng_state(seed, device=device)
+        rng_states = [ops.new_rng_state(s, device=device) for s in seeds]
         codes = torch.empty(n_images, n_tokens, dtype=torch.long, device=device)
         with ops.no_value_checks():
             for i in range(n_tokens):
-                codes[:, i], pair_ids = ops.cfg_sample(
-                    self.gen_head(h), cfg_weight=cfg_weight, temperature=temperature, top_k=top_k or 0,
-                    top_p=1.0 if top_p is None else top_p, rng_state=rng_state, return_ids=True)
+                logits = self.gen_head(h).split(2 * parallel_size)
+                drawn = [ops.cfg_sample(part, cfg_weight=cfg_weight, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, rng_state=state, return_ids=True)
+                         for part, state in zip(logits, rng_states)]
+                codes[:, i] = torch.cat([t for t, _ in drawn])
                 if i + 1 < n_tokens:
+                    pair_ids = torch.cat([p for _, p in drawn])
                     h = lm.model.decode_step(self.prepare_gen_img_embeds(pair_ids), cache)
                     cache.max_seqlen += 1
                 if progress is not None:
                     progress(i + 1, n_tokens)
-        return self.decode_images(codes)
+        return codes
 
     @torch.inference_mode()
     def decode_images(self, codes: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -202,17 +288,29 @@ class JanusPro(nn.Module):
         return [Image.fromarray(img.numpy()) for img in images]
 
     @torch.inference_mode()
-    def answer(self, image, question: str, max_new_tokens: int = 512, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, processor=None) -> str:
+    def answer(self, image, question: str | Sequence[str], max_new_tokens: int = 512, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+               processor=None) -> str | list[str]:
         """Image(s) + question -> the assistant's answer, as the official inference script does.
-        `image` is a PIL image, a path, a list of those, or None for a text-only question."""
+        `image` is a PIL image, a path, a list of those, or None for a text-only question. With a
+        list of questions, `image` holds one such entry per question and the answers (a list)
+        are decoded together in one left-padded batch."""
         from ..processor import load_image
 
         proc = self._processor(processor)
-        images = [] if image is None else [load_image(x) for x in (image if isinstance(image, (list, tuple)) else [image])]
-        content = "".join(f"{proc.image_tag}\n" for _ in images) + question
-        conversation = [{"role": proc.roles[0], "content": content}, {"role": proc.roles[1], "content": ""}]
-        inputs = proc(conversations=conversation, images=images, force_batchify=True).to(self.device, self.dtype)
+        single = isinstance(question, str)
+        questions = [question] if single else list(question)
+        per_question = [image] if single else list(image if image is not None else [None] * len(questions))
+        if not questions or len(per_question) != len(questions):
+            raise ValueError(f"answer needs one image entry (an image, a list of images or None) per question: "
+                             f"got {len(per_question)} for {len(questions)} questions")
+        prepared = []
+        for entry, text in zip(per_question, questions):
+            images = [] if entry is None else [load_image(x) for x in (entry if isinstance(entry, (list, tuple)) else [entry])]
+            content = "".join(f"{proc.image_tag}\n" for _ in images) + text
+            conversation = [{"role": proc.roles[0], "content": content}, {"role": proc.roles[1], "content": ""}]
+            prepared.append(proc.process_one(conversations=conversation, images=images))
+        inputs = proc.batchify(prepared).to(self.device, self.dtype)
         embeds = self.prepare_inputs_embeds(**inputs)
         tok = proc.tokenizer
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
@@ -221,4 +319,5 @@ class JanusPro(nn.Module):
                                            eos_token_id=tok.eos_token_id, max_new_tokens=max_new_tokens,
                                            do_sample=do_sample, temperature=temperature, top_p=top_p,
                                            generator=generator)
-        return tok.decode(out[0].tolist(), skip_special_tokens=True)
+        answers = [tok.decode(row, skip_special_tokens=True) for row in out.tolist()]
+        return answers[0] if single else answers

@@ -59,16 +59,25 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Static KV cache: per layer k/v [B, capacity, Hkv, D]; row b holds its first seqlens[b]
-    slots (real tokens only, left-aligned). `max_seqlen` is a host-side upper bound of seqlens so
-    growing the cache never reads device memory."""
+    slots (real tokens only, left-aligned), so a token's slot is also its rotary position.
+    `max_seqlen` is a host-side upper bound of seqlens so growing the cache never reads device
+    memory. rope_cos/rope_sin [capacity, D] (fp32) are the RoPE table of every slot, which the
+    decode step reads at seqlens."""
 
     def __init__(self, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, rope_theta: float = 10000.0):
         shape = (batch, capacity, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.max_seqlen = 0
+        self.rope_theta = rope_theta
+        self._rope_table(capacity)
+
+    def _rope_table(self, capacity: int) -> None:
+        positions = torch.arange(capacity, device=self.seqlens.device)
+        cos, sin = rope_cos_sin(positions, self.k[0].shape[-1], self.rope_theta, torch.float32)
+        self.rope_cos, self.rope_sin = cos[:, 0], sin[:, 0]
 
     @property
     def capacity(self) -> int:
@@ -92,6 +101,35 @@ class KVCache:
                 grown = t.new_zeros((t.shape[0], cap, *t.shape[2:]))
                 grown[:, : t.shape[1]] = t
                 buf[i] = grown
+        self._rope_table(cap)
+
+
+def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    """One [sum of out_features, in_features] weight whose row blocks are the weights of the
+    Linear layers owner.<names>, so a decode step runs one GEMM for all of them. The layers keep
+    their Parameters (and state-dict keys): those become views of the fused tensor, with their
+    values unchanged. Made on first use and again whenever a Parameter no longer views it (after
+    `.to()`, or a checkpoint load that assigned new tensors)."""
+    key = "_fused_" + "_".join(names)
+    weights = [getattr(owner, n).weight for n in names]
+    fused = owner.__dict__.get(key)
+    if fused is not None:
+        starts = [0]
+        for w in weights:
+            starts.append(starts[-1] + w.shape[0])
+        if all(w.data_ptr() == fused[s].data_ptr() and w.shape[1:] == fused.shape[1:]
+               for w, s in zip(weights, starts)) and starts[-1] == fused.shape[0]:
+            return fused
+    # Outside inference mode, so the new Parameters stay trainable wherever the fusion happens.
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([w.detach() for w in weights])
+        start = 0
+        for n, w in zip(names, weights):
+            linear = getattr(owner, n)
+            linear.weight = nn.Parameter(fused[start:start + w.shape[0]], requires_grad=w.requires_grad)
+            start += w.shape[0]
+    owner.__dict__[key] = fused
+    return fused
 
 
 @dataclass
@@ -164,14 +202,24 @@ class LlamaAttention(nn.Module):
             out[p.rows, p.cols] = packed
         return self.o_proj(out.reshape(b, t, -1))
 
-    def decode(self, x, cos, sin, layer: int, cache: KVCache, rows: torch.Tensor):
-        """x [B, H]: write this token's k/v at slot seqlens[b], attend to seqlens[b] + 1 keys."""
+    def packed(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int):
+        """Training path, x [T, H]: causal attention within each packed sequence of cu_seqlens,
+        straight through ops.varlen_attention (no padding, no gather/scatter, no cache)."""
         q, k, v = self.qkv(x, cos, sin)
-        slots = cache.seqlens.long()
-        cache.k[layer][rows, slots] = k
-        cache.v[layer][rows, slots] = v
-        out = ops.decode_attention(q, cache.k[layer], cache.v[layer], cache.seqlens + 1)
+        out = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def decode(self, x, cache: KVCache, layer: int, lengths: torch.Tensor):
+        """x [B, H], one token per row: one QKV GEMM, RoPE fused with writing k/v at slot
+        seqlens[b], attention over lengths[b] = seqlens[b] + 1 keys, the o GEMM."""
+        b, d = x.shape[0], self.head_dim
+        qkv = F.linear(x, fused_weight(self, ("q_proj", "k_proj", "v_proj")))
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        q = ops.rope_kv_write(q.view(b, self.num_heads, d), k.view(b, self.num_kv_heads, d),
+                              v.view(b, self.num_kv_heads, d), cache.rope_cos, cache.rope_sin, cache.seqlens,
+                              cache.k[layer], cache.v[layer])
+        out = ops.decode_attention(q, cache.k[layer], cache.v[layer], lengths)
+        return self.o_proj(out.reshape(b, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -183,6 +231,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def decode(self, x):
+        """The same maths for decoding: one gate/up GEMM, a fused SiLU·mul, the down GEMM."""
+        gate, up = F.linear(x, fused_weight(self, ("gate_proj", "up_proj"))).chunk(2, -1)
+        return self.down_proj(ops.silu_mul(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -211,7 +264,7 @@ class LlamaModel(nn.Module):
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         cfg, w = self.config, self.layers[0].self_attn.k_proj.weight
         return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim,
-                       w.dtype, w.device)
+                       w.dtype, w.device, cfg.rope_theta)
 
     def _rope(self, positions, dtype):
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
@@ -219,14 +272,46 @@ class LlamaModel(nn.Module):
     def decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row: x [B, H] embeddings -> final-normed hidden [B, H]; appends to the
         cache and advances cache.seqlens in place. No host syncs, no allocation that depends on
-        values: the piece a CUDA-graph engine captures or replaces. The caller keeps capacity
-        (`cache.reserve(1)`) and `cache.max_seqlen`."""
-        cos, sin = self._rope(cache.seqlens.long(), x.dtype)  # [B, 1, D]: broadcast over heads
-        rows = torch.arange(x.shape[0], device=x.device)
+        values: the piece a CUDA-graph engine captures. The caller keeps capacity
+        (`cache.reserve(1)`) and `cache.max_seqlen`.
+
+        Each layer is nine dispatched ops: the residual add fused into each RMSNorm, one QKV
+        GEMM, RoPE fused with the cache write, decode attention, the o GEMM, one gate/up GEMM,
+        SiLU·mul and the down GEMM (the Q/K/V and gate/up weights fused on first use)."""
+        eps = self.config.rms_norm_eps
+        lengths = cache.seqlens + 1
+        residual, delta = x, None
         for i, layer in enumerate(self.layers):
-            x = layer(x, lambda attn, y, i=i: attn.decode(y, cos, sin, i, cache, rows))
+            if delta is None:
+                normed = ops.rms_norm(residual, layer.input_layernorm.weight, eps=eps)
+            else:
+                normed, residual = ops.rms_norm(delta, layer.input_layernorm.weight, eps=eps, residual=residual)
+            delta = layer.self_attn.decode(normed, cache, i, lengths)
+            normed, residual = ops.rms_norm(delta, layer.post_attention_layernorm.weight, eps=eps, residual=residual)
+            delta = layer.mlp.decode(normed)
+        if delta is None:
+            out = ops.rms_norm(residual, self.norm.weight, eps=eps)
+        else:
+            out, _ = ops.rms_norm(delta, self.norm.weight, eps=eps, residual=residual)
         cache.seqlens.add_(1)
-        return self.norm(x)
+        return out
+
+    def forward_packed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                       max_seqlen: int) -> torch.Tensor:
+        """Packed sequences (training): inputs_embeds [T, H] holding the sequences of cu_seqlens
+        (int32 [n + 1]) back to back, position_ids [T] restarting at 0 in each -> final-normed
+        hidden [T, H]. Under torch.autocast the rotary tables take the autocast dtype, so q, k and
+        v share one dtype."""
+        if inputs_embeds.dim() != 2 or position_ids.shape != inputs_embeds.shape[:1]:
+            raise ValueError(f"inputs_embeds must be [T, hidden] and position_ids [T], got "
+                             f"{tuple(inputs_embeds.shape)} and {tuple(position_ids.shape)}")
+        device = inputs_embeds.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
+        cos, sin = self._rope(position_ids, dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, lambda attn, y: attn.packed(y, cos, sin, cu_seqlens, max_seqlen))
+        return self.norm(h)
 
     def _packing(self, mask: torch.Tensor | None, b: int, t: int, cache: KVCache | None, device):
         """Positions [B, T] and the packing of the real tokens (host syncs: prefill only)."""
@@ -310,14 +395,17 @@ class LlamaForCausalLM(nn.Module):
                          past_key_values=past_key_values, use_cache=use_cache)
         return CausalLMOutputWithPast(self.lm_head(out.last_hidden_state), out.past_key_values)
 
-    def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator):
+    def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator=None,
+               rng_state=None):
         """Next token [B] from logits [B, V]: argmax, or a draw through ops.cfg_sample with the
-        logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance)."""
+        logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance), from
+        `generator` or from a device `rng_state` (ops.new_rng_state) that the launch advances;
+        a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
         if not do_sample:
             return logits.argmax(-1)
         both = torch.cat([logits, logits]).float()
         return ops.cfg_sample(both, cfg_weight=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator, layout="halves")
+                              generator=generator, rng_state=rng_state, layout="halves")
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,
@@ -333,13 +421,22 @@ class LlamaForCausalLM(nn.Module):
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
-        b, t = inputs_embeds.shape[:2]
-        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError("generate needs a left-padded batch: attention_mask[:, -1] must be 1 in every row")
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        new = self.generate_new_tokens(inputs_embeds, attention_mask, max_new_tokens, do_sample, temperature,
+                                       top_k, top_p, tuple(eos), pad, generator)
+        return torch.cat([input_ids, new], 1) if input_ids is not None else new
+
+    def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
+                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
+        """The decoding loop of `generate`, eager over a growing cache (the engine replaces it):
+        left-padded embeds [B, T, H] (attention_mask [B, T] or None) -> new ids [B, n]; raises
+        ValueError for a mask that is not left padding."""
+        b, t = embeds.shape[:2]
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs a left-padded batch: attention_mask[:, -1] must be 1 in every row")
         cache = self.model.new_cache(b, t + max_new_tokens)
-        h = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+        h = self.model(inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache,
                        use_cache=True).last_hidden_state[:, -1]
         eos_t = torch.tensor(eos, dtype=torch.long, device=h.device)
         done = torch.zeros(b, dtype=torch.bool, device=h.device)
@@ -357,5 +454,4 @@ class LlamaForCausalLM(nn.Module):
             with ops.no_value_checks():  # the cache lengths are ours: skip per-layer device reads
                 h = self.model.decode_step(self.model.embed_tokens(sampled), cache)
             cache.max_seqlen += 1
-        new = torch.stack(tokens, 1) if tokens else torch.zeros(b, 0, dtype=torch.long, device=h.device)
-        return torch.cat([input_ids, new], 1) if input_ids is not None else new
+        return torch.stack(tokens, 1) if tokens else torch.zeros(b, 0, dtype=torch.long, device=h.device)

@@ -26,13 +26,15 @@ def random_config(size: str) -> JanusProConfig:
     raise ValueError(f"size must be one of {SIZES}, got {size!r}")
 
 
-def random_model(size: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> JanusPro:
+def random_model(size: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 model_class: type[JanusPro] = JanusPro) -> JanusPro:
     """A JanusPro of `size` with random weights (std 0.02) and a toy tokenizer as its processor,
-    built directly on `device` in `dtype`."""
+    built directly on `device` in `dtype`. model_class picks the class: the models' JanusPro
+    (eager loops) by default, `janus_fast.JanusPro` for generation on the engine."""
     config = random_config(size)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = JanusPro(config).init_random_weights().to(dtype).eval()
+        model = model_class(config).init_random_weights().to(dtype).eval()
     model.processor = JanusProcessor(toy_tokenizer(), image_size=config.vision.image_size,
                                      num_image_tokens=config.vision.num_tokens)
     return model

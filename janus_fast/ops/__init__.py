@@ -7,6 +7,8 @@ available for the tensors' device and the plain-PyTorch reference on the CPU.
 from ._backend import backends
 from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
+from .cross_entropy import linear_cross_entropy
+from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .sampling import cfg_sample, new_rng_state
 from .vq import vq_lookup, vq_quantize
 
@@ -15,8 +17,12 @@ __all__ = [
     "cfg_sample",
     "decode_attention",
     "flash_attention",
+    "linear_cross_entropy",
     "new_rng_state",
     "no_value_checks",
+    "rms_norm",
+    "rope_kv_write",
+    "silu_mul",
     "varlen_attention",
     "vq_lookup",
     "vq_quantize",

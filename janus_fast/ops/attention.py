@@ -32,7 +32,9 @@ def _impl(backend: str, name: str, kernel_name: str):
 
 @torch.library.custom_op("janus_fast::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   softmax_scale: float, backend: str,
+                   deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    # `deterministic` only matters to the backward; it is an input so that autograd sees it
     if q.numel() == 0 or k.shape[1] == 0:
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), -math.inf, dtype=_lse_dtype(q), device=q.device)
         return q.new_zeros(q.shape), lse
@@ -40,34 +42,37 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, softmax_scale, backend):
+def _(q, k, v, causal, softmax_scale, backend, deterministic=False):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("janus_fast::attention_bwd", mutates_args=())
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   backend: str, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if q.numel() == 0 or k.shape[1] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    if backend == "reference":
+        return reference.attention_backward(dout.contiguous(), q, k, v, out, lse, causal, softmax_scale)
     return _impl(backend, "attention_backward", "attention_backward")(
-        dout.contiguous(), q, k, v, out, lse, causal, softmax_scale)
+        dout.contiguous(), q, k, v, out, lse, causal, softmax_scale, deterministic)
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, softmax_scale, backend):
+def _(dout, q, k, v, out, lse, causal, softmax_scale, backend, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.softmax_scale, ctx.backend = inputs
+    q, k, v, ctx.causal, ctx.softmax_scale, ctx.backend, ctx.deterministic = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _attention_grad(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale, ctx.backend,
+                                ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
@@ -91,19 +96,24 @@ def _check_qkv(q, k, v, backend: str, ndim: int) -> None:
 
 
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", deterministic: bool = False) -> torch.Tensor:
     """softmax(q kᵀ · softmax_scale) v, differentiable.
 
     q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] with Hq a multiple of Hkv (GQA/MQA) -> [B, Sq, Hq, D].
     causal with Sq != Sk is bottom-right aligned (query i sees keys j <= i + Sk - Sq); a query
     that sees no key gets 0. softmax_scale defaults to D ** -0.5.
+    Non-finite values (every backend): a NaN in a query row or in a key it sees makes that output
+    row NaN, a non-finite value it sees makes that element non-finite; keys a query cannot see
+    (causally masked, another packed sequence, past cache_seqlens) are never read into its result.
+    deterministic=True makes the Triton backward bit-reproducible (no atomics, slower); the
+    default adds dQ with fp32 atomics, so its last bits vary from run to run.
     """
     _check_qkv(q, k, v, backend, ndim=4)
     _checks.same("batch sizes of q and k", q=q.shape[0], k=k.shape[0])
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
     chosen = _backend.resolve("flash_attention", backend, q.device, FAST,
                               fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
-    return _attention_fwd(q, k, v, bool(causal), scale, chosen)[0]
+    return _attention_fwd(q, k, v, bool(causal), scale, chosen, bool(deterministic))[0]
 
 
 # --------------------------------------------------------------------------- varlen
@@ -112,7 +122,7 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
 @torch.library.custom_op("janus_fast::varlen_attention_fwd", mutates_args=())
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                softmax_scale: float, backend: str, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale)
     return _impl(backend, "varlen_attention", "varlen_attention_forward")(
@@ -120,7 +130,8 @@ def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
 
 
 @_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, backend,
+      deterministic=False):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
 
 
@@ -128,32 +139,33 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
 def _varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                softmax_scale: float, backend: str,
+                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dout = dout.contiguous()
     if backend == "reference":
         return reference.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q,
                                                    cu_seqlens_k, causal, softmax_scale)
     return _impl(backend, "varlen_attention_backward", "varlen_attention_backward")(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-        softmax_scale)
+        softmax_scale, deterministic)
 
 
 @_varlen_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-      softmax_scale, backend):
+      softmax_scale, backend, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.causal, ctx.softmax_scale, ctx.backend = inputs
+    q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.causal, ctx.softmax_scale, ctx.backend, ctx.deterministic = inputs
     ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
 
 
 def _varlen_grad(ctx, dout, _dlse):
     q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
     dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k,
-                             ctx.causal, ctx.softmax_scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                             ctx.causal, ctx.softmax_scale, ctx.backend, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
@@ -161,13 +173,13 @@ _varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                      causal: bool = False, softmax_scale: float | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     backend: str = "auto", deterministic: bool = False) -> torch.Tensor:
     """Attention over packed sequences, differentiable.
 
     q [total_q, Hq, D], k/v [total_k, Hkv, D]; sequence i is q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]
     against k/v[cu_seqlens_k[i]:cu_seqlens_k[i+1]] (int32, starting at 0, non-decreasing; empty
     sequences allowed). max_seqlen_* bound the lengths. Causal is bottom-right aligned within each
-    sequence. -> [total_q, Hq, D].
+    sequence. deterministic as in flash_attention. -> [total_q, Hq, D].
     """
     _check_qkv(q, k, v, backend, ndim=3)
     _checks.whole_number("max_seqlen_q", max_seqlen_q)
@@ -179,7 +191,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     chosen = _backend.resolve("varlen_attention", backend, q.device, FAST,
                               fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
     return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       bool(causal), scale, chosen)[0]
+                       bool(causal), scale, chosen, bool(deterministic))[0]
 
 
 # --------------------------------------------------------------------------- decode

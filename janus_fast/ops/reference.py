@@ -25,6 +25,11 @@ __all__ = [
     "unusable_rows",
     "sampling_probs",
     "cfg_sample",
+    "rms_norm",
+    "rope_kv_write",
+    "silu_mul",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
 ]
 
 
@@ -45,29 +50,50 @@ def _visible(sq: int, sk: int, causal: bool, device) -> torch.Tensor:
     return j <= i + (sk - sq)
 
 
-def _scores(q, k, causal, scale):
-    """Scaled, masked scores [B, Hq, Sq, Sk] in the compute dtype; GQA by repeating kv heads."""
-    ct = _compute_dtype(q)
-    group = q.shape[2] // k.shape[2]
-    qh = q.to(ct).transpose(1, 2)  # [B, Hq, Sq, D]
-    kh = k.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    return s.masked_fill(~_visible(q.shape[1], k.shape[1], causal, q.device), -math.inf)
+def _heads_first(t, group):
+    """[B, S, H, D] -> [B, H·group, S, D] in the compute dtype (GQA: each kv head repeated)."""
+    return t.to(_compute_dtype(t)).transpose(1, 2).repeat_interleave(group, dim=1)
+
+
+def _softmax_rows(s):
+    """(P, lse) of scores s whose invisible entries are -inf. A row with no visible key has
+    lse = -inf and P = 0; a NaN score makes its whole row NaN, as in SDPA's math path."""
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    return p.masked_fill(torch.isneginf(lse)[..., None], 0.0), lse
+
+
+def _weighted_values(p, vh, visible):
+    """P V reading only visible values: out[i, d] = sum over keys j visible to i of P[i, j] V[j, d].
+
+    A plain P @ V would turn a NaN/inf at an invisible position into 0 * NaN = NaN, so the
+    non-finite values are left out of the product and a row element is set to NaN if one of
+    its visible values is non-finite (visible NaN propagates; visible inf gives a non-finite
+    result, as SDPA's inf * weight or 0 * inf does). `visible` broadcasts against p."""
+    finite = torch.isfinite(vh)
+    out = p @ vh.where(finite, 0.0)
+    bad = (visible.to(p.dtype) @ (~finite).to(p.dtype)) > 0
+    return out.masked_fill(bad, math.nan)
+
+
+def _scores(q, k, visible, scale):
+    """Scaled scores [B, Hq, Sq, Sk] in the compute dtype, -inf where not visible."""
+    s = (_heads_first(q, 1) @ _heads_first(k, q.shape[2] // k.shape[2]).transpose(-1, -2)) * scale
+    return s.masked_fill(~visible, -math.inf)
 
 
 def attention(q, k, v, causal=False, softmax_scale=None):
     """softmax(q kᵀ·scale + mask) v. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] ->
-    (out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32/64). A query with no visible key
-    gives out = 0 and lse = -inf."""
+    (out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32/64).
+
+    Non-finite values (contract 1): a query with no visible key gives out = 0 and lse = -inf; a
+    NaN in a visible score (q row or visible k) makes the row NaN, a non-finite visible value
+    makes its element non-finite; keys a query cannot see are never read into its result."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    ct = _compute_dtype(q)
-    group = q.shape[2] // k.shape[2]
-    s = _scores(q, k, causal, scale)
-    lse = torch.logsumexp(s, dim=-1)  # -inf for fully masked rows
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    out = (p @ vh).transpose(1, 2)
-    return out.to(q.dtype).contiguous(), lse
+    visible = _visible(q.shape[1], k.shape[1], causal, q.device)
+    p, lse = _softmax_rows(_scores(q, k, visible, scale))
+    out = _weighted_values(p, _heads_first(v, q.shape[2] // k.shape[2]), visible)
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse
 
 
 def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
@@ -78,13 +104,12 @@ def attention_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None
     ct = _compute_dtype(q)
     b, sk, hkv, d = k.shape
     group = q.shape[2] // hkv
-    s = _scores(q, k, causal, scale)
-    p = torch.exp(s - lse.to(ct)[..., None]).nan_to_num(0.0)  # [B, Hq, Sq, Sk]
-    do = dout.to(ct).transpose(1, 2)
-    qh = q.to(ct).transpose(1, 2)
-    kh = k.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.to(ct).transpose(1, 2).repeat_interleave(group, dim=1)
-    delta = (do * out.to(ct).transpose(1, 2)).sum(-1, keepdim=True)
+    s = _scores(q, k, _visible(q.shape[1], sk, causal, q.device), scale)
+    lse = lse.to(ct)[..., None]
+    p = torch.exp(s - lse).masked_fill(torch.isneginf(lse), 0.0)  # [B, Hq, Sq, Sk]; 0 for empty rows
+    do, qh = _heads_first(dout, 1), _heads_first(q, 1)
+    kh, vh = _heads_first(k, group), _heads_first(v, group)
+    delta = (do * _heads_first(out, 1)).sum(-1, keepdim=True)
     dv = p.transpose(-1, -2) @ do
     ds = p * (do @ vh.transpose(-1, -2) - delta)
     dq = (ds @ kh) * scale
@@ -129,17 +154,14 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     """One query per sequence against its cache prefix: q [B, Hq, D], caches [B, S_max, Hkv, D],
-    cache_seqlens [B]; keys at positions >= cache_seqlens[b] are ignored; length 0 gives 0."""
+    cache_seqlens [B]; positions >= cache_seqlens[b] are never read into the result (they may
+    hold garbage); length 0 gives 0. Non-finite values as in `attention`."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    ct = _compute_dtype(q)
-    group = q.shape[1] // k_cache.shape[2]
-    k = k_cache.to(ct).repeat_interleave(group, dim=2)  # [B, S, Hq, D]
-    v = v_cache.to(ct).repeat_interleave(group, dim=2)
-    s = torch.einsum("bhd,bshd->bhs", q.to(ct), k) * scale
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < cache_seqlens[:, None].long()
-    s = s.masked_fill(~valid[:, None, :], -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhs,bshd->bhd", p, v).to(q.dtype).contiguous()
+    visible = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
+    visible = visible[:, None, None, :]  # [B, 1, 1, S_max]
+    p, _ = _softmax_rows(_scores(q[:, None], k_cache, visible, scale))
+    out = _weighted_values(p, _heads_first(v_cache, q.shape[1] // k_cache.shape[2]), visible)
+    return out[:, :, 0].to(q.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- VQ
@@ -249,3 +271,81 @@ def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generato
     p = p.masked_fill(bad[:, None], 1.0)
     tokens = p.argmax(-1) if temperature == 0 else torch.multinomial(p, 1, generator=generator)[:, 0]
     return tokens.masked_fill(bad, -1)
+
+
+# --------------------------------------------------------------------------- decode layer
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """Llama RMSNorm of h = x (+ residual, added in x.dtype as torch adds): the normalisation
+    h / sqrt(mean(h²) + eps) in the compute dtype, cast to x.dtype, then times weight.
+    -> (y, h), both in x.dtype."""
+    h = x if residual is None else x + residual
+    h32 = h.to(_compute_dtype(h))
+    y = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * y).to(x.dtype), h
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
+    """Rotate-half RoPE of q [B, Hq, D] and k [B, Hkv, D] at position positions[b] (rows of the
+    cos/sin tables [S, D]), in the compute dtype; the rotated k and the unchanged v are written to
+    k_cache/v_cache [B, S_max, Hkv, D] at slot positions[b] (in place). -> rotated q in q.dtype."""
+    ct = _compute_dtype(q)
+    pos = positions.long()
+    c, s = cos[pos].to(ct)[:, None, :], sin[pos].to(ct)[:, None, :]
+
+    def rotate(x):
+        x = x.to(ct)
+        return x * c + _rotate_half(x) * s
+
+    rows = torch.arange(q.shape[0], device=q.device)
+    k_cache[rows, pos] = rotate(k).to(k_cache.dtype)
+    v_cache[rows, pos] = v.to(v_cache.dtype)
+    return rotate(q).to(q.dtype).contiguous()
+
+
+def silu_mul(gate, up):
+    """silu(gate) · up in the compute dtype -> gate.dtype."""
+    ct = _compute_dtype(gate)
+    return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+
+def _linear_logits(x, weight, bias):
+    ct = _compute_dtype(x)
+    return F.linear(x.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """cross_entropy(x Wᵀ + b, target) on the full [N, V] logits in the compute dtype, differentiable.
+    "sum" adds the losses of targets != ignore_index; "mean" divides that by their number, or
+    by 1 when there is none (0, not torch's NaN)."""
+    logits = _linear_logits(x, weight, bias)
+    total = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (target != ignore_index).sum().clamp(min=1)
+
+
+def linear_cross_entropy_backward(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """(loss, dx, dW, db) of `linear_cross_entropy` for dloss = 1, written out explicitly:
+    dz = (softmax(z) − onehot(t)) · s on valid rows (0 on ignored ones), s = 1 or 1/max(#valid, 1);
+    dx = dz W (x's dtype), dW = dzᵀ x, db = Σ dz (compute dtype)."""
+    ct = _compute_dtype(x)
+    logits = _linear_logits(x, weight, bias)
+    valid = target != ignore_index
+    safe = torch.where(valid, target.long(), 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    losses = torch.where(valid, lse - logits.gather(1, safe[:, None])[:, 0], 0.0)
+    scale = 1.0 if reduction == "sum" else 1.0 / valid.sum().clamp(min=1).to(ct)
+    dz = torch.softmax(logits, dim=-1) - F.one_hot(safe, logits.shape[1]).to(ct)
+    dz = dz * (valid[:, None].to(ct) * scale)
+    loss = losses.sum() * scale
+    return loss, (dz @ weight.to(ct)).to(x.dtype), dz.T @ x.to(ct), dz.sum(0)

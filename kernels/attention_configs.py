@@ -1,0 +1,176 @@
+"""Launch configurations of the Triton attention kernels, per GPU architecture and tile width.
+
+A table maps (arch, width) to rows (BLOCK_M, BLOCK_N, num_warps, num_stages). Widths: "narrow"
+(16-bit, head_dim <= 128), "wide" (16-bit, head_dim > 128) and "fp32" (exact fp32 dots on the CUDA
+cores, a correctness path: small tiles are the ones that fit in registers). Every shipped row compiles for its
+architecture without register spills and within shared memory (A100 163 KiB, H100 227 KiB):
+tests/test_compile_facts.py compiles each one (shipped_compile_specs) and checks, without a GPU.
+
+The autotuner keys on the head dim, causality, varlen, and power-of-two buckets of max_seqlen_q,
+max_seqlen_k and batch x heads (tune_buckets): short and long sequences, few and many heads want
+different tiles, while a bucket keeps varlen training from re-tuning at every new max length.
+Each key is pruned to this GPU's table, so a single survivor skips the benchmark (the interpreter
+always lands there); winners are cached on disk.
+"""
+import dataclasses
+import functools
+
+import torch
+import triton
+
+TUNE_KEY = ["HEAD_D", "CAUSAL", "IS_VARLEN", "tune_q", "tune_k", "tune_bh"]
+
+
+def _configs(table):
+    """{(arch, width): [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]} -> the same keys with Configs."""
+    return {tag: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in rows]
+            for tag, rows in table.items()}
+
+
+_INTERP = {("interp", w): [(32, 16, 4, 1)] for w in ("narrow", "wide", "fp32")}
+_INTERP_KV = {("interp", w): [(16, 32, 4, 1)] for w in ("narrow", "wide", "fp32")}
+
+# Forward (pointer loads): sm_80, and sm_90 when TMA / warp specialisation are unavailable.
+FWD = _configs({
+    ("sm90", "narrow"): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    ("sm90", "wide"): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    ("sm90", "fp32"): [(16, 16, 8, 2)],
+    ("sm80", "narrow"): [(128, 64, 8, 3), (64, 32, 4, 3)],
+    ("sm80", "wide"): [(64, 32, 8, 2)],
+    ("sm80", "fp32"): [(16, 16, 8, 2)],
+    **_INTERP,
+})
+# sm_90 non-causal forward (TMA + warp specialisation), 16-bit only: num_warps=4 is one consumer
+# warpgroup; Triton adds a second one and a producer when it specialises the loop (12 warps). 64-row
+# tiles serve SigLIP's 576 tokens without a half block; 3 stages of 64x256 tiles overflow H100.
+FWD_SM90 = _configs({
+    ("sm90", "narrow"): [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)],
+    ("sm90", "wide"): [(64, 32, 4, 2)],
+    **_INTERP,
+})
+# Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream. dK, dV and the
+# transposed P / dP tiles all live in registers: 64x128 and 32x128 tiles spill on sm_90 in Triton
+# 3.9 (FA3 keeps dQ's tile in shared memory, which Triton does not let us choose).
+BWD_FUSED = _configs({
+    ("sm90", "narrow"): [(16, 128, 8, 2), (32, 64, 8, 2)],
+    ("sm90", "wide"): [(16, 32, 8, 2)],
+    ("sm90", "fp32"): [(16, 16, 8, 1)],
+    ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
+    ("sm80", "wide"): [(16, 32, 8, 2)],
+    ("sm80", "fp32"): [(16, 16, 8, 2)],
+    **_INTERP_KV,
+})
+# Deterministic backward, dK/dV kernel: BLOCK_N keys stay resident, BLOCK_M query rows stream.
+BWD_DKDV = _configs({
+    ("sm90", "narrow"): [(16, 128, 8, 2), (16, 128, 8, 3)],
+    ("sm90", "wide"): [(16, 32, 8, 2)],
+    ("sm90", "fp32"): [(16, 16, 8, 1)],
+    ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
+    ("sm80", "wide"): [(16, 32, 8, 2)],
+    ("sm80", "fp32"): [(16, 16, 8, 2)],
+    **_INTERP_KV,
+})
+# Deterministic backward, dQ kernel: BLOCK_M query rows stay resident, BLOCK_N keys stream.
+BWD_DQ = _configs({
+    ("sm90", "narrow"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("sm90", "wide"): [(32, 32, 4, 2), (64, 16, 4, 2)],
+    ("sm90", "fp32"): [(16, 16, 4, 2)],
+    ("sm80", "narrow"): [(64, 32, 4, 2)],
+    ("sm80", "wide"): [(32, 32, 4, 2)],
+    ("sm80", "fp32"): [(16, 16, 4, 2)],
+    **_INTERP,
+})
+
+
+@functools.lru_cache(maxsize=None)
+def arch(device_index):
+    """"sm90" (Hopper and newer), "sm80" (Ampere/Ada) or "interp" (the Triton interpreter)."""
+    if triton.knobs.runtime.interpret:
+        return "interp"
+    major, _ = torch.cuda.get_device_capability(device_index)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def tag(q, block_d):
+    width = "fp32" if q.element_size() == 4 else "wide" if block_d > 128 else "narrow"
+    return arch(q.device.index if q.is_cuda else -1), width
+
+
+def _bucket(n):
+    return triton.next_power_of_2(max(int(n), 16))  # >= 16: no specialisation on 1 or odd values
+
+
+def tune_buckets(max_q, max_k, batch_heads):
+    """The tune_q, tune_k, tune_bh kernel arguments (only read by the autotuner's key)."""
+    return dict(tune_q=_bucket(max_q), tune_k=_bucket(max_k), tune_bh=_bucket(batch_heads))
+
+
+def autotune(table, tensor_arg="Q"):
+    """triton.autotune over all of `table`, pruned at the first call of each key to the configs of
+    this GPU's architecture and tile width (by identity: equal configs may sit under two tags)."""
+    def prune(configs, nargs, **kwargs):
+        args = {**nargs, **kwargs}
+        mine = {id(c) for c in table[tag(args[tensor_arg], args["BLOCK_D"])]}
+        return [c for c in configs if id(c) in mine]
+
+    union = [c for rows in table.values() for c in rows]
+    return triton.autotune(configs=union, key=TUNE_KEY, prune_configs_by={"early_config_prune": prune},
+                           cache_results=True)
+
+
+# --------------------------------------------------------------------------------------------
+# What the compile-facts test builds
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CompileSpec:
+    name: str
+    kernel: object
+    meta: dict
+    options: dict
+    dtype: str = "bf16"
+
+    @property
+    def label(self):
+        m = self.meta
+        tiles = f"{m.get('BLOCK_M', m.get('BLOCK_H', ''))}x{m.get('BLOCK_N', '')}"
+        return (f"D{m.get('HEAD_D', '-')} {self.dtype} {tiles} w{self.options['num_warps']} "
+                f"s{self.options['num_stages']}" + (" causal" if m.get("CAUSAL") else "")
+                + (" split" if m.get("SPLIT") else ""))
+
+
+# narrow: causal varlen at head_dim 128 (the LLM); wide and fp32: causal dense at 256. Causal
+# is the worst case for registers (the diagonal tiles' masks); the sm_90 forward is non-causal only.
+_SHAPES = {"narrow": [(128, 128, "bf16")], "wide": [(256, 256, "bf16")], "fp32": [(256, 256, "fp32")]}
+
+
+def _table_specs(name, kernel, table, arch_name, causal=True, **extra):
+    for width, shapes in _SHAPES.items():
+        for config in table.get((arch_name, width), []):
+            for d, block_d, dtype in shapes:
+                meta = dict(HEAD_D=d, BLOCK_D=block_d, CAUSAL=causal, IS_VARLEN=width == "narrow",
+                            DOT_PREC="ieee" if dtype == "fp32" else "tf32", **config.kwargs, **extra)
+                yield CompileSpec(name, kernel, meta, dict(num_warps=config.num_warps, num_stages=config.num_stages),
+                                  dtype)
+
+
+def shipped_compile_specs(arch_name, full=True):
+    """Every kernel and config the launchers can run on `arch_name` ("sm80" / "sm90"); full=False
+    keeps the decode kernels to the Janus head dim (128, bf16)."""
+    from . import attention_bwd as bwd
+    from . import attention_decode as dec
+    from . import attention_fwd as fwd
+    from . import attention_fwd_sm90 as fwd_sm90
+
+    yield from _table_specs("fwd", fwd._attn_fwd_kernel, FWD, arch_name)
+    if arch_name == "sm90" and fwd_sm90.available():
+        yield from _table_specs("fwd_sm90", fwd_sm90._attn_fwd_tma_kernel, FWD_SM90, arch_name, causal=False)
+    yield from _table_specs("bwd_fused", bwd._attn_bwd_fused_kernel, BWD_FUSED, arch_name, ATOMIC_DQ=True)
+    yield from _table_specs("bwd_dkdv", bwd._attn_bwd_dkdv_kernel, BWD_DKDV, arch_name, ATOMIC_DQ=False)
+    yield from _table_specs("bwd_dq", bwd._attn_bwd_dq_kernel, BWD_DQ, arch_name)
+    yield CompileSpec("bwd_delta", bwd._bwd_delta_kernel,
+                      dict(HEAD_D=96, BLOCK_D=128, IS_VARLEN=True, BLOCK_M=64, ZERO_DQ=True),
+                      dict(num_warps=4, num_stages=1))
+    yield CompileSpec("bwd_dq_convert", bwd._bwd_dq_convert_kernel, dict(BLOCK=1024), dict(num_warps=4, num_stages=1))
+    for d, dtype in ((128, "bf16"), (256, "bf16"), (128, "fp32")) if full else ((128, "bf16"),):
+        yield from dec.compile_specs(arch_name, d, dtype, full)

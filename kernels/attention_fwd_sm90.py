@@ -1,0 +1,123 @@
+"""Attention forward for Hopper (sm_90), non-causal: TMA descriptors, warp specialisation, persistent.
+
+Same maths, layouts and non-finite rule as kernels/attention_fwd.py (see kernels/attention.py);
+what differs is how the work reaches the tensor cores:
+  - Q/K/V tiles are read and O tiles written through device-side tensor descriptors
+    (tl.make_tensor_descriptor), which lower to TMA copies. A descriptor spans one sequence of one
+    head, so rows past the sequence (another packed sequence, the tensor's end) are filled with
+    zeros by the hardware and never read.
+  - The key loop is marked warp_specialize=True: Triton splits it into a TMA producer and
+    consumer warpgroups that overlap the softmax of one tile with the tensor-core work of another
+    (needs num_warps=4). Its only mask is the bound check of the last tile.
+  - The grid is persistent: one program per SM walks the (query block, batch x head) tiles.
+Causal attention stays on the pointer-load kernel: contract 1 needs the hidden values of a
+diagonal tile zeroed before P V, and Triton 3.9's warp-specialisation pass rejects that select
+inside the specialised loop, and rejects a separate diagonal loop for varlen and for head_dim 256
+(tests/test_compile_facts.py would show it). Used when the installed Triton has these features
+(available()) and the strides suit TMA (tma_compatible()); the launcher falls back otherwise.
+"""
+import functools
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import _seq_bounds
+from .attention_configs import FWD_SM90, autotune
+
+
+@functools.lru_cache(maxsize=None)
+def available():
+    """True if this Triton has device tensor descriptors, an allocator hook and warp_specialize."""
+    return (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+            and "warp_specialize" in inspect.signature(tl.range.__init__).parameters)
+
+
+def tma_compatible(*tensors):
+    """TMA needs 16-byte aligned bases and row/head/batch strides that are multiples of 16 bytes."""
+    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
+
+
+def _workspace(size, alignment, stream):
+    # global scratch for the descriptors the kernel builds (a few hundred bytes per program)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def set_descriptor_allocator():
+    """Device-side descriptors need a Triton allocator; install a torch one unless the caller set
+    their own. Allocating through torch keeps the launch CUDA-graph capturable."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_workspace)
+
+
+@autotune(FWD_SM90)
+@triton.jit
+def _attn_fwd_tma_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, n_heads_q, group, qk_scale, n_seq,
+    tune_q, tune_k, tune_bh,  # autotuning key only (attention_configs.tune_buckets)
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out = softmax(s Q K^T) V and lse for every (query block, batch x head) tile; fp32 softmax
+    statistics and accumulator. qk_scale = s * log2(e) > 0: the running max m is kept in scaled
+    units, so p = exp2(qk * qk_scale - m) is one FMA per score."""
+    tl.static_assert(not CAUSAL, "causal attention uses the pointer-load kernel")
+    n_m = tl.cdiv(seqlen_q, BLOCK_M)
+    n_bh = n_seq * n_heads_q
+    for tile in tl.range(tl.program_id(0), n_m * n_bh, tl.num_programs(0), flatten=False):
+        pid_m = tile // n_bh
+        bh = tile % n_bh
+        b = bh // n_heads_q
+        h = bh % n_heads_q
+        hk = h // group
+        start_q, len_q, start_k, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+        b64 = b.to(tl.int64)
+        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh,
+                                           shape=[len_q, HEAD_D], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + start_k.to(tl.int64) * stride_kn + hk * stride_kh,
+                                           shape=[len_k, HEAD_D], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + start_k.to(tl.int64) * stride_vn + hk * stride_vh,
+                                           shape=[len_k, HEAD_D], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        o_desc = tl.make_tensor_descriptor(O + b64 * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh,
+                                           shape=[len_q, HEAD_D], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        end = tl.where(m0 < len_q, len_k, 0)  # a block past this sequence's end does nothing
+
+        q = q_desc.load([m0, 0])
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for start_n in tl.range(0, end, BLOCK_N, warp_specialize=True):
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])  # rows past len_k are zeros: P V reads nothing hidden
+            qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+            qk = tl.where((start_n + offs_n)[None, :] < len_k, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: every tile has a key
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
+
+        empty = l_i == 0.0  # no key at all (len_k = 0): out = 0, lse = -inf
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        o_desc.store([m0, 0], out.to(O.dtype.element_ty))  # rows past len_q are clipped by the descriptor
+        tl.store(LSE + b64 * stride_lb + h * stride_lh + start_q + offs_m, lse, mask=offs_m < len_q)

@@ -1,0 +1,104 @@
+"""The Hopper forward (TMA descriptors, warp specialisation, persistent grid) and its fallback.
+
+The interpreter runs tensor descriptors, so the sm_90 kernel's maths is checked on the CPU by
+routing the launcher to it; on an H100 the same cases run natively and against the fallback.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import janus_fast.kernels.attention as K
+import janus_fast.kernels.attention_fwd_sm90 as K90
+from tests.helpers import DEVICE
+from tests.test_attention import _run_dense, _run_varlen
+
+
+@pytest.fixture
+def sm90_forward(monkeypatch):
+    """Route the launcher's forward to the sm_90 kernel (the interpreter has no architecture)."""
+    if not K90.available():
+        pytest.skip("this Triton lacks tensor descriptors or warp_specialize")
+    monkeypatch.setattr(K, "_use_sm90_forward", lambda q, k, v, out, causal, scale: not causal)
+
+
+@pytest.mark.parametrize("shape", [(2, 33, 20, 4, 1, 40), (1, 17, 70, 2, 2, 64), (1, 1, 1, 2, 2, 32)])
+def test_sm90_forward_dense(sm90_forward, shape):
+    _run_dense(shape, False, torch.float16)
+
+
+def test_sm90_forward_varlen(sm90_forward):
+    _run_varlen([5, 0, 17, 1, 33], [9, 4, 17, 0, 20], 4, 2, 64, False, torch.float16)
+
+
+def test_sm90_forward_never_reads_another_sequence(sm90_forward):
+    """Contract 1 on the TMA path: NaN/inf in another packed sequence's keys and values."""
+    cu = torch.tensor([0, 7, 19, 30], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(30, 2, 32, dtype=torch.float16, device=DEVICE) for _ in range(3))
+    clean, _ = K.varlen_attention_forward(q, k, v, cu, cu, 12, 12, False, 0.2)
+    k[7:19], v[7:19] = float("nan"), float("inf")
+    out, _ = K.varlen_attention_forward(q, k, v, cu, cu, 12, 12, False, 0.2)
+    assert torch.equal(out[:7], clean[:7]) and torch.equal(out[19:], clean[19:]) and out[7:19].isnan().all()
+
+
+def test_fallback_when_the_features_are_missing(monkeypatch):
+    """Without TMA-suitable strides, a Hopper GPU or the Triton features, the pointer-load kernel runs."""
+    q = torch.randn(1, 8, 2, 48, dtype=torch.float16, device=DEVICE)
+    misaligned = torch.randn(1, 8, 2, 49, dtype=torch.float16, device=DEVICE)[..., :48]  # row stride 98 bytes
+    assert K90.tma_compatible(q, q, q, q) and not K90.tma_compatible(q, misaligned, q, q)
+    if not q.is_cuda:
+        assert not K._use_sm90_forward(q, q, q, q, False, 0.1)
+    monkeypatch.setattr(K90, "available", lambda: False)
+    assert not K._use_sm90_forward(q, q, q, q, False, 0.1)
+    launched = []
+    monkeypatch.setattr(K, "_attn_fwd_kernel", _Recorder(K._attn_fwd_kernel, launched))
+    out, _ = K.attention_forward(q, q, q, False, 0.1)
+    assert launched and not out.isnan().any()
+
+
+def test_fallback_when_this_triton_cannot_compile_it(sm90_forward, monkeypatch):
+    """A Triton whose warp-specialisation pass rejects the kernel: warn, answer with the
+    pointer-load kernel, and remember it (_use_sm90_forward reads the recorded error)."""
+    class Rejected:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(K90, "_attn_fwd_tma_kernel", Rejected())
+    monkeypatch.setattr(K, "_SM90_COMPILE_ERRORS", [])
+    q = torch.randn(1, 20, 2, 32, dtype=torch.float16, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="did not compile"):
+        out, _ = K.attention_forward(q, q, q, False, 0.2)
+    assert K._SM90_COMPILE_ERRORS and not out.isnan().any()
+    monkeypatch.setattr(K, "_use_sm90_forward", lambda *args: False)
+    assert torch.equal(out, K.attention_forward(q, q, q, False, 0.2)[0])
+
+
+class _Recorder:
+    """Stands in for a kernel: records that it was launched, then launches the real one."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 1000, 1000, 32, 8, 128), (4, 576, 576, 16, 16, 64), (1, 100, 700, 4, 4, 256)])
+def test_gpu_sm90_forward_matches_fallback(monkeypatch, shape):
+    if torch.cuda.get_device_capability()[0] < 9 or not K90.available():
+        pytest.skip("needs an sm_90 GPU and a Triton with TMA descriptors and warp specialisation")
+    b, sq, sk, hq, hkv, d = shape
+    q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert K._use_sm90_forward(q, k, v, q, False, d ** -0.5)
+    fast = K.attention_forward(q, k, v, False, d ** -0.5)
+    assert not K._SM90_COMPILE_ERRORS, K._SM90_COMPILE_ERRORS
+    monkeypatch.setattr(K, "_use_sm90_forward", lambda *args: False)
+    slow = K.attention_forward(q, k, v, False, d ** -0.5)
+    torch.testing.assert_close(fast[0], slow[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast[1], slow[1], atol=1e-3, rtol=1e-3)
