@@ -42,6 +42,17 @@ def copy_scripts(tmp_path) -> Path:
     return root
 
 
+def checkout_without_venv(tmp_path) -> Path:
+    """The repository as links, less a ./.venv that setup.sh may have made in it (gpu_check.sh
+    would pick that interpreter over the fake PATH's)."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name != ".venv":
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
 def run_script(root, args, bin_dir, **env):
     clean = {"PATH": str(bin_dir), "HOME": os.environ.get("HOME", "/tmp"), **env}
     return subprocess.run([BASH, str(root / "scripts" / args[0]), *args[1:]], capture_output=True, text=True,
@@ -89,10 +100,11 @@ def test_setup_without_python_or_with_bad_arguments(tmp_path):
 
 def test_gpu_check_steps_dry_run(tmp_path):
     bin_dir = fake_bin(tmp_path, python3="plain")
+    repo = checkout_without_venv(tmp_path)
     results = tmp_path / "results"
 
     def dry(*args):
-        result = run_script(REPO, ["gpu_check.sh", "--dry-run", *args], bin_dir, GPU_CHECK_RESULTS=str(results))
+        result = run_script(repo, ["gpu_check.sh", "--dry-run", *args], bin_dir, GPU_CHECK_RESULTS=str(results))
         assert result.returncode == 0, result.stderr
         return [line.split("$ ", 1)[1] for line in result.stdout.splitlines() if "$ " in line]
 
@@ -114,14 +126,15 @@ def test_gpu_check_steps_dry_run(tmp_path):
 
 def test_gpu_check_rejects_bad_arguments_and_a_machine_without_gpu(tmp_path):
     bin_dir = fake_bin(tmp_path, python3="plain")
+    repo = checkout_without_venv(tmp_path)
     for args, message in ((["frob"], "unknown step 'frob'"), (["bench", "nope"], "unknown benchmark family 'nope'"),
                           (["bench", "vq", "sampling"], "usage"), (["build", "extra"], "usage")):
-        result = run_script(REPO, ["gpu_check.sh", *args], bin_dir)
+        result = run_script(repo, ["gpu_check.sh", *args], bin_dir)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     import torch
 
     if not torch.cuda.is_available():
-        result = run_script(REPO, ["gpu_check.sh", "test"], bin_dir)
+        result = run_script(repo, ["gpu_check.sh", "test"], bin_dir)
         assert result.returncode == 1 and "needs a CUDA GPU" in result.stderr
 
 
