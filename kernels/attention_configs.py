@@ -49,10 +49,12 @@ FWD_SM90 = _configs({
     **_INTERP,
 })
 # Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream. dK, dV and the
-# transposed P / dP tiles all live in registers: 64x128 and 32x128 tiles spill on sm_90 in Triton
-# 3.9 (FA3 keeps dQ's tile in shared memory, which Triton does not let us choose).
+# transposed P / dP tiles all live in registers. On sm_90 in Triton 3.9 (D128, 8 warps), 32x128
+# fits only without software pipelining (num_stages=1: 252 registers; 2 stages spill); 64x128
+# spills 120 B even at 1 stage, 64x64 104-168 B, and 4 warps spill more (FA3 keeps dQ's tile in
+# shared memory, which Triton does not let us choose).
 BWD_FUSED = _configs({
-    ("sm90", "narrow"): [(16, 128, 8, 2), (32, 64, 8, 2)],
+    ("sm90", "narrow"): [(32, 128, 8, 1), (16, 128, 8, 2), (32, 64, 8, 2)],
     ("sm90", "wide"): [(16, 32, 8, 2)],
     ("sm90", "fp32"): [(16, 16, 8, 1)],
     ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],

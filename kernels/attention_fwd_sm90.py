@@ -10,10 +10,21 @@ what differs is how the work reaches the tensor cores:
     consumer warpgroups that overlap the softmax of one tile with the tensor-core work of another
     (needs num_warps=4). Its only mask is the bound check of the last tile.
   - The grid is persistent: one program per SM walks the (query block, batch x head) tiles.
-Causal attention stays on the pointer-load kernel: contract 1 needs the hidden values of a
-diagonal tile zeroed before P V, and Triton 3.9's warp-specialisation pass rejects that select
-inside the specialised loop, and rejects a separate diagonal loop for varlen and for head_dim 256
-(tests/test_compile_facts.py would show it). Used when the installed Triton has these features
+Causal attention stays on the pointer-load kernel. The causal mask itself fits in the one
+specialised loop (masking the scores compiles every time), but contract 1 also needs the values a
+row cannot see kept out of P V (0 * NaN = NaN) while a visible NaN still propagates, and every
+form of that Triton 3.9's warp-specialisation pass (NVGPUWarpSpecialization) was given fails
+with "PassManager::run failed" in most compiles and succeeds in a few: its result differs
+between runs of the same source (D128 dense, 128x64, 4 warps, 2 stages; successes / compiles):
+  - _causal_safe_values in the loop (non-finite V zeroed, first bad row per column) 1/8;
+  - only the select where(|v| < inf, v, 0), bf16 1/8, via fp32 3/8, via
+    (v - v) == 0 0/1; the finiteness read from a second descriptor load of V 1/6;
+  - clamp(v) (finite, needs no compare) 6/6, but the first-bad-row tracking that makes a
+    visible NaN propagate again 1/5 (from v - clamp(v)) and 1/5 (from v * 0);
+  - a select on V by row index only (no data dependence) 6/6: reading V in registers is not the
+    problem, a value-dependent mask is;
+  - a separate diagonal loop after the specialised one (round one): rejected for varlen and D256.
+A kernel that compiles in some runs cannot ship, so the fallback stays. Used when the installed Triton has these features
 (available()) and the strides suit TMA (tma_compatible()); the launcher falls back otherwise.
 """
 import functools
