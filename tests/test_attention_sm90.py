@@ -115,17 +115,18 @@ class _Recorder:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 1000, 1000, 32, 8, 128), (4, 576, 576, 16, 16, 64), (1, 100, 700, 4, 4, 256)])
-def test_gpu_sm90_forward_matches_fallback(monkeypatch, shape):
+def test_gpu_sm90_forward_matches_fallback(monkeypatch, shape, causal):
     if torch.cuda.get_device_capability()[0] < 9 or not K90.available():
         pytest.skip("needs an sm_90 GPU and a Triton with TMA descriptors and warp specialisation")
     b, sq, sk, hq, hkv, d = shape
     q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    assert K._use_sm90_forward(q, k, v, q, False, d ** -0.5)
-    fast = K.attention_forward(q, k, v, False, d ** -0.5)
+    assert K._use_sm90_forward(q, k, v, q, causal, d ** -0.5)
+    fast = K.attention_forward(q, k, v, causal, d ** -0.5)
     assert not K._SM90_COMPILE_ERRORS, K._SM90_COMPILE_ERRORS
     monkeypatch.setattr(K, "_use_sm90_forward", lambda *args: False)
-    slow = K.attention_forward(q, k, v, False, d ** -0.5)
+    slow = K.attention_forward(q, k, v, causal, d ** -0.5)
     torch.testing.assert_close(fast[0], slow[0], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fast[1], slow[1], atol=1e-3, rtol=1e-3)
