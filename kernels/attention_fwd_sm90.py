@@ -24,15 +24,21 @@ source giving different results from run to run: the pass is not deterministic o
     check (merged with the first by the compiler) 1/6;
   - stand-ins without a compare, min(max(v, -big), big), with the first-bad-row tracking on the
     same tile 1/5 (from v - stand-in) and 1/5 (from v * 0); stand-ins with bounds that vary per
-    block or per key row 0/4 and 0/3, a select between v and its stand-ins 0/3;
+    block 0/4 or per key row 0/4 and 0/3, a select between v and its stand-ins 0/3 (per block
+    and per key row);
   - a select on V by key index only 6/6 and stand-ins with constant bounds 6/6: reading V in
     registers is accepted, as long as the P V operand's tile has one use;
   - a separate diagonal loop after the specialised one (round one): rejected for varlen and D256.
 What ships: stand-ins with constant bounds for the P V operand, and the tracking on a second
 load through a half-height descriptor (two tiles per block, which the compiler cannot merge with
-the operand's): 3/3 for every shipped config (dense and varlen, D64/128/256), and
+the operand's): 4/4 for every shipped causal config, dense and varlen (D64 3/3), and
 tests/test_compile_facts.py compiles the causal configs on every run. Its price, unmeasured here:
 V is read twice from L2 per block and each consumer reduces a [BLOCK_N, BLOCK_D] tile per block.
+
+Every block rescales the accumulator: skipping it when no row's max grew needs a branch on the
+accumulator inside the loop, and with one Triton 3.9 silently drops warp specialisation for every
+shipped config (no TMA pipeline split, 2 instead of 4 warpgroup MMAs) and spills 128 B (non-causal)
+/ 312 B (causal) at 128x64; without a branch the multiply by alpha = 1 would still be done.
 """
 import functools
 import inspect
