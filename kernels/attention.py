@@ -1,7 +1,7 @@
 """Triton attention launchers: fused forward/backward (dense and packed varlen) and flash-decoding.
 
 Kernels, one idea per file: attention_fwd (FlashAttention-2, pointer loads), attention_fwd_sm90
-(Hopper, non-causal: TMA + warp specialisation, persistent), attention_bwd (fused 5-GEMM with
+(Hopper: TMA + warp specialisation, persistent), attention_bwd (fused 5-GEMM with
 atomic dQ; deterministic split kernels), attention_decode (flash-decoding), attention_configs
 (per-architecture tiles, autotune key), attention_common (shared device and host helpers).
 
@@ -29,7 +29,7 @@ Outputs are allocated with torch.empty: every element is written by a kernel.
 Non-finite inputs (the ops contract): NaN in a visible score or value propagates as in SDPA's
 math path; keys a row cannot see never reach its result: keys past a sequence's end are loaded
 as 0 and causally hidden scores are replaced by -inf; hidden values in a diagonal block are
-zeroed before the P V product (see _causal_safe_values).
+kept out of the P V product (_causal_safe_values; on sm_90 _finite_stand_ins, see attention_fwd_sm90).
 """
 import warnings
 
@@ -65,15 +65,15 @@ def _common_meta(q, causal):
     return dict(HEAD_D=d, BLOCK_D=block_d_for(d), CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
 
 
-_SM90_COMPILE_ERRORS = []  # set when this Triton failed to build the sm_90 kernel: fall back for good
+_SM90_COMPILE_ERRORS = []  # (causal, error) when this Triton failed to build that sm_90 kernel: fall back for good
 
 
 def _use_sm90_forward(q, k, v, out, causal, softmax_scale):
-    """The TMA + warp-specialised forward runs on Hopper for non-causal 16-bit inputs whose strides
-    suit TMA, when the installed Triton has the features; everything else takes the pointer-load
-    kernel (kernels/attention_fwd_sm90.py says why causal does)."""
-    return (q.is_cuda and not causal and arch(q.device.index) == "sm90" and q.element_size() == 2
-            and softmax_scale > 0 and fwd_sm90.available() and not _SM90_COMPILE_ERRORS
+    """The TMA + warp-specialised forward runs on Hopper for 16-bit inputs whose strides suit TMA,
+    when the installed Triton has the features; everything else takes the pointer-load kernel."""
+    return (q.is_cuda and arch(q.device.index) == "sm90" and q.element_size() == 2
+            and softmax_scale > 0 and fwd_sm90.available()
+            and not any(failed == bool(causal) for failed, _ in _SM90_COMPILE_ERRORS)
             and fwd_sm90.tma_compatible(q, k, v, out))
 
 
@@ -90,7 +90,7 @@ def _launch_sm90_forward(args, n_seq, max_q, hq, meta):
     try:
         fwd_sm90._attn_fwd_tma_kernel[persistent_grid](*args, n_seq, **meta)
     except (RuntimeError, triton.CompilationError) as error:
-        _SM90_COMPILE_ERRORS.append(error)
+        _SM90_COMPILE_ERRORS.append((meta["CAUSAL"], error))
         warnings.warn(f"the sm_90 attention forward did not compile with Triton {triton.__version__} "
                       f"({type(error).__name__}); using the pointer-load kernel", RuntimeWarning, stacklevel=3)
         return False

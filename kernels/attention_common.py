@@ -79,6 +79,14 @@ def _heavy_first(CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _first_nonfinite_row(v, rows):
+    """[BLOCK_D]: per column of the tile v, the smallest row index in `rows` holding NaN or +-inf
+    (2**31 - 1 if none)."""
+    finite = tl.abs(v) < float("inf")  # False for NaN and +-inf
+    return tl.min(tl.where(finite, 2147483647, rows[:, None]), 0)
+
+
+@triton.jit
 def _causal_safe_values(v, cols, offs_m, causal_off):
     """(v with non-finite entries zeroed, [BLOCK_M, BLOCK_D] mask of elements that see one).
 
@@ -87,10 +95,20 @@ def _causal_safe_values(v, cols, offs_m, causal_off):
     Rows see a prefix of the keys, so element (i, d) saw a non-finite value iff the first
     non-finite row of column d is visible to row i; those elements become NaN (contract 1).
     Keys past len_k were loaded as 0 and never count."""
-    finite = tl.abs(v.to(tl.float32)) < float("inf")  # False for NaN and +-inf
-    first_bad = tl.min(tl.where(finite, 2147483647, cols[:, None]), 0)
-    seen_bad = first_bad[None, :] <= offs_m[:, None] + causal_off
-    return tl.where(finite, v, 0.0), seen_bad
+    seen_bad = _first_nonfinite_row(v, cols)[None, :] <= offs_m[:, None] + causal_off
+    return tl.where(tl.abs(v) < float("inf"), v, 0.0), seen_bad
+
+
+@triton.jit
+def _finite_stand_ins(v):
+    """v with NaN -> -max, +-inf -> +-max of its 16-bit dtype and every finite value unchanged:
+    maximum/minimum without NaN propagation (maxnum/minnum) return the non-NaN operand, so this
+    needs no compare on the values."""
+    if v.dtype == tl.float16:
+        big = 65504.0
+    else:
+        big = 3.0e38  # bfloat16 (max 3.39e38)
+    return tl.minimum(tl.maximum(v, -big), big).to(v.dtype)  # the interpreter widens to fp32
 
 
 # --------------------------------------------------------------------------------------------

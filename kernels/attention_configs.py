@@ -40,7 +40,7 @@ FWD = _configs({
     ("sm80", "fp32"): [(16, 16, 8, 2)],
     **_INTERP,
 })
-# sm_90 non-causal forward (TMA + warp specialisation), 16-bit only: num_warps=4 is one consumer
+# sm_90 forward (TMA + warp specialisation), 16-bit only: num_warps=4 is one consumer
 # warpgroup; Triton adds a second one and a producer when it specialises the loop (12 warps). 64-row
 # tiles serve SigLIP's 576 tokens without a half block; 3 stages of 64x256 tiles overflow H100.
 FWD_SM90 = _configs({
@@ -49,10 +49,12 @@ FWD_SM90 = _configs({
     **_INTERP,
 })
 # Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream. dK, dV and the
-# transposed P / dP tiles all live in registers: 64x128 and 32x128 tiles spill on sm_90 in Triton
-# 3.9 (FA3 keeps dQ's tile in shared memory, which Triton does not let us choose).
+# transposed P / dP tiles all live in registers. On sm_90 in Triton 3.9 (D128, 8 warps), 32x128
+# fits only without software pipelining (num_stages=1: 252 registers; 2 stages spill); 64x128
+# spills 120 B even at 1 stage, 64x64 104-168 B, and 4 warps spill more (FA3 keeps dQ's tile in
+# shared memory, which Triton does not let us choose).
 BWD_FUSED = _configs({
-    ("sm90", "narrow"): [(16, 128, 8, 2), (32, 64, 8, 2)],
+    ("sm90", "narrow"): [(32, 128, 8, 1), (16, 128, 8, 2), (32, 64, 8, 2)],
     ("sm90", "wide"): [(16, 32, 8, 2)],
     ("sm90", "fp32"): [(16, 16, 8, 1)],
     ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
@@ -140,7 +142,8 @@ class CompileSpec:
 
 
 # narrow: causal varlen at head_dim 128 (the LLM); wide and fp32: causal dense at 256. Causal
-# is the worst case for registers (the diagonal tiles' masks); the sm_90 forward is non-causal only.
+# is the worst case for registers (the diagonal tiles' masks); the sm_90 forward is compiled both
+# ways (its causal form is the one the warp-specialisation pass may reject).
 _SHAPES = {"narrow": [(128, 128, "bf16")], "wide": [(256, 256, "bf16")], "fp32": [(256, 256, "fp32")]}
 
 
@@ -165,6 +168,7 @@ def shipped_compile_specs(arch_name, full=True):
     yield from _table_specs("fwd", fwd._attn_fwd_kernel, FWD, arch_name)
     if arch_name == "sm90" and fwd_sm90.available():
         yield from _table_specs("fwd_sm90", fwd_sm90._attn_fwd_tma_kernel, FWD_SM90, arch_name, causal=False)
+        yield from _table_specs("fwd_sm90", fwd_sm90._attn_fwd_tma_kernel, FWD_SM90, arch_name)
     yield from _table_specs("bwd_fused", bwd._attn_bwd_fused_kernel, BWD_FUSED, arch_name, ATOMIC_DQ=True)
     yield from _table_specs("bwd_dkdv", bwd._attn_bwd_dkdv_kernel, BWD_DKDV, arch_name, ATOMIC_DQ=False)
     yield from _table_specs("bwd_dq", bwd._attn_bwd_dq_kernel, BWD_DQ, arch_name)

@@ -20,26 +20,53 @@ def sm90_forward(monkeypatch):
     """Route the launcher's forward to the sm_90 kernel (the interpreter has no architecture)."""
     if not K90.available():
         pytest.skip("this Triton lacks tensor descriptors or warp_specialize")
-    monkeypatch.setattr(K, "_use_sm90_forward", lambda q, k, v, out, causal, scale: not causal)
+    monkeypatch.setattr(K, "_use_sm90_forward", lambda q, k, v, out, causal, scale: True)
 
 
-@pytest.mark.parametrize("shape", [(2, 33, 20, 4, 1, 40), (1, 17, 70, 2, 2, 64), (1, 1, 1, 2, 2, 32)])
-def test_sm90_forward_dense(sm90_forward, shape):
-    _run_dense(shape, False, torch.float16)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 33, 20, 4, 1, 40), (1, 17, 70, 2, 2, 64), (1, 1, 1, 2, 2, 32),
+                                   (1, 19, 19, 1, 1, 160)])
+def test_sm90_forward_dense(sm90_forward, shape, causal):
+    _run_dense(shape, causal, torch.float16)
 
 
-def test_sm90_forward_varlen(sm90_forward):
-    _run_varlen([5, 0, 17, 1, 33], [9, 4, 17, 0, 20], 4, 2, 64, False, torch.float16)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_forward_varlen(sm90_forward, causal):
+    _run_varlen([5, 0, 17, 1, 33], [9, 4, 17, 0, 20], 4, 2, 64, causal, torch.float16)
 
 
-def test_sm90_forward_never_reads_another_sequence(sm90_forward):
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_forward_never_reads_another_sequence(sm90_forward, causal):
     """Contract 1 on the TMA path: NaN/inf in another packed sequence's keys and values."""
     cu = torch.tensor([0, 7, 19, 30], dtype=torch.int32, device=DEVICE)
     q, k, v = (torch.randn(30, 2, 32, dtype=torch.float16, device=DEVICE) for _ in range(3))
-    clean, _ = K.varlen_attention_forward(q, k, v, cu, cu, 12, 12, False, 0.2)
+    clean, _ = K.varlen_attention_forward(q, k, v, cu, cu, 12, 12, causal, 0.2)
     k[7:19], v[7:19] = float("nan"), float("inf")
-    out, _ = K.varlen_attention_forward(q, k, v, cu, cu, 12, 12, False, 0.2)
+    out, _ = K.varlen_attention_forward(q, k, v, cu, cu, 12, 12, causal, 0.2)
     assert torch.equal(out[:7], clean[:7]) and torch.equal(out[19:], clean[19:]) and out[7:19].isnan().all()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_sm90_causal_never_reads_hidden_values(sm90_forward, poison):
+    """Contract 1 for the causal TMA path: one non-finite value v[j0, d0] (or key j0) of kv head 1.
+    Rows before j0 come out bit-identical (the block holding j0 is a diagonal block of the first
+    query block, where hidden values get finite stand-ins); rows from j0 on are NaN in column d0
+    only (or entirely for a key), in the diagonal block and in later, fully visible ones."""
+    q, k, v = (torch.randn(1, 45, 2, 32, dtype=torch.float16, device=DEVICE) for _ in range(3))
+    clean, clean_lse = K.attention_forward(q, k, v, True, 0.2)
+    j0, d0 = 21, 5
+    v_bad = v.clone()
+    v_bad[0, j0, 1, d0] = poison
+    out, lse = K.attention_forward(q, k, v_bad, True, 0.2)
+    expected_nan = torch.zeros_like(out, dtype=torch.bool)
+    expected_nan[0, j0:, 1, d0] = True
+    assert torch.equal(out.isnan(), expected_nan) and torch.equal(out[~expected_nan], clean[~expected_nan])
+    assert torch.equal(lse, clean_lse)
+    k_bad = k.clone()
+    k_bad[0, j0, 1] = poison
+    out, _ = K.attention_forward(q, k_bad, v, True, 0.2)
+    assert torch.equal(out[:, :j0], clean[:, :j0]) and torch.equal(out[:, :, 0], clean[:, :, 0])
+    assert not out[0, j0:, 1].isfinite().any()
 
 
 def test_fallback_when_the_features_are_missing(monkeypatch):
@@ -88,17 +115,18 @@ class _Recorder:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 1000, 1000, 32, 8, 128), (4, 576, 576, 16, 16, 64), (1, 100, 700, 4, 4, 256)])
-def test_gpu_sm90_forward_matches_fallback(monkeypatch, shape):
+def test_gpu_sm90_forward_matches_fallback(monkeypatch, shape, causal):
     if torch.cuda.get_device_capability()[0] < 9 or not K90.available():
         pytest.skip("needs an sm_90 GPU and a Triton with TMA descriptors and warp specialisation")
     b, sq, sk, hq, hkv, d = shape
     q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, sk, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    assert K._use_sm90_forward(q, k, v, q, False, d ** -0.5)
-    fast = K.attention_forward(q, k, v, False, d ** -0.5)
+    assert K._use_sm90_forward(q, k, v, q, causal, d ** -0.5)
+    fast = K.attention_forward(q, k, v, causal, d ** -0.5)
     assert not K._SM90_COMPILE_ERRORS, K._SM90_COMPILE_ERRORS
     monkeypatch.setattr(K, "_use_sm90_forward", lambda *args: False)
-    slow = K.attention_forward(q, k, v, False, d ** -0.5)
+    slow = K.attention_forward(q, k, v, causal, d ** -0.5)
     torch.testing.assert_close(fast[0], slow[0], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fast[1], slow[1], atol=1e-3, rtol=1e-3)

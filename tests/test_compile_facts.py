@@ -168,6 +168,8 @@ def test_sm90_forward_uses_tma_and_warp_specialisation(facts):
     if not hopper:
         pytest.skip("this Triton lacks tensor descriptors or warp_specialize: the launcher uses the fallback")
     assert all(r["tma_loads"] >= 1 and r["warp_specialize"] and r["wgmma"] >= 2 for r in hopper), hopper
+    # causal too: the mask and contract 1's stand-ins live in the one specialised loop
+    assert {r["config"].endswith("causal") for r in hopper} == {False, True}, hopper
     # the LLM's tiles (head_dim 128, 16-bit) run on Hopper's warpgroup MMA
     assert all(r["wgmma"] >= 1 for r in rows if r["name"] in ("fwd", "bwd_fused", "bwd_dkdv", "bwd_dq")
                and r["config"].startswith("D128 bf16"))
