@@ -17,35 +17,13 @@
 #include <cstdint>
 
 #include "vq/vq.h"
+#include "vq/vq_internal.cuh"
 
 namespace janus_fast {
 namespace vq {
 namespace {
 
-constexpr float kEps = 1e-12f;
 constexpr int kThreads = 256;
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
-__device__ __forceinline__ float norm_denominator(float sum_sq) {
-  return fmaxf(__fsqrt_rn(sum_sq), kEps);
-}
 
 // ------------------------------------------------------------------------------- lookup
 
@@ -138,14 +116,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Distance bits that order like the floats (NaN aside), above them the index: the minimum of
-// two keys is the smaller distance, then the lower index.
-__device__ __forceinline__ unsigned long long pack(float dist, int64_t idx) {
-  unsigned int bits = __float_as_uint(dist == 0.f ? 0.f : dist);
-  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<unsigned long long>(bits) << 32) | static_cast<unsigned int>(idx);
-}
-
 // Block (x, y): LAT * kThreads latents against codes [y * codes_per_split, ...), in TK-code
 // shared-memory tiles. With one split the winner is written directly; otherwise it is merged.
 template <typename T, int DP, int LAT, int TK>
@@ -226,33 +196,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const unsigned long long key = static_cast<unsigned long long>(out[i]);
-    out[i] = key == ~0ull ? -1 : static_cast<int64_t>(key & 0xffffffffull);
-  }
-}
-
-// Codebook splits per latent block: the grid runs in whole waves of `slots` resident blocks
-// (SMs x blocks per SM), and the time goes as waves / splits (each split does 1/splits of the
-// codes), so take the split count with the fewest waves per unit of work, at most one split per
-// TK codes; more splits must win by 10% (each adds atomics and re-reads the latents). The same
-// rule as kernels/vq.py's codebook_splits.
-int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots) {
-  const int64_t most = (k + tk - 1) / tk;
-  int64_t best = 1;
-  double best_cost = 0.0;
-  for (int64_t s = 1; s <= most && s <= 256; ++s) {
-    const double cost = static_cast<double>((blocks_n * s + slots - 1) / slots) / static_cast<double>(s);
-    if (s == 1 || cost < 0.9 * best_cost) {
-      best = s;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
-
 template <typename T, int DP>
 cudaError_t prepare_dispatch(const void* codebook, float* work, float* sq, int64_t k, int d, bool l2_norm,
                              cudaStream_t stream) {
@@ -282,8 +225,9 @@ cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work
   const dim3 grid(static_cast<unsigned int>(blocks_n), static_cast<unsigned int>(splits));
   kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm,
                                         codes_per_split);
-  if (splits > 1) unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
-  return cudaGetLastError();
+  err = cudaGetLastError();
+  if (err == cudaSuccess && splits > 1) err = launch_unpack(out, n, stream);
+  return err;
 }
 
 template <typename T>
@@ -312,7 +256,39 @@ cudaError_t quantize_by_width(const void* z, int64_t stride_z, const float* work
   }
 }
 
+__global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const unsigned long long key = static_cast<unsigned long long>(out[i]);
+    out[i] = key == ~0ull ? -1 : static_cast<int64_t>(key & 0xffffffffull);
+  }
+}
+
 }  // namespace
+
+// Codebook splits per latent block: the grid runs in whole waves of `slots` resident blocks
+// (SMs x blocks per SM), and the time goes as waves / splits (each split does 1/splits of the
+// codes), so take the split count with the fewest waves per unit of work, at most one split per
+// TK codes; more splits must win by 10% (each adds atomics and re-reads the latents). The same
+// rule as kernels/vq.py's codebook_splits.
+int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots) {
+  const int64_t most = (k + tk - 1) / tk;
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= most && s <= 256; ++s) {
+    const double cost = static_cast<double>((blocks_n * s + slots - 1) / slots) / static_cast<double>(s);
+    if (s == 1 || cost < 0.9 * best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+cudaError_t launch_unpack(int64_t* out, int64_t n, cudaStream_t stream) {
+  unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
+  return cudaGetLastError();
+}
 
 int vq_padded_dim(int64_t d) {
   if (d < 1 || d > 64) return 0;
@@ -352,6 +328,9 @@ cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const float* cod
                                int num_sms, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (k < 1 || k > 0xffffffffll || vq_padded_dim(d) == 0) return cudaErrorInvalidValue;
+  if (quantize_mma_supported(d)) {  // tensor cores, re-checked: the same indices
+    return launch_quantize_mma(z, stride_z, codebook_work, sq_work, out, dtype, n, k, d, l2_norm, num_sms, stream);
+  }
   switch (dtype) {
     case DType::kFloat32:
       return quantize_by_width<float>(z, stride_z, codebook_work, sq_work, out, n, k, d, l2_norm, num_sms, stream);
