@@ -23,11 +23,14 @@ result, only skips the selection. Otherwise the thresholds are found by a bitwis
 DIGIT bits per pass, each pass counting (or weighing) the tokens at or above every candidate
 prefix. ties share a key and are kept or dropped together.
 
-Layout on the chip: for V up to ON_CHIP_MAX the program loads its rows once (one pass over
-global memory) and keeps s and the Gumbel scores in registers; every later pass (the shortcut
-test, 32 one-bit select steps per filter, the final argmax) works on those registers. Longer
-rows are streamed in BLOCK chunks and each pass re-reads them (4-bit digits: 8 passes per
-filter). Unfiltered and greedy rows need only the one pass.
+Layout on the chip: for V up to ON_CHIP_MAX a filtered row's s is kept in registers; the
+shortcut test and the 32 one-bit select steps per filter work on them. The two passes that
+need the Gumbel noise (the first pass, and the final argmax over the kept set) walk the row in
+PASS_BLOCK chunks, re-reading it (from L2) rather than holding the noise of the whole row beside
+s: that keeps every shipped config free of register spills on sm_80 and sm_90
+(tests/test_sampling_compile_facts.py). Longer rows are streamed in BLOCK chunks and each pass
+re-reads them (4-bit digits: 8 passes per filter). Unfiltered and greedy rows need only the
+first pass.
 
 Random numbers: U_j is lane j % 4 of Philox4x32-10 keyed by the 64-bit seed, with counter
 (j // 4, b, offset_lo, offset_hi), mapped to ((r >> 9) + 0.5) * 2^-23, strictly inside (0, 1);
