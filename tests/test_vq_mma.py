@@ -1,4 +1,4 @@
-"""The tensor-core (3xTF32 mma.sync) codebook search of csrc/vq/vq_mma.cu.
+"""The tensor-core (3xTF32 mma.sync) codebook search of csrc/vq/vq_mma.cuh.
 
 On the CPU: a float64 emulation of its arithmetic (the tf32 split, exact products, fp32
 accumulation that may truncate, as the tensor cores do) shows that every estimate lies within
@@ -25,12 +25,12 @@ EPS32 = 2.0 ** -23
 
 
 def rel_err(dp: int) -> float:
-    """vq_mma.cu's rel_err (the test below checks that the source says the same)."""
+    """vq_mma.cuh's rel_err (the test below checks that the source says the same)."""
     return (4.0 * dp + 16.0) * EPS32
 
 
 def test_margin_formula_is_the_kernels():
-    with open(os.path.join(ROOT, "csrc", "vq", "vq_mma.cu")) as f:
+    with open(os.path.join(ROOT, "csrc", "vq", "vq_mma.cuh")) as f:
         src = f.read()
     assert re.search(r"rel_err\(int dp\) \{ return \(4\.f \* dp \+ 16\.f\) \* 1\.1920928955078125e-07f; \}", src)
 
@@ -84,7 +84,7 @@ def prepared(codebook: torch.Tensor, l2_norm: bool):
 
 
 def kernel_pick(est: torch.Tensor, exact: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """vq_mma.cu's selection: each of a quad's 4 threads sees codes 2t, 2t+1 of every 8 in
+    """vq_mma.cuh's selection: each of a quad's 4 threads sees codes 2t, 2t+1 of every 8 in
     increasing order, keeps U = min(estimate + margin) and re-checks (fp32 chain) a code only
     when estimate - margin <= U; the quad keeps the smallest (distance, index)."""
     n, k = est.shape

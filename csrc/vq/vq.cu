@@ -18,6 +18,7 @@
 
 #include "vq/vq.h"
 #include "vq/vq_internal.cuh"
+#include "vq/vq_mma.cuh"
 
 namespace janus_fast {
 namespace vq {
@@ -155,11 +156,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t tile = k_begin; tile < k_end; tile += TK) {
     const int count = static_cast<int>(k_end - tile < TK ? k_end - tile : TK);
-    __syncthreads();  // the previous tile is no longer read
-    const float4* src = reinterpret_cast<const float4*>(work + tile * DP);
-    for (int v = threadIdx.x; v < count * (DP / 4); v += kThreads) s_code[v] = src[v];
-    for (int c = threadIdx.x; c < count; c += kThreads) s_sq[c] = sq[tile + c];
-    __syncthreads();
+    stage_code_tile<DP, kThreads>(s_code, s_sq, work, sq, tile, count);
     for (int c = 0; c < count; ++c) {
       float e[DP];
 #pragma unroll
@@ -196,6 +193,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const unsigned long long key = static_cast<unsigned long long>(out[i]);
+    out[i] = key == ~0ull ? -1 : static_cast<int64_t>(key & 0xffffffffull);
+  }
+}
+
+// Codebook splits per latent block: the grid runs in whole waves of `slots` resident blocks
+// (SMs x blocks per SM), and the time goes as waves / splits (each split does 1/splits of the
+// codes), so take the split count with the fewest waves per unit of work, at most one split per
+// TK codes; more splits must win by 10% (each adds atomics and re-reads the latents). The same
+// rule as kernels/vq.py's codebook_splits.
+int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots) {
+  const int64_t most = (k + tk - 1) / tk;
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= most && s <= 256; ++s) {
+    const double cost = static_cast<double>((blocks_n * s + slots - 1) / slots) / static_cast<double>(s);
+    if (s == 1 || cost < 0.9 * best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 template <typename T, int DP>
 cudaError_t prepare_dispatch(const void* codebook, float* work, float* sq, int64_t k, int d, bool l2_norm,
                              cudaStream_t stream) {
@@ -203,18 +227,20 @@ cudaError_t prepare_dispatch(const void* codebook, float* work, float* sq, int64
   return cudaGetLastError();
 }
 
-template <typename T, int DP>
-cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
-                              int64_t n, int64_t k, int d, bool l2_norm, int num_sms, cudaStream_t stream) {
-  constexpr int LAT = DP <= 8 ? 4 : (DP <= 16 ? 2 : 1);  // latents per thread: reuse each smem read
-  constexpr int TK = 4096 / DP;                           // 16 KiB codebook tile
-  const auto kernel = quantize_kernel<T, DP, LAT, TK>;
+// Launch a search kernel (either kernel: the same arguments) over latent blocks of `rows` and
+// code splits by the whole-wave rule; split winners merge in `out` and are unpacked after.
+template <typename T>
+cudaError_t launch_search(void (*kernel)(const T*, int64_t, const float*, const float*, unsigned long long*, int64_t,
+                                         int64_t, int, bool, int64_t),
+                          int threads, int64_t rows, int tk, const void* z, int64_t stride_z, const float* work,
+                          const float* sq, int64_t* out, int64_t n, int64_t k, int d, bool l2_norm, int num_sms,
+                          cudaStream_t stream) {
   int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
   if (err != cudaSuccess) return err;
-  const int64_t blocks_n = (n + kThreads * LAT - 1) / (kThreads * LAT);
+  const int64_t blocks_n = (n + rows - 1) / rows;
   const int64_t slots = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * (per_sm > 0 ? per_sm : 1);
-  int64_t splits = codebook_splits(blocks_n, k, TK, slots);
+  int64_t splits = codebook_splits(blocks_n, k, tk, slots);
   const int64_t codes_per_split = (k + splits - 1) / splits;
   splits = (k + codes_per_split - 1) / codes_per_split;
   auto* packed = reinterpret_cast<unsigned long long*>(out);
@@ -223,11 +249,25 @@ cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned int>(blocks_n), static_cast<unsigned int>(splits));
-  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm,
-                                        codes_per_split);
-  err = cudaGetLastError();
-  if (err == cudaSuccess && splits > 1) err = launch_unpack(out, n, stream);
-  return err;
+  kernel<<<grid, threads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm,
+                                       codes_per_split);
+  if (splits > 1) unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
+  return cudaGetLastError();
+}
+
+// The tensor-core search (vq_mma.cuh: the same indices) for d a multiple of 8, else the FMA one.
+template <typename T, int DP>
+cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
+                              int64_t n, int64_t k, int d, bool l2_norm, int num_sms, cudaStream_t stream) {
+  if (quantize_mma_supported(d)) {
+    constexpr int TK = 2048 / DP;  // 8 KiB codebook tile (beside kMmaRows x DP latents)
+    return launch_search<T>(quantize_mma_kernel<T, DP, TK>, kMmaThreads, kMmaRows, TK, z, stride_z, work, sq, out, n,
+                            k, d, l2_norm, num_sms, stream);
+  }
+  constexpr int LAT = DP <= 8 ? 4 : (DP <= 16 ? 2 : 1);  // latents per thread: reuse each smem read
+  constexpr int TK = 4096 / DP;                           // 16 KiB codebook tile
+  return launch_search<T>(quantize_kernel<T, DP, LAT, TK>, kThreads, kThreads * LAT, TK, z, stride_z, work, sq, out,
+                          n, k, d, l2_norm, num_sms, stream);
 }
 
 template <typename T>
@@ -256,39 +296,7 @@ cudaError_t quantize_by_width(const void* z, int64_t stride_z, const float* work
   }
 }
 
-__global__ void unpack_kernel(int64_t* __restrict__ out, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const unsigned long long key = static_cast<unsigned long long>(out[i]);
-    out[i] = key == ~0ull ? -1 : static_cast<int64_t>(key & 0xffffffffull);
-  }
-}
-
 }  // namespace
-
-// Codebook splits per latent block: the grid runs in whole waves of `slots` resident blocks
-// (SMs x blocks per SM), and the time goes as waves / splits (each split does 1/splits of the
-// codes), so take the split count with the fewest waves per unit of work, at most one split per
-// TK codes; more splits must win by 10% (each adds atomics and re-reads the latents). The same
-// rule as kernels/vq.py's codebook_splits.
-int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots) {
-  const int64_t most = (k + tk - 1) / tk;
-  int64_t best = 1;
-  double best_cost = 0.0;
-  for (int64_t s = 1; s <= most && s <= 256; ++s) {
-    const double cost = static_cast<double>((blocks_n * s + slots - 1) / slots) / static_cast<double>(s);
-    if (s == 1 || cost < 0.9 * best_cost) {
-      best = s;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
-
-cudaError_t launch_unpack(int64_t* out, int64_t n, cudaStream_t stream) {
-  unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
-  return cudaGetLastError();
-}
 
 int vq_padded_dim(int64_t d) {
   if (d < 1 || d > 64) return 0;
@@ -328,9 +336,6 @@ cudaError_t launch_vq_quantize(const void* z, int64_t stride_z, const float* cod
                                int num_sms, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (k < 1 || k > 0xffffffffll || vq_padded_dim(d) == 0) return cudaErrorInvalidValue;
-  if (quantize_mma_supported(d)) {  // tensor cores, re-checked: the same indices
-    return launch_quantize_mma(z, stride_z, codebook_work, sq_work, out, dtype, n, k, d, l2_norm, num_sms, stream);
-  }
   switch (dtype) {
     case DType::kFloat32:
       return quantize_by_width<float>(z, stride_z, codebook_work, sq_work, out, n, k, d, l2_norm, num_sms, stream);

@@ -1,6 +1,6 @@
-// Pieces the two nearest-code searches share (vq.cu: the FMA kernel; vq_mma.cu: the tensor-core
-// kernel): input conversion, the normalisation, the (distance, index) key of the split merge,
-// the split rule. CUDA headers only.
+// Pieces the two nearest-code searches share (vq.cu: the FMA kernel; vq_mma.cuh: the
+// tensor-core kernel): input conversion, the normalisation, the (distance, index) key of the
+// split merge. CUDA headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -45,20 +45,20 @@ __device__ __forceinline__ unsigned long long pack(float dist, int64_t idx) {
   return (static_cast<unsigned long long>(bits) << 32) | static_cast<unsigned int>(idx);
 }
 
-// Code splits per latent block of the search (a whole-wave rule; see vq.cu).
-int64_t codebook_splits(int64_t blocks_n, int64_t k, int tk, int64_t slots);
+// Stage `count` codes from `tile` on of the prepared codebook (rows of DP fp32) and their
+// squared norms in shared memory, once every thread is done with the previous tile.
+template <int DP, int THREADS>
+__device__ __forceinline__ void stage_code_tile(float4* s_code, float* s_sq, const float* work, const float* sq,
+                                                int64_t tile, int count) {
+  __syncthreads();  // the previous tile is no longer read
+  const float4* src = reinterpret_cast<const float4*>(work + tile * DP);
+  for (int v = threadIdx.x; v < count * (DP / 4); v += THREADS) s_code[v] = src[v];
+  for (int c = threadIdx.x; c < count; c += THREADS) s_sq[c] = sq[tile + c];
+  __syncthreads();
+}
 
-// Packed keys (all-ones: no finite latent) -> indices (-1), in place.
-cudaError_t launch_unpack(int64_t* out, int64_t n, cudaStream_t stream);
-
-// Whether launch_quantize_mma serves codes of dimension d: d a multiple of 8, at most 64.
+// Whether the tensor-core search (vq_mma.cuh) serves codes of dimension d: a multiple of 8, <= 64.
 inline bool quantize_mma_supported(int64_t d) { return d >= 8 && d <= 64 && d % 8 == 0; }
-
-// vq_quantize's search on tensor cores (3xTF32 mma.sync, re-checked in fp32): the same
-// arguments and the same result as launch_vq_quantize's FMA kernel. Defined in vq_mma.cu.
-cudaError_t launch_quantize_mma(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
-                                DType dtype, int64_t n, int64_t k, int64_t d, bool l2_norm, int num_sms,
-                                cudaStream_t stream);
 
 }  // namespace vq
 }  // namespace janus_fast

@@ -24,14 +24,14 @@
 // Layout: a block of kWarps warps takes 16 latents per warp (staged, normalised, in shared
 // memory) against a TK-code shared-memory tile of the prepared codebook; each warp walks the
 // tile 8 codes at a time. The codes are split across blocks (vq.cu's whole-wave rule) and the
-// split winners merge by the same 64-bit atomicMin as the FMA kernel.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// split winners merge by the same 64-bit atomicMin as the FMA kernel (vq.cu launches both).
+// Included by vq.cu (one translation unit: the two searches share its launcher).
+#pragma once
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "vq/vq.h"
 #include "vq/vq_internal.cuh"
 
 namespace janus_fast {
@@ -40,7 +40,7 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kMmaThreads = kWarps * 32;
-constexpr int kRows = 16 * kWarps;  // latents per block
+constexpr int kMmaRows = 16 * kWarps;  // latents per block
 
 // The margin's relative factor: 3 x 2^-22 (split residues) plus 2^-23 per fp32 addition, of
 // which the chain makes DP and the three MMAs 3 DP + 1 (rounded up generously).
@@ -75,17 +75,17 @@ __global__ void __launch_bounds__(kMmaThreads)
                         int64_t k, int d, bool l2_norm, int64_t codes_per_split) {
   __shared__ float4 s_code4[TK * DP / 4];
   __shared__ float s_sq[TK];
-  __shared__ float s_z[kRows * DP];
-  __shared__ float s_zsq[kRows];
-  __shared__ bool s_finite[kRows];
+  __shared__ float s_z[kMmaRows * DP];
+  __shared__ float s_zsq[kMmaRows];
+  __shared__ bool s_finite[kMmaRows];
   const float* s_code = reinterpret_cast<const float*>(s_code4);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMmaRows;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * codes_per_split;
   const int64_t k_end = k_begin + codes_per_split < k ? k_begin + codes_per_split : k;
 
   // Stage the block's latents, normalised exactly as vq.cu does (a non-finite row searches as
   // zero and is written -1).
-  for (int r = threadIdx.x; r < kRows; r += kMmaThreads) {
+  for (int r = threadIdx.x; r < kMmaRows; r += kMmaThreads) {
     const int64_t row = row0 + r;
     float x[DP];
     float sum_sq = 0.f;
@@ -134,11 +134,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 
   for (int64_t tile = k_begin; tile < k_end; tile += TK) {
     const int count = static_cast<int>(k_end - tile < TK ? k_end - tile : TK);
-    __syncthreads();  // the previous tile is no longer read
-    const float4* src = reinterpret_cast<const float4*>(work + tile * DP);
-    for (int v = threadIdx.x; v < count * (DP / 4); v += kMmaThreads) s_code4[v] = src[v];
-    for (int c = threadIdx.x; c < count; c += kMmaThreads) s_sq[c] = sq[tile + c];
-    __syncthreads();
+    stage_code_tile<DP, kMmaThreads>(s_code4, s_sq, work, sq, tile, count);
     for (int n0 = 0; n0 < count; n0 += 8) {
       // B fragments (dimensions x codes): b0 (k = t, code g), b1 (k = t + 4, code g)
       const int cb = n0 + g < count ? n0 + g : count - 1;  // past the tile: any code, never kept
@@ -203,62 +199,6 @@ __global__ void __launch_bounds__(kMmaThreads)
   }
 }
 
-template <typename T, int DP>
-cudaError_t quantize_mma_dispatch(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
-                                  int64_t n, int64_t k, int d, bool l2_norm, int num_sms, cudaStream_t stream) {
-  constexpr int TK = 2048 / DP;  // 8 KiB codebook tile (beside kRows x DP latents)
-  const auto kernel = quantize_mma_kernel<T, DP, TK>;
-  int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmaThreads, 0);
-  if (err != cudaSuccess) return err;
-  const int64_t blocks_n = (n + kRows - 1) / kRows;
-  const int64_t slots = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * (per_sm > 0 ? per_sm : 1);
-  int64_t splits = codebook_splits(blocks_n, k, TK, slots);
-  const int64_t codes_per_split = (k + splits - 1) / splits;
-  splits = (k + codes_per_split - 1) / codes_per_split;
-  if (splits > 1) {  // all-ones: above every packed (distance, index); unpacks to -1
-    err = cudaMemsetAsync(out, 0xff, static_cast<size_t>(n) * sizeof(int64_t), stream);
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(static_cast<unsigned int>(blocks_n), static_cast<unsigned int>(splits));
-  kernel<<<grid, kMmaThreads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq,
-                                           reinterpret_cast<unsigned long long*>(out), n, k, d, l2_norm,
-                                           codes_per_split);
-  err = cudaGetLastError();
-  if (err == cudaSuccess && splits > 1) err = launch_unpack(out, n, stream);
-  return err;
-}
-
-template <typename T>
-cudaError_t quantize_mma_by_width(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
-                                  int64_t n, int64_t k, int64_t d, bool l2_norm, int num_sms, cudaStream_t stream) {
-  const int di = static_cast<int>(d);
-  switch (vq_padded_dim(d)) {
-    case 8: return quantize_mma_dispatch<T, 8>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
-    case 16: return quantize_mma_dispatch<T, 16>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
-    case 32: return quantize_mma_dispatch<T, 32>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
-    case 64: return quantize_mma_dispatch<T, 64>(z, stride_z, work, sq, out, n, k, di, l2_norm, num_sms, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
-
-cudaError_t launch_quantize_mma(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
-                                DType dtype, int64_t n, int64_t k, int64_t d, bool l2_norm, int num_sms,
-                                cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  if (!quantize_mma_supported(d) || k < 1 || k > 0xffffffffll) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return quantize_mma_by_width<float>(z, stride_z, work, sq, out, n, k, d, l2_norm, num_sms, stream);
-    case DType::kFloat16:
-      return quantize_mma_by_width<__half>(z, stride_z, work, sq, out, n, k, d, l2_norm, num_sms, stream);
-    case DType::kBFloat16:
-      return quantize_mma_by_width<__nv_bfloat16>(z, stride_z, work, sq, out, n, k, d, l2_norm, num_sms, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace vq
 }  // namespace janus_fast
