@@ -23,11 +23,14 @@ result, only skips the selection. Otherwise the thresholds are found by a bitwis
 DIGIT bits per pass, each pass counting (or weighing) the tokens at or above every candidate
 prefix. ties share a key and are kept or dropped together.
 
-Layout on the chip: for V up to ON_CHIP_MAX the program loads its rows once (one pass over
-global memory) and keeps s and the Gumbel scores in registers; every later pass (the shortcut
-test, 32 one-bit select steps per filter, the final argmax) works on those registers. Longer
-rows are streamed in BLOCK chunks and each pass re-reads them (4-bit digits: 8 passes per
-filter). Unfiltered and greedy rows need only the one pass.
+Layout on the chip: for V up to ON_CHIP_MAX a filtered row's s is kept in registers; the
+shortcut test and the 32 one-bit select steps per filter work on them. The two passes that
+need the Gumbel noise (the first pass, and the final argmax over the kept set) walk the row in
+PASS_BLOCK chunks, re-reading it (from L2) rather than holding the noise of the whole row beside
+s: that keeps every shipped config free of register spills on sm_80 and sm_90
+(tests/test_sampling_compile_facts.py). Longer rows are streamed in BLOCK chunks and each pass
+re-reads them (4-bit digits: 8 passes per filter). Unfiltered and greedy rows need only the
+first pass.
 
 Random numbers: U_j is lane j % 4 of Philox4x32-10 keyed by the 64-bit seed, with counter
 (j // 4, b, offset_lo, offset_hi), mapped to ((r >> 9) + 0.5) * 2^-23, strictly inside (0, 1);
@@ -44,8 +47,10 @@ import triton
 import triton.language as tl
 
 ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per thread at 16 warps)
+PASS_MAX = 4096  # tokens per chunk of the noisy passes (the Gumbel noise is computed per chunk)
 SPLIT_BLOCK = 4096  # columns per tile of a row split across programs (ops.sampling.row_splits)
-_EMPTY = tl.constexpr(-(2**63))  # an empty merge slot: below every packed (key, index)
+_EMPTY = tl.constexpr(-(2**63))
+NO_FLOOR = tl.constexpr(0x7FFFFF)  # the ukey of -inf: a top-k floor that keeps every token  # an empty merge slot: below every packed (key, index)
 
 
 @triton.jit
@@ -77,9 +82,14 @@ def _signed(ukey):
 
 @triton.jit
 def _masses(s, mask, floor, m):
-    """W = exp(s - max s) on the tokens top-k keeps (key(s) >= floor), 0 elsewhere (fp32)."""
-    e = tl.exp(s - m[:, None])
-    return tl.where(mask & (_key(s) >= _signed(floor)[:, None]) & (e <= 1.0), e, 0.0)
+    """W = exp(s - max s) on the tokens top-k keeps (ukey(s) >= floor), 0 elsewhere (fp32);
+    floor >= NO_FLOOR (below it _value is a NaN pattern)."""
+    # (a float compare against the threshold's value: no per-token key; a NaN s fails both tests.
+    # The exp reads the filtered s, so that it cannot be hoisted above the search for the floor,
+    # which would keep exp(s - m) in registers beside s.)
+    keep = mask & (s >= _value(floor)[:, None])
+    e = tl.exp(tl.where(keep, s, float("-inf")) - m[:, None])
+    return tl.where(keep & (e <= 1.0), e, 0.0)
 
 
 @triton.jit
@@ -302,7 +312,8 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
                        INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
                        TOP_K: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr,
                        WRITE_IDS: tl.constexpr, ON_CHIP: tl.constexpr, DIGIT: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr):
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+                       PASS_BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
@@ -321,13 +332,15 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
     best_idx = tl.zeros([ROWS], tl.int32)
     best_s = tl.zeros([ROWS], tl.float32)  # s of the winner
     s_chip = tl.zeros([ROWS, BLOCK], tl.float32)  # s kept in registers when ON_CHIP (-inf: masked)
-    for start in range(0, V, BLOCK):  # one iteration when ON_CHIP
-        g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE, BLOCK)
+    # (in PASS_BLOCK chunks: the noise of a whole on-chip row at once would not fit beside it)
+    for start in range(0, V, PASS_BLOCK):
+        g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE,
+                           PASS_BLOCK)
         bad, finite, top, top_idx, m, best, best_idx, best_s = _first_pass(
             g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
-            best_s, GREEDY, TOP_K or TOP_P, ROWS, BLOCK)
-        if ON_CHIP and (TOP_K or TOP_P):
-            s_chip = s
+            best_s, GREEDY, TOP_K or TOP_P, ROWS, PASS_BLOCK)
+    if ON_CHIP and (TOP_K or TOP_P) and not GREEDY:  # the row's s, loaded once more (from L2)
+        s_chip = _tile(logits_ptr, c_off, u_off, row_ok, 0, V, cfg_weight, temperature, SCALE, BLOCK)[1]
 
     token = best_idx
     if not GREEDY and (TOP_K or TOP_P):
@@ -348,12 +361,17 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
                 g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
                                    SCALE, BLOCK)
             # (float compares order like the keys; each weight is formed after its test)
-            e = _masses(s, mask, zero, m)
-            above += tl.sum((mask & (s > best_s[:, None])).to(tl.int32), axis=1).to(tl.int64)
-            e_w = tl.exp(best_s - m)
-            mass_above += tl.sum(_weights(tl.where(e > e_w[:, None], e, 0.0), mass_scale, True), axis=1)
-            mass_ge += tl.sum(_weights(tl.where(s >= best_s[:, None], e, 0.0), mass_scale, True), axis=1)
-            total += tl.sum(_weights(e, mass_scale, True), axis=1)
+            # (only the sums the filters read: each is 64-bit per token)
+            if TOP_K:
+                above += tl.sum((mask & (s > best_s[:, None])).to(tl.int32), axis=1).to(tl.int64)
+            if TOP_P:
+                e = _masses(s, mask, zero + NO_FLOOR, m)
+                e_w = tl.exp(best_s - m)
+                mass_above += tl.sum(_weights(tl.where(e > e_w[:, None], e, 0.0), mass_scale, True), axis=1)
+                if TOP_K:
+                    mass_ge += tl.sum(_weights(tl.where(s >= best_s[:, None], e, 0.0), mass_scale, True), axis=1)
+                else:
+                    total += tl.sum(_weights(e, mass_scale, True), axis=1)
         survives = row_ok == row_ok
         kept_mass = total
         if TOP_K:
@@ -363,20 +381,20 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
             survives &= mass_above.to(tl.float64) < top_p * kept_mass.to(tl.float64)
         accept = survives | (row_ok == 0)  # rows past B need nothing
         if tl.min(accept.to(tl.int32), axis=0) == 0:  # some row needs the thresholds
-            t_k = zero
-            if TOP_K:
-                t_k = _select(s_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight, temperature, m,
-                              zero, mass_scale, zero + top_k, False, SCALE, ON_CHIP, DIGIT, ROWS,
-                              SELECT_BLOCK)
+            t_k = zero + NO_FLOOR
+            if TOP_K:  # (a floor below -inf's key keeps what NO_FLOOR keeps: every non-NaN s)
+                t_k = tl.maximum(t_k, _select(s_chip, logits_ptr, c_off, u_off, row_ok, V, cfg_weight,
+                                              temperature, m, zero, mass_scale, zero + top_k, False,
+                                              SCALE, ON_CHIP, DIGIT, ROWS, SELECT_BLOCK))
             t_p = zero
             if TOP_P:
-                w_chip = s_chip
-                kept = zero
-                for start in range(0, V, BLOCK):
-                    if ON_CHIP:
-                        w_chip = _masses(s_chip, _chip_mask(row_ok, V, BLOCK), t_k, m)
-                        kept += tl.sum(_weights(w_chip, mass_scale, True), axis=1)
-                    else:
+                if ON_CHIP:  # (not in a loop: W would be carried beside s)
+                    w_chip = _masses(s_chip, _chip_mask(row_ok, V, BLOCK), t_k, m)
+                    kept = tl.sum(_weights(w_chip, mass_scale, True), axis=1)
+                else:
+                    w_chip = s_chip
+                    kept = zero
+                    for start in range(0, V, BLOCK):
                         g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight,
                                            temperature, SCALE, BLOCK)
                         kept += tl.sum(_weights(_masses(s, mask, t_k, m), mass_scale, True), axis=1)
@@ -387,17 +405,13 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
             # the Gumbel winner among the kept tokens, with the noise of the first pass
             best = tl.full([ROWS], float("-inf"), tl.float32)
             token = tl.zeros([ROWS], tl.int32)
-            for start in range(0, V, BLOCK):
-                if ON_CHIP and not TOP_P:
-                    s = s_chip
-                    mask = _chip_mask(row_ok, V, BLOCK)
-                else:  # the registers held W: s is read again
-                    g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight,
-                                       temperature, SCALE, BLOCK)
-                keep = mask & (_key(s) >= _signed(t_k)[:, None])
+            for start in range(0, V, PASS_BLOCK):  # s is read again, in chunks, like the first pass
+                g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
+                                   SCALE, PASS_BLOCK)
+                keep = mask & (s >= _value(t_k)[:, None])  # (a NaN s: its row is -1 anyway)
                 if TOP_P:
-                    keep &= _key(_masses(s, mask, t_k, m)) >= _signed(t_p)[:, None]
-                score = s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK)
+                    keep &= _masses(s, mask, t_k, m) >= _value(t_p)[:, None]
+                score = s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, PASS_BLOCK)
                 best, token, _, _ = _running_argmax(tl.where(keep, score, float("-inf")), start, best, token)
             token = tl.where(accept, best_idx, token)
 
@@ -425,6 +439,27 @@ def _blocks(b: int, v: int, interpreted: bool) -> tuple[int, int, bool]:
     if not interpreted:
         rows = min(rows, max(2048 // block, 1))  # short rows: keep several programs per SM busy
     return rows, block, True
+
+
+def launch_config(b: int, v: int, interpreted: bool) -> tuple[int, dict]:
+    """(ROWS, the tiling constexprs and num_warps of _cfg_sample_kernel): what cfg_sample
+    launches, and what the compile-facts test builds. The noisy passes (first and last) walk
+    PASS_BLOCK tokens at a time so that nothing but s itself spans the on-chip row; every config
+    compiles without a register spill on sm_80 and sm_90 (tests/test_sampling.py)."""
+    rows, block, on_chip = _blocks(b, v, interpreted)
+    pass_block = min(block, PASS_MAX)
+    warps = 16 if rows * block >= 8192 else (8 if rows * block > 1024 else 4)
+    # maxnreg: the whole register file is the program's to use; left alone, ptxas caps an
+    # 8-warp program at 128 registers on sm_80 and spills
+    meta = dict(ON_CHIP=on_chip, DIGIT=1 if on_chip else 4, ROWS=rows, BLOCK=block,
+                SELECT_BLOCK=block if on_chip else 256, PASS_BLOCK=pass_block, num_warps=warps,
+                maxnreg=max_registers(warps))
+    return rows, meta
+
+
+def max_registers(warps: int) -> int:
+    """Registers per thread when one program of `warps` warps has the SM's 64K to itself."""
+    return min(255, 65536 // (32 * warps)) // 8 * 8
 
 
 def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
@@ -462,14 +497,12 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
             GREEDY=greedy, SCALE=temperature != 1.0, ADVANCE=bool(advance), WRITE_IDS=bool(return_ids),
             BLOCK=SPLIT_BLOCK, num_warps=8, enable_fp_fusion=False)
         return tokens, ids
-    rows, block, on_chip = _blocks(b, v, logits.device.type == "cpu")
+    rows, tiling = launch_config(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](
         logits, logits.stride(0), tokens, ids, B=b, V=v, cfg_weight=float(cfg_weight),
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), mass_scale=mass_scale(v), **stream,
         INTERLEAVED=layout == "interleaved", GREEDY=greedy, SCALE=temperature != 1.0,
         TOP_K=not greedy and 0 < top_k < v, TOP_P=not greedy and top_p < 1.0,
-        ADVANCE=bool(advance), WRITE_IDS=bool(return_ids), ON_CHIP=on_chip,
-        DIGIT=1 if on_chip else 4, ROWS=rows, BLOCK=block, SELECT_BLOCK=block if on_chip else 256,
-        num_warps=16 if rows * block >= 8192 else (8 if rows * block > 1024 else 4),
+        ADVANCE=bool(advance), WRITE_IDS=bool(return_ids), **tiling,
         enable_fp_fusion=False)  # round u + w (c - u) and g / T exactly as torch does
     return tokens, ids

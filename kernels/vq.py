@@ -54,6 +54,16 @@ def _vq_lookup_kernel(idx_ptr, cb_ptr, out_ptr, N, K, D, HW,
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def lookup_blocks(d: int) -> dict:
+    """_vq_lookup_kernel's tile for codes of dimension d (also compiled by the compile-facts test)."""
+    block_d = triton.next_power_of_2(d)
+    return dict(BLOCK_N=max(1, min(128, 4096 // block_d)), BLOCK_D=block_d)
+
+
+QUANTIZE_BLOCKS = dict(BLOCK_N=64, BLOCK_K=128, num_warps=8)  # _vq_quantize_kernel's tile
+PREPARE_BLOCK_K = 128
+
+
 def vq_lookup(indices, codebook, l2_norm, shape):
     k, d = codebook.shape
     n = indices.numel()
@@ -62,11 +72,10 @@ def vq_lookup(indices, codebook, l2_norm, shape):
     if n == 0:
         return out
     hw = shape[2] * shape[3] if shape is not None else 1
-    block_d = triton.next_power_of_2(d)
-    block_n = max(1, min(128, 4096 // block_d))
-    _vq_lookup_kernel[(triton.cdiv(n, block_n),)](
+    blocks = lookup_blocks(d)
+    _vq_lookup_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
         indices.reshape(-1), codebook, out, n, k, d, hw,
-        L2_NORM=bool(l2_norm), CHANNELS_FIRST=shape is not None, BLOCK_N=block_n, BLOCK_D=block_d)
+        L2_NORM=bool(l2_norm), CHANNELS_FIRST=shape is not None, **blocks)
     return out
 
 
@@ -142,9 +151,8 @@ def prepare_codebook(codebook, l2_norm):
     k, d = codebook.shape
     cbt = torch.empty((d, k), dtype=torch.float32, device=codebook.device)
     sq = torch.empty(k, dtype=torch.float32, device=codebook.device)
-    block_k = 128
-    _prepare_codebook_kernel[(triton.cdiv(k, block_k),)](
-        codebook, cbt, sq, k, d, L2_NORM=bool(l2_norm), BLOCK_K=block_k, D_PAD=triton.next_power_of_2(d))
+    _prepare_codebook_kernel[(triton.cdiv(k, PREPARE_BLOCK_K),)](
+        codebook, cbt, sq, k, d, L2_NORM=bool(l2_norm), BLOCK_K=PREPARE_BLOCK_K, D_PAD=triton.next_power_of_2(d))
     return cbt, sq
 
 
@@ -172,7 +180,7 @@ def vq_quantize(z, cbt, sq, l2_norm):
     """Indices int64 [N] of z's nearest codes, from prepare_codebook's (cbt, sq)."""
     n, d = z.shape
     k = sq.shape[0]
-    block_k, block_n = 128, 64
+    block_k, block_n = QUANTIZE_BLOCKS["BLOCK_K"], QUANTIZE_BLOCKS["BLOCK_N"]
     splits = codebook_splits(triton.cdiv(n, block_n), k, block_k, _slots(z.device)) if n else 1
     per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, per_split)
@@ -184,7 +192,7 @@ def vq_quantize(z, cbt, sq, l2_norm):
         return out
     _vq_quantize_kernel[(triton.cdiv(n, block_n), splits)](
         z, z.stride(0), cbt, sq, out, n, k, per_split, D=d, L2_NORM=bool(l2_norm), SPLIT=splits > 1,
-        BLOCK_N=block_n, BLOCK_K=block_k, D_PAD=triton.next_power_of_2(d), num_warps=8)
+        D_PAD=triton.next_power_of_2(d), **QUANTIZE_BLOCKS)
     if splits > 1:
         out = torch.where(out == torch.iinfo(torch.int64).max, -1, out & 0xFFFFFFFF)
     return out

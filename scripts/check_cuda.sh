@@ -20,6 +20,7 @@ cfg_sample_split_kernel 128
 lookup_kernel 64
 prepare_kernel 128
 quantize_kernel 128
+quantize_mma_kernel 128
 unpack_kernel 32"
 # The flags torch's BuildExtension adds (no implicit half/bf16 conversions), plus setup.py's.
 nvcc_flags=(-O3 --use_fast_math -lineinfo --expt-relaxed-constexpr -Icsrc -Xptxas -v

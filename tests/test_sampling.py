@@ -8,10 +8,6 @@ well inside gaps of the distribution (or on exact ties), where the fp32 rounding
 and of the reference cannot disagree.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -425,48 +421,3 @@ def test_graph_replays_advance_the_rng_state(backend):
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
     assert torch.equal(draws[2], draw(logits, backend, seed=3, offset=start + 2, cfg_weight=5.0))
     assert torch.equal(ids, draws[2].repeat_interleave(2))
-
-
-
-# ---------------------------------------------------------------------------- GPU compilation
-
-
-def _compile_kernels(cap: int, all_configs: bool) -> None:
-    """Compile the sampling kernels to cubin for sm_<cap> as cfg_sample specialises them (the
-    image shape [32, 16384] kept on the chip, a streamed 102400-token row, a split row). Runs in a
-    subprocess with the interpreter off (see test_kernels_compile_for_gpu)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import janus_fast.kernels.sampling as K
-
-    def build(fn, meta, warps):
-        ptrs = {"logits_ptr": "*bf16", "tokens_ptr": "*i64", "ids_ptr": "*i64", "seed_ptr": "*i64", "work_ptr": "*i64"}
-        floats = ("cfg_weight", "temperature", "top_p", "mass_scale")
-        sig = {n: "constexpr" if n in meta else ptrs.get(n, "fp32" if n in floats else
-                                                        "i64" if n.endswith("_value") else "i32") for n in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, constexprs=meta), target=GPUTarget("cuda", cap, 32),
-                       options={"num_warps": warps, "num_stages": 1, "enable_fp_fusion": False})
-
-    common = dict(INTERLEAVED=True, SCALE=True, ADVANCE=True, WRITE_IDS=True, HOST_SEED=False)
-    filters = [(True, True)] + ([(True, False), (False, True), (False, False)] if all_configs else [])
-    for top_k, top_p in filters:
-        for b, v in ((32, 16384), (2, 102400)):
-            rows, block, on_chip = K._blocks(b, v, False)
-            meta = dict(common, GREEDY=False, TOP_K=top_k, TOP_P=top_p, ON_CHIP=on_chip, DIGIT=1 if on_chip else 4,
-                        ROWS=rows, BLOCK=block, SELECT_BLOCK=block if on_chip else 256)
-            build(K._cfg_sample_kernel, meta, 16 if rows * block >= 8192 else 8)
-    build(K._cfg_sample_split_kernel, dict(common, SPLITS=25, GREEDY=False, BLOCK=K.SPLIT_BLOCK), 8)
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile and run the kernels")
-@pytest.mark.parametrize("cap", [80, 90] if FULL else [90])
-def test_kernels_compile_for_gpu(cap):
-    """The interpreter does not compile: build real binaries so that what the GPU compiler
-    rejects fails on the CPU too."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import tests.test_sampling as t; t._compile_kernels({cap}, {FULL})"
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]

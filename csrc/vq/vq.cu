@@ -17,35 +17,14 @@
 #include <cstdint>
 
 #include "vq/vq.h"
+#include "vq/vq_internal.cuh"
+#include "vq/vq_mma.cuh"
 
 namespace janus_fast {
 namespace vq {
 namespace {
 
-constexpr float kEps = 1e-12f;
 constexpr int kThreads = 256;
-
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
-__device__ __forceinline__ float norm_denominator(float sum_sq) {
-  return fmaxf(__fsqrt_rn(sum_sq), kEps);
-}
 
 // ------------------------------------------------------------------------------- lookup
 
@@ -138,14 +117,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Distance bits that order like the floats (NaN aside), above them the index: the minimum of
-// two keys is the smaller distance, then the lower index.
-__device__ __forceinline__ unsigned long long pack(float dist, int64_t idx) {
-  unsigned int bits = __float_as_uint(dist == 0.f ? 0.f : dist);
-  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<unsigned long long>(bits) << 32) | static_cast<unsigned int>(idx);
-}
-
 // Block (x, y): LAT * kThreads latents against codes [y * codes_per_split, ...), in TK-code
 // shared-memory tiles. With one split the winner is written directly; otherwise it is merged.
 template <typename T, int DP, int LAT, int TK>
@@ -185,11 +156,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t tile = k_begin; tile < k_end; tile += TK) {
     const int count = static_cast<int>(k_end - tile < TK ? k_end - tile : TK);
-    __syncthreads();  // the previous tile is no longer read
-    const float4* src = reinterpret_cast<const float4*>(work + tile * DP);
-    for (int v = threadIdx.x; v < count * (DP / 4); v += kThreads) s_code[v] = src[v];
-    for (int c = threadIdx.x; c < count; c += kThreads) s_sq[c] = sq[tile + c];
-    __syncthreads();
+    stage_code_tile<DP, kThreads>(s_code, s_sq, work, sq, tile, count);
     for (int c = 0; c < count; ++c) {
       float e[DP];
 #pragma unroll
@@ -260,18 +227,20 @@ cudaError_t prepare_dispatch(const void* codebook, float* work, float* sq, int64
   return cudaGetLastError();
 }
 
-template <typename T, int DP>
-cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
-                              int64_t n, int64_t k, int d, bool l2_norm, int num_sms, cudaStream_t stream) {
-  constexpr int LAT = DP <= 8 ? 4 : (DP <= 16 ? 2 : 1);  // latents per thread: reuse each smem read
-  constexpr int TK = 4096 / DP;                           // 16 KiB codebook tile
-  const auto kernel = quantize_kernel<T, DP, LAT, TK>;
+// Launch a search kernel (either kernel: the same arguments) over latent blocks of `rows` and
+// code splits by the whole-wave rule; split winners merge in `out` and are unpacked after.
+template <typename T>
+cudaError_t launch_search(void (*kernel)(const T*, int64_t, const float*, const float*, unsigned long long*, int64_t,
+                                         int64_t, int, bool, int64_t),
+                          int threads, int64_t rows, int tk, const void* z, int64_t stride_z, const float* work,
+                          const float* sq, int64_t* out, int64_t n, int64_t k, int d, bool l2_norm, int num_sms,
+                          cudaStream_t stream) {
   int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
   if (err != cudaSuccess) return err;
-  const int64_t blocks_n = (n + kThreads * LAT - 1) / (kThreads * LAT);
+  const int64_t blocks_n = (n + rows - 1) / rows;
   const int64_t slots = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * (per_sm > 0 ? per_sm : 1);
-  int64_t splits = codebook_splits(blocks_n, k, TK, slots);
+  int64_t splits = codebook_splits(blocks_n, k, tk, slots);
   const int64_t codes_per_split = (k + splits - 1) / splits;
   splits = (k + codes_per_split - 1) / codes_per_split;
   auto* packed = reinterpret_cast<unsigned long long*>(out);
@@ -280,10 +249,25 @@ cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned int>(blocks_n), static_cast<unsigned int>(splits));
-  kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm,
-                                        codes_per_split);
+  kernel<<<grid, threads, 0, stream>>>(static_cast<const T*>(z), stride_z, work, sq, packed, n, k, d, l2_norm,
+                                       codes_per_split);
   if (splits > 1) unpack_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n);
   return cudaGetLastError();
+}
+
+// The tensor-core search (vq_mma.cuh: the same indices) for d a multiple of 8, else the FMA one.
+template <typename T, int DP>
+cudaError_t quantize_dispatch(const void* z, int64_t stride_z, const float* work, const float* sq, int64_t* out,
+                              int64_t n, int64_t k, int d, bool l2_norm, int num_sms, cudaStream_t stream) {
+  if (quantize_mma_supported(d)) {
+    constexpr int TK = 2048 / DP;  // 8 KiB codebook tile (beside kMmaRows x DP latents)
+    return launch_search<T>(quantize_mma_kernel<T, DP, TK>, kMmaThreads, kMmaRows, TK, z, stride_z, work, sq, out, n,
+                            k, d, l2_norm, num_sms, stream);
+  }
+  constexpr int LAT = DP <= 8 ? 4 : (DP <= 16 ? 2 : 1);  // latents per thread: reuse each smem read
+  constexpr int TK = 4096 / DP;                           // 16 KiB codebook tile
+  return launch_search<T>(quantize_kernel<T, DP, LAT, TK>, kThreads, kThreads * LAT, TK, z, stride_z, work, sq, out,
+                          n, k, d, l2_norm, num_sms, stream);
 }
 
 template <typename T>
