@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..models.llama import KVCache, LlamaModel, rope_cos_sin
+from ..models.llama import KVCache, LlamaModel
 
 
 def prefill(lm: LlamaModel, embeds: torch.Tensor, lengths: list[int], cache: KVCache,
@@ -49,21 +49,14 @@ def prefill(lm: LlamaModel, embeds: torch.Tensor, lengths: list[int], cache: KVC
     positions_t, token_t, row_t, slot_t = (on_device(v) for v in (positions, token, row, slot))
     cu_t = on_device(cu, torch.int32)
     last = on_device([cu[s + 1] - 1 for s in seq_of_row])
-    cfg = lm.config
-    cos, sin = rope_cos_sin(positions_t, cfg.head_dim, cfg.rope_theta, embeds.dtype)
     longest = max(lengths)
 
-    def attend(attn, x, i):
-        q, k, v = attn.qkv(x, cos, sin)
-        cache.k[i][row_t, slot_t] = k[token_t]
-        cache.v[i][row_t, slot_t] = v[token_t]
-        out = ops.varlen_attention(q, k, v, cu_t, cu_t, longest, longest, causal=True)
-        return attn.o_proj(out.reshape(x.shape[0], -1))
+    def keep_kv(layer: int, k, v) -> None:
+        cache.k[layer][row_t, slot_t] = k[token_t]
+        cache.v[layer][row_t, slot_t] = v[token_t]
 
-    h = embeds
     with ops.no_value_checks():  # cu_seqlens are built above: no per-layer device reads
-        for i, layer in enumerate(lm.layers):
-            h = layer(h, lambda attn, x, i=i: attend(attn, x, i))
+        h = lm.forward_packed(embeds, positions_t, cu_t, longest, keep_kv)
     cache.seqlens.copy_(torch.tensor(length_of_row, dtype=torch.int32), non_blocking=True)
     cache.max_seqlen = longest
-    return lm.norm(h[last])
+    return h[last]

@@ -202,10 +202,13 @@ class LlamaAttention(nn.Module):
             out[p.rows, p.cols] = packed
         return self.o_proj(out.reshape(b, t, -1))
 
-    def packed(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int):
-        """Training path, x [T, H]: causal attention within each packed sequence of cu_seqlens,
-        straight through ops.varlen_attention (no padding, no gather/scatter, no cache)."""
+    def packed(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int, keep_kv=None):
+        """x [T, H]: causal attention within each packed sequence of cu_seqlens, straight through
+        ops.varlen_attention (no padding, no gather/scatter). `keep_kv(k, v)`, if given, receives
+        the rotated keys and values [T, Hkv, D] (a prefill stores them in its cache)."""
         q, k, v = self.qkv(x, cos, sin)
+        if keep_kv is not None:
+            keep_kv(k, v)
         out = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
@@ -297,11 +300,12 @@ class LlamaModel(nn.Module):
         return out
 
     def forward_packed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                       max_seqlen: int) -> torch.Tensor:
-        """Packed sequences (training): inputs_embeds [T, H] holding the sequences of cu_seqlens
-        (int32 [n + 1]) back to back, position_ids [T] restarting at 0 in each -> final-normed
-        hidden [T, H]. Under torch.autocast the rotary tables take the autocast dtype, so q, k and
-        v share one dtype."""
+                       max_seqlen: int, keep_kv=None) -> torch.Tensor:
+        """Packed sequences (training, and the engine's prefill): inputs_embeds [T, H] holding the
+        sequences of cu_seqlens (int32 [n + 1]) back to back, position_ids [T] restarting at 0 in
+        each -> final-normed hidden [T, H]. `keep_kv(layer, k, v)`, if given, receives each
+        layer's rotated keys and values [T, Hkv, D]. Under torch.autocast the rotary tables take
+        the autocast dtype, so q, k and v share one dtype."""
         if inputs_embeds.dim() != 2 or position_ids.shape != inputs_embeds.shape[:1]:
             raise ValueError(f"inputs_embeds must be [T, hidden] and position_ids [T], got "
                              f"{tuple(inputs_embeds.shape)} and {tuple(position_ids.shape)}")
@@ -309,8 +313,9 @@ class LlamaModel(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
         cos, sin = self._rope(position_ids, dtype)
         h = inputs_embeds
-        for layer in self.layers:
-            h = layer(h, lambda attn, y: attn.packed(y, cos, sin, cu_seqlens, max_seqlen))
+        for i, layer in enumerate(self.layers):
+            keep = None if keep_kv is None else (lambda k, v, i=i: keep_kv(i, k, v))
+            h = layer(h, lambda attn, y, keep=keep: attn.packed(y, cos, sin, cu_seqlens, max_seqlen, keep))
         return self.norm(h)
 
     def _packing(self, mask: torch.Tensor | None, b: int, t: int, cache: KVCache | None, device):
