@@ -32,6 +32,7 @@ def run_train_command(args) -> None:
     trainer = Trainer(dataclasses.replace(config, **overrides))
     start = trainer.step
     history = trainer.fit()
+    trainer.topology.close()
     if trainer.topology.main and history:
         first = history[min(start, len(history) - 1)]
         print(f"trained steps {start + 1}..{trainer.step}: loss {first['loss']:.4f} -> {history[-1]['loss']:.4f}; "

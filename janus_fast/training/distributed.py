@@ -35,6 +35,13 @@ class Topology:
         if self.distributed:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group, all ranks together: a rank that exits while the gloo threads
+        still talk to a peer dies in std::terminate (SIGABRT) after training finished."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_distributed(device: str | None = None) -> Topology:
     """The process group from torchrun's environment (nccl on CUDA, gloo on the CPU) and this
