@@ -1,11 +1,13 @@
-"""Triton CFG sampling: one launch per decoding step over the paired [2B, V] logits.
+"""Triton CFG sampling: one launch per decoding step over the paired [2B, V] logits (a filtered
+row split across programs: one launch per phase).
 
 Maths (fp32; g and s rounded exactly as torch rounds them: no FMA contraction, IEEE division),
 per output row b with conditional row c and unconditional row u ("interleaved": c = 2b,
 u = 2b + 1; "halves": c = b, u = B + b):
     g_j = u_j + w (c_j - u_j), and u_j where c_j == u_j (-inf in both rows stays -inf)
     contract 1: a row with a NaN or +inf g_j, or no finite g_j, gets token -1
-    temperature 0, or g_j / T overflowing to +inf: token = argmax_j g_j (lowest index on ties)
+    temperature 0, or g / T overflowing (to +inf anywhere, or to -inf everywhere: max s = +-inf
+          in a row with a finite g): token = argmax_j g_j (lowest index on ties)
     s_j = g_j / T (no division at T == 1);  e_j = exp(s_j - max s), as the integer e_j 2^S
           (S = 62 - bits(V)): masses are exact integer sums, the same in any order
     ukey(x): the order-preserving image of fp32 x in [0, 2^32) (-0.0 and +0.0 share one)
@@ -32,6 +34,15 @@ s: that keeps every shipped config free of register spills on sm_80 and sm_90
 re-reads them (4-bit digits: 8 passes per filter). Unfiltered and greedy rows need only the
 first pass.
 
+Rows split across programs (small batches of long rows, ops.sampling.row_splits): each program
+takes a chunk of the row and merges into the row's slots (SLOT_* below) - packed (key, index)
+maxima and integer sums, exact in any order. Unfiltered and greedy rows take one launch. A
+filtered row takes one launch per phase, the launch boundary being the barrier between them:
+the first pass, then one launch per 8-bit radix pass (4 for top-k, 4 for top-p; the first also
+sums the shortcut's terms, and the later ones skip rows whose winner survives), each program
+replaying the digits chosen so far from the merged 256-bin histograms, then the final draw.
+The thresholds are the same integers as above, so the tokens are those of one program per row.
+
 Random numbers: U_j is lane j % 4 of Philox4x32-10 keyed by the 64-bit seed, with counter
 (j // 4, b, offset_lo, offset_hi), mapped to ((r >> 9) + 0.5) * 2^-23, strictly inside (0, 1);
 -log U_j comes from the series of -log(1 - W), W = 1 - U exact, where U > 15/16. The CUDA kernel
@@ -49,8 +60,19 @@ import triton.language as tl
 ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per thread at 16 warps)
 PASS_MAX = 4096  # tokens per chunk of the noisy passes (the Gumbel noise is computed per chunk)
 SPLIT_BLOCK = 4096  # columns per tile of a row split across programs (ops.sampling.row_splits)
-_EMPTY = tl.constexpr(-(2**63))
-NO_FLOOR = tl.constexpr(0x7FFFFF)  # the ukey of -inf: a top-k floor that keeps every token  # an empty merge slot: below every packed (key, index)
+SPLIT_SELECT = 32  # tokens per step of a split row's histogram passes ([32, 256] digit one-hots)
+_EMPTY = tl.constexpr(-(2**63))  # an empty merge slot: below every packed (key, index)
+NO_FLOOR = tl.constexpr(0x7FFFFF)  # the ukey of -inf: a top-k floor that keeps every token
+# A split row's merge slots (ops.sampling.merge_slots), int64 per row: the header, then one
+# 256-bin histogram per radix pass (top-k: passes 0-3 over ukey(s); top-p: the next 4 over
+# ukey(W)); csrc/sampling uses the same layout. Header: 0 the Gumbel winner, 1 the argmax of g
+# (packed (key << 32) | (2^32 - 1 - index)), 2 contract 1's flags, 3 arrivals, 4 the key of
+# max s, 5 the kept Gumbel winner (packed), 6-9 the shortcut's sums (count above the winner,
+# mass above it, mass at or above it, total). 0, 1, 4 and 5 start at -2^63, every other entry
+# at 0; every launch leaves them so.
+SLOT_HEADER = tl.constexpr(16)
+SLOT_BINS = tl.constexpr(256)
+SLOT_USED = tl.constexpr(16 + 8 * 256)  # entries a row uses; rows lie slot_stride apart
 
 
 @triton.jit
@@ -257,53 +279,240 @@ def _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, of
             tl.store(seed_ptr + 2, 0)
 
 
+@triton.jit
+def _shortcut_sums(s, mask, best_s, m, mass_scale, above, mass_above, mass_ge, total, TOP_K: tl.constexpr,
+                   TOP_P: tl.constexpr):
+    """Adds one tile to the exact shortcut's integer sums: the count of tokens above the winner
+    (s > s_w), the mass of the more probable ones, the mass at or above the winner's logit (a
+    lower bound of what top-k keeps: the winner survives it) and the whole mass. Only the sums
+    the filters read (each is 64-bit per token); float compares order like the keys."""
+    if TOP_K:
+        above += tl.sum((mask & (s > best_s[:, None])).to(tl.int32), axis=1).to(tl.int64)
+    if TOP_P:
+        e = _masses(s, mask, tl.zeros_like(above) + NO_FLOOR, m)
+        e_w = tl.exp(best_s - m)
+        mass_above += tl.sum(_weights(tl.where(e > e_w[:, None], e, 0.0), mass_scale, True), axis=1)
+        if TOP_K:
+            mass_ge += tl.sum(_weights(tl.where(s >= best_s[:, None], e, 0.0), mass_scale, True), axis=1)
+        else:
+            total += tl.sum(_weights(e, mass_scale, True), axis=1)
+    return above, mass_above, mass_ge, total
+
+
+@triton.jit
+def _survives(above, mass_above, mass_ge, total, top_k, top_p, TOP_K: tl.constexpr, TOP_P: tl.constexpr):
+    """Whether the unfiltered winner survives both filters (the shortcut's exact test)."""
+    survives = above == above
+    kept_mass = total
+    if TOP_K:
+        survives &= above < top_k
+        kept_mass = mass_ge
+    if TOP_P:
+        survives &= mass_above.to(tl.float64) < top_p * kept_mass.to(tl.float64)
+    return survives
+
+
+@triton.jit
+def _digit_histogram(x, mask, prefix, shift, mass_scale, MASS: tl.constexpr):
+    """[ROWS, 256] radix histogram of one tile: the count (x = s) or fixed-point mass (x = W,
+    MASS) of the tokens whose ukey(x) shares `prefix` above bit shift + 8, by the digit
+    (ukey(x) >> shift) & 255."""
+    key = _ukey(x)
+    ok = mask & ((key >> (shift + 8)) == (prefix >> (shift + 8))[:, None])
+    w = tl.where(ok, _weights(x, mass_scale, MASS), 0)
+    digits = tl.arange(0, 256)
+    onehot = ((key >> shift) & 255)[:, :, None] == digits[None, None, :]
+    return tl.sum(tl.where(onehot, w[:, :, None], 0), axis=1)
+
+
+@triton.jit
+def _choose_digit(hist, above, target):
+    """One radix step: the largest digit d with F(d) >= target, F(d) = above (the weight of the
+    tokens above the prefix) + the histogram's weight at digits >= d; and the weight above the
+    prefix extended by d. F never increases with d and F(0) >= target (the invariant)."""
+    digits = tl.arange(0, 256)
+    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+    d = tl.max(tl.where((above + at_or_above).to(tl.float64) >= target, digits, 0), axis=0)
+    return d.to(tl.int64), above + tl.sum(tl.where(digits > d, hist, 0), axis=0)
+
+
+@triton.jit
+def _split_thresholds(slot, top_k, top_p, PASS: tl.constexpr, K_PASSES: tl.constexpr):
+    """Replays radix passes 0 .. PASS-1 of a split row from their merged histograms (every
+    program gets the same digits): (t_k, prefix, above, target) of the select that pass PASS
+    continues, t_k final once PASS >= K_PASSES (NO_FLOOR without top-k). A top-p select's
+    target, top_p * the kept mass, is its first histogram's total."""
+    t_k = tl.full([], NO_FLOOR, tl.int64)
+    prefix = tl.zeros([], tl.int64)
+    above = tl.zeros([], tl.int64)
+    target = tl.zeros([], tl.float64) + top_k
+    for j in tl.static_range(PASS):
+        hist = tl.load(slot + SLOT_HEADER + SLOT_BINS * j + tl.arange(0, 256))
+        if j == K_PASSES:  # the top-p select starts: top-k's threshold is complete
+            t_k = tl.maximum(prefix, NO_FLOOR)
+            prefix = tl.zeros([], tl.int64)
+            above = tl.zeros([], tl.int64)
+            target = top_p * tl.sum(hist, axis=0).to(tl.float64)
+        d, above = _choose_digit(hist, above, target)
+        prefix |= d << (24 - 8 * (j % 4))
+    if PASS == K_PASSES:
+        t_k = tl.maximum(prefix, NO_FLOOR)
+        prefix = tl.zeros([], tl.int64)
+        above = tl.zeros([], tl.int64)
+    return t_k, prefix, above, target
+
+
+@triton.jit
+def _load_s(logits_ptr, c_off, u_off, index, ok, cfg_weight, temperature, SCALE: tl.constexpr):
+    """s at one index per row (-inf where not ok), bit-identical to the tiles' s."""
+    c = tl.load(logits_ptr + c_off + index, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(logits_ptr + u_off + index, mask=ok, other=0.0).to(tl.float32)
+    s = tl.where(c == u, u, u + cfg_weight * (c - u))
+    if SCALE:
+        s = tl.div_rn(s, temperature)
+    return tl.where(ok, s, float("-inf"))
+
+
 @triton.jit(do_not_specialize=["seed_value", "offset_value"])
 def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value,
-                             work_ptr, B, V, chunk, cfg_weight, temperature, HOST_SEED: tl.constexpr,
-                             SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
-                             GREEDY: tl.constexpr, SCALE: tl.constexpr, ADVANCE: tl.constexpr,
-                             WRITE_IDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Unfiltered (or greedy) rows split across SPLITS programs each (grid (B, SPLITS)): every
-    program reduces `chunk` columns to its flags, argmax of g and Gumbel winner and merges them
-    into work[b] = (winner, argmax, flags, arrivals) with 64-bit atomics on (key << 32 | ~index)
-    - the maximum key wins, then the lowest index, whatever the order of arrival. The row's last
-    program reads the merged values, writes the token and resets work[b] for the next launch."""
+                             work_ptr, slot_stride, B, V, chunk, cfg_weight, temperature, top_k, top_p, mass_scale,
+                             HOST_SEED: tl.constexpr, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
+                             GREEDY: tl.constexpr, SCALE: tl.constexpr, TOP_K: tl.constexpr,
+                             TOP_P: tl.constexpr, ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr,
+                             PHASE: tl.constexpr, K_PASSES: tl.constexpr, P_PASSES: tl.constexpr,
+                             BLOCK: tl.constexpr, SELECT: tl.constexpr):
+    """Rows split across SPLITS programs each (grid (B, SPLITS), `chunk` columns per program),
+    merged in the row's slots (SLOT_* above) with 64-bit atomics on (key << 32 | ~index) - the
+    maximum key wins, then the lowest index, whatever the order of arrival - and integer sums.
+    Launched once per PHASE; each launch boundary is the barrier between phases:
+      0: the first pass (flags, argmax of g, max s, Gumbel winner). Unfiltered and greedy rows
+         end here: the row's last program writes the token and resets the slots.
+      1 .. K_PASSES + P_PASSES: radix pass PHASE - 1 (8 bits of t_k, then of t_p), phase 1 with
+         the shortcut's sums; once those show the winner survives, the phases skip the row.
+      K_PASSES + P_PASSES + 1: the Gumbel winner among the kept tokens; the row's last program
+         writes the token and resets the slots.
+    Thresholds, masses and noise are those of _cfg_sample_kernel: the tokens are the same."""
     rows = tl.program_id(0) + tl.arange(0, 1)
     row_ok = rows < B
     c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
     c_off = c_row * stride_row
     u_off = u_row * stride_row
     seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
-    bad = tl.zeros([1], tl.int32)
-    finite = tl.zeros([1], tl.int32)
-    top = tl.full([1], float("-inf"), tl.float32)
-    top_idx = tl.zeros([1], tl.int32)
-    m = tl.full([1], float("-inf"), tl.float32)
-    best = tl.full([1], float("-inf"), tl.float32)
-    best_idx = tl.zeros([1], tl.int32)
+    slot = work_ptr + slot_stride * rows.to(tl.int64)
     lo = tl.program_id(1) * chunk
-    for start in range(lo, tl.minimum(lo + chunk, V), BLOCK):
-        g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE, BLOCK)
-        bad, finite, top, top_idx, m, best, best_idx, _ = _first_pass(
-            g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
-            best, GREEDY, False, 1, BLOCK)
-    slot = work_ptr + 4 * rows.to(tl.int64)
+    hi = tl.minimum(lo + chunk, V)
     low = 0xFFFFFFFF
-    tl.atomic_max(slot, (_key(best).to(tl.int64) << 32) | (low - best_idx), mask=row_ok)
-    tl.atomic_max(slot + 1, (_key(top).to(tl.int64) << 32) | (low - top_idx), mask=row_ok)
-    tl.atomic_or(slot + 2, (bad + 2 * finite).to(tl.int64), mask=row_ok)
-    last = row_ok & (tl.atomic_add(slot + 3, 1, mask=row_ok) == SPLITS - 1)
-    # the last program of the row: read and reset in one exchange each
-    merged = tl.atomic_xchg(slot, _EMPTY, mask=last)
-    merged_top = tl.atomic_xchg(slot + 1, _EMPTY, mask=last)
-    flags = tl.atomic_xchg(slot + 2, 0, mask=last)
-    tl.atomic_xchg(slot + 3, 0, mask=last)
-    token = low - (merged_top & low)
-    if not GREEDY:  # the Gumbel winner, unless it is +inf: g / T overflowed, which means the argmax
-        overflow = (merged >> 32) == _key(tl.full([1], float("inf"), tl.float32))
-        token = tl.where(overflow, token, low - (merged & low))
-    token = tl.where(((flags & 1) != 0) | ((flags & 2) == 0), -1, token)
-    _finish(token, rows, last, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
+    FINAL: tl.constexpr = K_PASSES + P_PASSES + 1
+    MASS: tl.constexpr = PHASE - 1 >= K_PASSES  # a radix pass over W (top-p), not s
+    if PHASE == 0:
+        bad = tl.zeros([1], tl.int32)
+        finite = tl.zeros([1], tl.int32)
+        top = tl.full([1], float("-inf"), tl.float32)
+        top_idx = tl.zeros([1], tl.int32)
+        m = tl.full([1], float("-inf"), tl.float32)
+        best = tl.full([1], float("-inf"), tl.float32)
+        best_idx = tl.zeros([1], tl.int32)
+        for start in range(lo, hi, BLOCK):
+            g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE,
+                               BLOCK)
+            bad, finite, top, top_idx, m, best, best_idx, _ = _first_pass(
+                g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
+                best, GREEDY, False, 1, BLOCK)
+        tl.atomic_max(slot, (_key(best).to(tl.int64) << 32) | (low - best_idx), mask=row_ok)
+        tl.atomic_max(slot + 1, (_key(top).to(tl.int64) << 32) | (low - top_idx), mask=row_ok)
+        tl.atomic_or(slot + 2, (bad + 2 * finite).to(tl.int64), mask=row_ok)
+        if FINAL > 1:
+            tl.atomic_max(slot + 4, _key(m).to(tl.int64), mask=row_ok)
+    else:
+        m = _value(tl.load(slot + 4) + 2147483648)
+        m = tl.where(m > float("-inf"), m, 0.0)  # rows with no finite s are marked -1 below
+        survives = row_ok == row_ok
+        if PHASE > 1:
+            survives = _survives(tl.load(slot + 6), tl.load(slot + 7), tl.load(slot + 8), tl.load(slot + 9),
+                                 top_k, top_p, TOP_K, TOP_P)
+        if PHASE == 1:
+            winner = tl.load(slot)
+            best_s = _load_s(logits_ptr, c_off, u_off, low - (winner & low), winner != _EMPTY, cfg_weight,
+                             temperature, SCALE)
+            zero = tl.zeros([1], tl.int64)
+            above, mass_above, mass_ge, total = zero, zero, zero, zero
+            hist = tl.zeros([1, 256], tl.int64)
+            t_k = zero + NO_FLOOR
+            prefix = zero
+            for start in range(lo, hi, SELECT):
+                _, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, hi, cfg_weight, temperature, SCALE,
+                                   SELECT)
+                above, mass_above, mass_ge, total = _shortcut_sums(s, mask, best_s, m, mass_scale, above,
+                                                                   mass_above, mass_ge, total, TOP_K, TOP_P)
+                if K_PASSES == 0:
+                    s = _masses(s, mask, t_k, m)
+                hist += _digit_histogram(s, mask, prefix, 24, mass_scale, K_PASSES == 0)
+            tl.atomic_add(slot + 6, above, mask=row_ok)
+            tl.atomic_add(slot + 7, mass_above, mask=row_ok)
+            tl.atomic_add(slot + 8, mass_ge, mask=row_ok)
+            tl.atomic_add(slot + 9, total, mask=row_ok)
+            tl.atomic_add(slot[:, None] + SLOT_HEADER + tl.arange(0, 256)[None, :], hist, mask=row_ok[:, None])
+        elif PHASE < FINAL:
+            if tl.max(survives.to(tl.int32), axis=0) == 0:  # the winner was filtered out: one more digit
+                t_k, prefix, _above, _target = _split_thresholds(slot, top_k, top_p, PHASE - 1, K_PASSES)
+                t_k = tl.zeros([1], tl.int64) + t_k
+                prefix = tl.zeros([1], tl.int64) + prefix
+                hist = tl.zeros([1, 256], tl.int64)
+                for start in range(lo, hi, SELECT):
+                    _, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, hi, cfg_weight, temperature,
+                                       SCALE, SELECT)
+                    if MASS:
+                        s = _masses(s, mask, t_k, m)
+                    hist += _digit_histogram(s, mask, prefix, 24 - 8 * ((PHASE - 1) % 4), mass_scale, MASS)
+                tl.atomic_add(slot[:, None] + SLOT_HEADER + SLOT_BINS * (PHASE - 1) + tl.arange(0, 256)[None, :],
+                              hist, mask=row_ok[:, None])
+        else:
+            if tl.max(survives.to(tl.int32), axis=0) == 0:  # the Gumbel winner among the kept tokens
+                t_k, t_p, _above, _target = _split_thresholds(slot, top_k, top_p, FINAL - 1, K_PASSES)
+                t_k = tl.zeros([1], tl.int64) + t_k
+                if P_PASSES:
+                    t_p = tl.minimum(t_p, _ukey(tl.full([], 1.0, tl.float32)))  # W = 1 (the max) stays
+                best = tl.full([1], float("-inf"), tl.float32)
+                best_idx = tl.zeros([1], tl.int32)
+                for start in range(lo, hi, BLOCK):
+                    _, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, hi, cfg_weight, temperature, SCALE,
+                                       BLOCK)
+                    keep = mask & (s >= _value(t_k)[:, None])  # (a NaN s: its row is -1 anyway)
+                    if P_PASSES:
+                        keep &= _masses(s, mask, t_k, m) >= _value(t_p)
+                    score = s + _gumbel(seed, off_lo, off_hi, rows, start, 1, BLOCK)
+                    best, best_idx, _, _ = _running_argmax(tl.where(keep, score, float("-inf")), start, best,
+                                                           best_idx)
+                tl.atomic_max(slot + 5, (_key(best).to(tl.int64) << 32) | (low - best_idx),
+                              mask=row_ok & (best > float("-inf")))
+    if PHASE == FINAL or FINAL == 1:
+        tl.debug_barrier()  # every thread has read the slots (m, the sums) before the last program resets them
+        last = row_ok & (tl.atomic_add(slot + 3, 1, mask=row_ok) == SPLITS - 1)
+        # the last program of the row: read and reset in one exchange each
+        merged = tl.atomic_xchg(slot, _EMPTY, mask=last)
+        merged_top = tl.atomic_xchg(slot + 1, _EMPTY, mask=last)
+        flags = tl.atomic_xchg(slot + 2, 0, mask=last)
+        tl.atomic_xchg(slot + 3, 0, mask=last)
+        token = low - (merged_top & low)
+        if not GREEDY:  # the Gumbel winner, unless it is +-inf: g / T overflowed, which means the argmax
+            top_key = merged >> 32  # (+-inf exactly when max s is: the noise is finite)
+            overflow = (top_key == _key(tl.full([1], float("inf"), tl.float32))) | (
+                top_key == _key(tl.full([1], float("-inf"), tl.float32)))
+            winner = low - (merged & low)
+            if FINAL > 1:
+                tl.atomic_xchg(slot + 4, _EMPTY, mask=last)
+                kept = tl.atomic_xchg(slot + 5, _EMPTY, mask=last)
+                survives = _survives(tl.load(slot + 6), tl.load(slot + 7), tl.load(slot + 8), tl.load(slot + 9),
+                                     top_k, top_p, TOP_K, TOP_P)
+                winner = tl.where(survives, winner, low - (kept & low))
+                tl.debug_barrier()  # every thread of this program has read the sums too
+                for off in range(6, SLOT_USED, 256):  # the sums and histograms (all read by now)
+                    cols = off + tl.arange(0, 256)
+                    tl.store(slot[:, None] + cols[None, :], tl.zeros([1, 256], tl.int64),
+                             mask=last[:, None] & (cols < SLOT_USED)[None, :])
+            token = tl.where(overflow, token, winner)
+        token = tl.where(((flags & 1) != 0) | ((flags & 2) == 0), -1, token)
+        _finish(token, rows, last, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
 
 
 @triton.jit(do_not_specialize=["seed_value", "offset_value"])
@@ -342,13 +551,12 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
     if ON_CHIP and (TOP_K or TOP_P) and not GREEDY:  # the row's s, loaded once more (from L2)
         s_chip = _tile(logits_ptr, c_off, u_off, row_ok, 0, V, cfg_weight, temperature, SCALE, BLOCK)[1]
 
+    overflow = (m == float("inf")) | (m == float("-inf"))  # (no finite g: -1 below)
     token = best_idx
     if not GREEDY and (TOP_K or TOP_P):
         m = tl.where(m > float("-inf"), m, 0.0)  # rows with no finite s are marked -1 below
         zero = tl.zeros([ROWS], tl.int64)
-        # The exact shortcut: how many tokens lie above the winner, the mass of the more probable
-        # ones, the mass at or above the winner's logit (a lower bound of what top-k keeps: the
-        # winner survives it) and the whole mass. Integer sums: the test is exact.
+        # The exact shortcut (integer sums: the test is exact)
         above = zero
         mass_above = zero
         mass_ge = zero
@@ -360,25 +568,9 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
             else:
                 g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
                                    SCALE, BLOCK)
-            # (float compares order like the keys; each weight is formed after its test)
-            # (only the sums the filters read: each is 64-bit per token)
-            if TOP_K:
-                above += tl.sum((mask & (s > best_s[:, None])).to(tl.int32), axis=1).to(tl.int64)
-            if TOP_P:
-                e = _masses(s, mask, zero + NO_FLOOR, m)
-                e_w = tl.exp(best_s - m)
-                mass_above += tl.sum(_weights(tl.where(e > e_w[:, None], e, 0.0), mass_scale, True), axis=1)
-                if TOP_K:
-                    mass_ge += tl.sum(_weights(tl.where(s >= best_s[:, None], e, 0.0), mass_scale, True), axis=1)
-                else:
-                    total += tl.sum(_weights(e, mass_scale, True), axis=1)
-        survives = row_ok == row_ok
-        kept_mass = total
-        if TOP_K:
-            survives &= above < top_k
-            kept_mass = mass_ge
-        if TOP_P:
-            survives &= mass_above.to(tl.float64) < top_p * kept_mass.to(tl.float64)
+            above, mass_above, mass_ge, total = _shortcut_sums(s, mask, best_s, m, mass_scale, above, mass_above,
+                                                               mass_ge, total, TOP_K, TOP_P)
+        survives = _survives(above, mass_above, mass_ge, total, top_k, top_p, TOP_K, TOP_P)
         accept = survives | (row_ok == 0)  # rows past B need nothing
         if tl.min(accept.to(tl.int32), axis=0) == 0:  # some row needs the thresholds
             t_k = zero + NO_FLOOR
@@ -417,8 +609,8 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
 
     if GREEDY:
         token = top_idx
-    else:  # g / T overflowing to +inf is a temperature too small for fp32: the argmax
-        token = tl.where(m == float("inf"), top_idx, token)
+    else:  # g / T overflowing is a temperature too small for fp32: the argmax
+        token = tl.where(overflow, top_idx, token)
     token = tl.where((bad != 0) | (finite == 0), -1, token.to(tl.int64))
     _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
 
@@ -457,6 +649,13 @@ def launch_config(b: int, v: int, interpreted: bool) -> tuple[int, dict]:
     return rows, meta
 
 
+def split_passes(v: int, temperature: float, top_k: int, top_p: float) -> tuple[int, int]:
+    """Radix passes of a split row: (4 for top-k or 0, 4 for top-p or 0); the row takes one
+    launch per pass plus two (the first pass, the final draw), or one launch unfiltered."""
+    filtering = temperature != 0
+    return 4 * (filtering and 0 < top_k < v), 4 * (filtering and top_p < 1.0)
+
+
 def max_registers(warps: int) -> int:
     """Registers per thread when one program of `warps` warps has the SM's 64K to itself."""
     return min(255, 65536 // (32 * warps)) // 8 * 8
@@ -466,8 +665,9 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
                return_ids=False, splits=1, work=None, host_seed=None):
     """tokens int64 [B] and the pair-duplicated ids int64 [2B] in the input layout (empty unless
     return_ids). `seed` holds (seed, offset[, arrival counter]); see the module docstring.
-    splits > 1 (unfiltered or greedy only) spreads each row over that many programs, merged in
-    `work` (int64 [>= B, 4] of (min, min, 0, 0), left so). A `seed` on the CPU beside CUDA
+    splits > 1 spreads each row over that many programs, merged in `work` (int64
+    [>= B, >= SLOT_USED] as SLOT_HEADER describes, left so): one launch, or split_passes + 2 launches
+    for a filtered row. A `seed` on the CPU beside CUDA
     logits (host_seed, the default then) is read on the host and passed by value: no device
     state, nothing to launch but the kernel."""
     two_b, v = logits.shape
@@ -490,12 +690,20 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
     if splits > 1:
         chunk = triton.cdiv(triton.cdiv(v, splits), SPLIT_BLOCK) * SPLIT_BLOCK
         split = triton.cdiv(v, chunk)
-        _cfg_sample_split_kernel[(b, split)](
-            logits, logits.stride(0), tokens, ids, work_ptr=work, B=b, V=v, chunk=chunk,
-            cfg_weight=float(cfg_weight), temperature=float(temperature), SPLITS=split, **stream,
-            INTERLEAVED=layout == "interleaved",
-            GREEDY=greedy, SCALE=temperature != 1.0, ADVANCE=bool(advance), WRITE_IDS=bool(return_ids),
-            BLOCK=SPLIT_BLOCK, num_warps=8, enable_fp_fusion=False)
+        k_passes, p_passes = split_passes(v, temperature, top_k, top_p)
+        final = k_passes + p_passes + 1 if k_passes + p_passes else 0
+        # (the interpreter's cost is per op: wider histogram steps there)
+        select = SPLIT_SELECT if logits.device.type != "cpu" else 256
+        for phase in range(final + 1):
+            _cfg_sample_split_kernel[(b, split)](
+                logits, logits.stride(0), tokens, ids, work_ptr=work, slot_stride=work.stride(0), B=b, V=v,
+                chunk=chunk,
+                cfg_weight=float(cfg_weight), temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), mass_scale=mass_scale(v), SPLITS=split, **stream,
+                INTERLEAVED=layout == "interleaved", GREEDY=greedy, SCALE=temperature != 1.0,
+                TOP_K=k_passes > 0, TOP_P=p_passes > 0, ADVANCE=bool(advance) and phase == final,
+                WRITE_IDS=bool(return_ids), PHASE=phase, K_PASSES=k_passes, P_PASSES=p_passes,
+                BLOCK=SPLIT_BLOCK, SELECT=select, num_warps=8, enable_fp_fusion=False)
         return tokens, ids
     rows, tiling = launch_config(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](

@@ -8,6 +8,8 @@ well inside gaps of the distribution (or on exact ties), where the fp32 rounding
 and of the reference cannot disagree.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from janus_fast.ops import reference as ref
 from janus_fast.ops.sampling import new_rng_state
 from tests.helpers import DEVICE, FULL, chi_square_pvalue, grid
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 LAYOUTS = ["interleaved", "halves"]
 
@@ -181,6 +184,13 @@ def test_streamed_rows_equal_rows_kept_on_chip(monkeypatch, top_k, top_p, temper
     assert torch.equal(on_chip, streamed)
 
 
+def _slots_are_clean(sampling, b):
+    slots = sampling.merge_slots(torch.device(DEVICE), b)[:b]
+    empty = torch.zeros_like(slots[0], dtype=torch.bool)
+    empty[[0, 1, 4, 5]] = True
+    return bool((slots[:, empty] == -(2**63)).all() and (slots[:, ~empty] == 0).all())
+
+
 @pytest.mark.parametrize("b,v", [(1, 9000), (3, 4500)])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_rows_split_across_programs_equal_whole_rows(monkeypatch, b, v, temperature):
@@ -195,11 +205,71 @@ def test_rows_split_across_programs_equal_whole_rows(monkeypatch, b, v, temperat
     split, ids = ops.cfg_sample(logits, cfg_weight=3.0, temperature=temperature, rng_state=state,
                                 return_ids=True, backend="triton")
     assert state.tolist() == [5, 3, 0] and split[0] == -1 and torch.equal(ids, split.repeat_interleave(2))
-    slots = sampling.merge_slots(torch.device(DEVICE), b)[:b]
-    assert (slots[:, :2] == -(2**63)).all() and (slots[:, 2:] == 0).all()
+    assert _slots_are_clean(sampling, b)
     monkeypatch.setattr(sampling, "row_splits", lambda *args: 1)
     whole = ops.cfg_sample(logits, cfg_weight=3.0, temperature=temperature, rng_state=new_rng_state(5, 2, device=DEVICE),
                            backend="triton")
+    assert torch.equal(split, whole)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", grid(
+    [(50, 1.0, 1.0), (0, 0.9, 1.0), (40, 0.8, 0.7)],
+    [(3, 1.0, 1.0), (0, 0.3, 1.3), (1, 0.5, 1.0), (4999, 0.99, 1.0)]))
+def test_filtered_rows_split_across_programs_equal_whole_rows(monkeypatch, top_k, top_p, temperature):
+    # Long filtered rows split too: one launch per 8-bit radix pass, each program replaying the
+    # digits from the merged histograms. The thresholds are the same integers, so the tokens are
+    # those of one program per row - on rows whose unfiltered winner survives and on rows where
+    # it does not - with the random state advanced once and the merge slots left clean.
+    from janus_fast.ops import sampling
+
+    b, v = (4, 6000) if not FULL else (8, 13000)
+    monkeypatch.setattr(sampling, "SPLIT_FILTERED_COLUMNS", 0)
+    monkeypatch.setattr(sampling, "_sm_count", lambda device: 2 * b)
+    assert sampling.row_splits(b, v, torch.device(DEVICE), filtered=True) == (2 if not FULL else 4)
+    logits = torch.randn(2 * b, v, device=DEVICE) * 0.8
+    logits[0, 7] = float("nan")  # row 0 -> -1 through the merged flags
+    logits[2:4, v // 2:] = float("-inf")  # row 1 half masked
+    kw = dict(cfg_weight=1.5, temperature=temperature, top_k=top_k, top_p=top_p, backend="triton")
+    state = new_rng_state(3, 2, device=DEVICE)
+    split, ids = ops.cfg_sample(logits, rng_state=state, return_ids=True, **kw)
+    assert state.tolist() == [3, 3, 0] and split[0] == -1 and torch.equal(ids, split.repeat_interleave(2))
+    assert _slots_are_clean(sampling, b)
+    kept = ref.sampling_probs(logits, 1.5, temperature, top_k, top_p) > 0
+    rows = torch.arange(1, b, device=DEVICE)
+    assert kept[rows, split[1:]].all()
+    monkeypatch.setattr(sampling, "row_splits", lambda *args: 1)
+    whole = ops.cfg_sample(logits, rng_state=new_rng_state(3, 2, device=DEVICE), **kw)
+    assert torch.equal(split, whole)
+
+
+def test_merge_slot_layout_is_one_layout():
+    # ops allocates the slots, the Triton and CUDA kernels index them: one width, one header.
+    import re
+
+    from janus_fast.kernels import sampling as kernels
+    from janus_fast.ops import sampling
+
+    header = open(os.path.join(ROOT, "csrc", "sampling", "sampling.h")).read()
+    cuda = {name: int(value) for name, value in re.findall(r"constexpr int64_t (kSlot\w+) = (\d+);", header)}
+    assert cuda == {"kSlotHeader": kernels.SLOT_HEADER, "kSlotBins": kernels.SLOT_BINS}
+    assert sampling.SLOT_WIDTH == kernels.SLOT_USED == cuda["kSlotHeader"] + 8 * cuda["kSlotBins"]
+    assert re.search(r"kSlotWidth = kSlotHeader \+ 8 \* kSlotBins;", header)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k,top_p", [(50, 1.0), (0, 0.9), (50, 0.9)])
+def test_cuda_split_rows_equal_whole_rows(monkeypatch, top_k, top_p):
+    # The CUDA kernel's split phases against its own one-block rows at text decoding's shape.
+    from janus_fast.ops import sampling
+
+    b, v = 2, 102400
+    assert sampling.row_splits(b, v, torch.device("cuda"), filtered=True) > 1
+    logits = torch.randn(2 * b, v, device="cuda", dtype=torch.bfloat16)
+    kw = dict(temperature=0.9, top_k=top_k, top_p=top_p)
+    split = torch.stack([draw(logits, "cuda", seed=seed, **kw) for seed in range(8)])
+    assert _slots_are_clean(sampling, b)
+    monkeypatch.setattr(sampling, "row_splits", lambda *args: 1)
+    whole = torch.stack([draw(logits, "cuda", seed=seed, **kw) for seed in range(8)])
     assert torch.equal(split, whole)
 
 
@@ -246,10 +316,20 @@ def test_non_finite_rows_get_minus_one(backend, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-def test_temperature_that_overflows_is_argmax(backend):
+@pytest.mark.parametrize("split", [False, True])
+def test_temperature_that_overflows_is_argmax(monkeypatch, backend, split):
+    # g / T overflowing to +inf somewhere, or to -inf everywhere (every g below -34 at T = 1e-37;
+    # pair 3 has c == u, so g = u exactly): the argmax, as the reference - also in split rows.
+    from janus_fast.ops import sampling
+
+    if split:
+        monkeypatch.setattr(sampling, "row_splits", lambda *args: 2)
     logits = torch.randn(10, 50, device=DEVICE) * 100
+    logits[6:8] = -50 - torch.rand(50, device=DEVICE) * 100
     greedy = draw(logits, backend, temperature=0.0)
-    for top_k, top_p in ((0, 1.0), (5, 0.9)):
+    assert torch.equal(greedy, ref.cfg_sample(logits, 2.0, 0.0))
+    for top_k, top_p in ((0, 1.0), (5, 0.9), (5, 1.0), (0, 0.9)):
+        assert torch.equal(ref.cfg_sample(logits, 2.0, 1e-37, top_k, top_p), greedy)
         assert torch.equal(draw(logits, backend, temperature=1e-37, top_k=top_k, top_p=top_p), greedy)
 
 
@@ -400,10 +480,16 @@ def test_cuda_and_triton_share_the_random_stream():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_graph_replays_advance_the_rng_state(backend):
-    logits = torch.randn(64, 16384, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("rows,v,filters", [(64, 16384, {}), (2, 102400, {"top_k": 5000, "top_p": 0.9})])
+def test_graph_replays_advance_the_rng_state(backend, rows, v, filters):
+    # (the second case is a filtered split row: one launch per radix pass, all in the graph; its
+    # logits are flat enough that two draws of the one token almost never agree: about 1 in 5000
+    # per pair, and the seeded inputs make the outcome fixed)
+    torch.manual_seed(0)
+    logits = torch.randn(rows, v, device="cuda", dtype=torch.bfloat16) * (1.0 if rows > 2 else 0.1)
     state = new_rng_state(3)
-    step = lambda: ops.cfg_sample(logits, cfg_weight=5.0, rng_state=state, return_ids=True, backend=backend)
+    step = lambda: ops.cfg_sample(logits, cfg_weight=5.0, rng_state=state, return_ids=True, backend=backend,
+                                  **filters)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -419,5 +505,5 @@ def test_graph_replays_advance_the_rng_state(backend):
         draws.append(tokens.clone())
     assert state[1].item() == start + 3 and state[2].item() == 0
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
-    assert torch.equal(draws[2], draw(logits, backend, seed=3, offset=start + 2, cfg_weight=5.0))
+    assert torch.equal(draws[2], draw(logits, backend, seed=3, offset=start + 2, cfg_weight=5.0, **filters))
     assert torch.equal(ids, draws[2].repeat_interleave(2))

@@ -45,8 +45,14 @@ def _specs():
                           dict(common, GREEDY=False, TOP_K=top_k, TOP_P=top_p, **tiling)))
         specs.append((f"cfg_sample {b}x{v} greedy", S._cfg_sample_kernel,
                       dict(common, GREEDY=True, TOP_K=False, TOP_P=False, **tiling)))
+    split = dict(common, SPLITS=25, BLOCK=S.SPLIT_BLOCK, SELECT=S.SPLIT_SELECT, num_warps=8)
     specs.append(("cfg_sample split", S._cfg_sample_split_kernel,
-                  dict(common, SPLITS=25, GREEDY=False, BLOCK=S.SPLIT_BLOCK, num_warps=8)))
+                  dict(split, GREEDY=False, TOP_K=False, TOP_P=False, PHASE=0, K_PASSES=0, P_PASSES=0)))
+    for k_passes, p_passes in ((4, 4), (0, 4)) if FULL else ((4, 4),):  # every phase of a filtered row
+        for phase in range(k_passes + p_passes + 2):
+            specs.append((f"cfg_sample split K{k_passes}P{p_passes} phase {phase}", S._cfg_sample_split_kernel,
+                          dict(split, GREEDY=False, TOP_K=k_passes > 0, TOP_P=p_passes > 0, PHASE=phase,
+                               K_PASSES=k_passes, P_PASSES=p_passes)))
     d = 8  # Janus' codebook dimension
     specs.append(("vq_lookup D8", Q._vq_lookup_kernel, dict(L2_NORM=True, CHANNELS_FIRST=True, **Q.lookup_blocks(d))))
     specs.append(("vq_prepare D8", Q._prepare_codebook_kernel, dict(L2_NORM=True, BLOCK_K=Q.PREPARE_BLOCK_K, D_PAD=d)))

@@ -1,8 +1,10 @@
-// CFG sampling: one launch per decoding step, one block per output row. Maths, random stream,
+// CFG sampling: one launch per decoding step, one block per output row (or several: a filtered
+// row split across blocks takes one launch per radix pass plus two). Maths, random stream,
 // keys, fixed-point masses and thresholds are those of kernels/sampling.py (its docstring is the
 // specification); in short:
 //   g = u + w (c - u) (u where c == u), fp32 rounded as torch does; contract 1: a row with a
-//   NaN/+inf g or no finite g gets token -1; T == 0 (or g / T overflowing) is argmax g;
+//   NaN/+inf g or no finite g gets token -1; T == 0 (or g / T overflowing: to +inf
+//   anywhere or -inf everywhere) is argmax g;
 //   s = g / T (no division at T == 1), e = exp(s - max s) as the integer e 2^S;
 //   the draw is Gumbel-max, argmax over kept j of s_j - log(-log U_j).
 // Passes over the row: pass 1 reads the logits once (flags, argmax, max, the unfiltered Gumbel
@@ -208,72 +210,133 @@ __device__ __forceinline__ unsigned long long fixed(float w, float scale) {
   return static_cast<unsigned long long>(static_cast<long long>(w * scale));
 }
 
+// One radix pass: per-warp histograms of the digit (key >> shift) & 255 over groups [first, end)
+// of the tokens whose key shares `prefix` above bit shift + 8, summed over warps in warp order
+// into bins. key = ukey(s) and weight 1 (mass == false), or key = ukey(W) and weight the fixed
+// point of W (W = mass_of(s, m, floor)). Ends with a barrier: bins are complete.
+template <typename T>
+__device__ void digit_histogram(const Source<T>& src, uint32_t first, uint32_t end, int64_t vocab, bool mass,
+                                float m, uint32_t floor, float scale, uint32_t prefix, int shift,
+                                unsigned long long* hist, unsigned long long* bins) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int i = lane; i < kBins; i += 32) hist[warp * kBins + i] = 0;
+  __syncwarp();
+  for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
+    float s[4];
+    src.get(q, s);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (4 * static_cast<int64_t>(q) + l >= vocab) continue;
+      const float w = mass ? mass_of(s[l], m, floor) : 0.f;
+      const uint32_t key = mass ? ukey(w) : ukey(s[l]);
+      const unsigned long long weight = mass ? fixed(w, scale) : 1ull;
+      const bool in_prefix = shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8));
+      if (in_prefix && weight != 0) atomicAdd(hist + warp * kBins + ((key >> shift) & 0xff), weight);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kBins) {
+    unsigned long long sum = 0;
+    for (int w = 0; w < kWarps; ++w) sum += hist[w * kBins + threadIdx.x];  // fixed order
+    bins[threadIdx.x] = sum;
+  }
+  __syncthreads();
+}
+
+// One radix step, by warp 0: the largest digit d whose F(d) = above (the weight above the
+// prefix) + the weight in bins at digits >= d still reaches the target (F never increases with
+// d; digit 0 reaches it: the invariant), written to broadcast[0], and the weight above the
+// prefix extended by d to broadcast[1]. bins may be shared or global memory.
+__device__ __forceinline__ void choose_digit(const unsigned long long* bins, unsigned long long above, double target,
+                                             unsigned long long* broadcast) {
+  const int lane = threadIdx.x & 31;  // lane l owns digits 8l .. 8l+7
+  unsigned long long local = 0;
+  for (int j = 0; j < 8; ++j) local += bins[8 * lane + j];
+  unsigned long long higher = local;  // inclusive suffix over lanes l .. 31
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long v = __shfl_down_sync(0xffffffffu, higher, o);
+    if (lane + o < 32) higher += v;
+  }
+  unsigned long long run = above + higher - local;  // weight at digits >= 8l + 8
+  int reaching = 0;
+  for (int j = 7; j >= 0; --j) {
+    run += bins[8 * lane + j];  // F(prefix | (8l + j) << shift)
+    reaching += static_cast<double>(run) >= target;
+  }
+  for (int o = 16; o > 0; o >>= 1) reaching += __shfl_xor_sync(0xffffffffu, reaching, o);
+  const int d = reaching - 1;
+  if (lane == (d >> 3)) {
+    unsigned long long next = above + higher - local;  // weight at digits > d
+    for (int j = 7; j > (d & 7); --j) next += bins[8 * lane + j];
+    broadcast[0] = static_cast<unsigned long long>(d);
+    broadcast[1] = next;
+  }
+}
+
 // The largest t in [0, 2^32) with F(t) >= target, F(t) = the count of tokens with ukey(s) >= t
-// (mass == false) or the fixed-point mass of those with ukey(W) >= t (W with `floor`).
-// 8 bits per pass: per-warp histograms of the next digit among the tokens that share the
-// prefix found so far, summed over warps in warp order, then warp 0 takes the largest digit
-// whose suffix sum (plus the weight above the prefix) still reaches the target.
+// (mass == false) or the fixed-point mass of those with ukey(W) >= t (W with `floor`): four
+// 8-bit radix passes over the whole row.
 template <typename T>
 __device__ uint32_t radix_select(const Source<T>& src, uint32_t groups, int64_t vocab, bool mass,
                                  float m, uint32_t floor, float scale, double target,
                                  unsigned long long* hist, unsigned long long* bins,
                                  unsigned long long* broadcast) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t prefix = 0;
   unsigned long long above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = lane; i < kBins; i += 32) hist[warp * kBins + i] = 0;
-    __syncwarp();
-    for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
-      float s[4];
-      src.get(q, s);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        if (4 * static_cast<int64_t>(q) + l >= vocab) continue;
-        const float w = mass ? mass_of(s[l], m, floor) : 0.f;
-        const uint32_t key = mass ? ukey(w) : ukey(s[l]);
-        const unsigned long long weight = mass ? fixed(w, scale) : 1ull;
-        const bool in_prefix = shift == 24 || (key >> (shift + 8)) == (prefix >> (shift + 8));
-        if (in_prefix && weight != 0) atomicAdd(hist + warp * kBins + ((key >> shift) & 0xff), weight);
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < kBins) {
-      unsigned long long sum = 0;
-      for (int w = 0; w < kWarps; ++w) sum += hist[w * kBins + threadIdx.x];  // fixed order
-      bins[threadIdx.x] = sum;
-    }
-    __syncthreads();
-    if (warp == 0) {  // lane l owns digits 8l .. 8l+7
-      unsigned long long local = 0;
-      for (int j = 0; j < 8; ++j) local += bins[8 * lane + j];
-      unsigned long long higher = local;  // inclusive suffix over lanes l .. 31
-      for (int o = 1; o < 32; o <<= 1) {
-        const unsigned long long v = __shfl_down_sync(0xffffffffu, higher, o);
-        if (lane + o < 32) higher += v;
-      }
-      unsigned long long run = above + higher - local;  // weight at digits >= 8l + 8
-      int reaching = 0;
-      for (int j = 7; j >= 0; --j) {
-        run += bins[8 * lane + j];  // F(prefix | (8l + j) << shift)
-        reaching += static_cast<double>(run) >= target;
-      }
-      // F never increases with the digit: the digits reaching the target are 0 .. d
-      for (int o = 16; o > 0; o >>= 1) reaching += __shfl_xor_sync(0xffffffffu, reaching, o);
-      const int d = reaching - 1;  // >= 0: digit 0 reaches it (the invariant)
-      if (lane == (d >> 3)) {
-        unsigned long long next = above + higher - local;  // weight at digits > d
-        for (int j = 7; j > (d & 7); --j) next += bins[8 * lane + j];
-        broadcast[0] = static_cast<unsigned long long>(d);
-        broadcast[1] = next;
-      }
-    }
+    digit_histogram(src, 0u, groups, vocab, mass, m, floor, scale, prefix, shift, hist, bins);
+    if (threadIdx.x < 32) choose_digit(bins, above, target, broadcast);
     __syncthreads();
     prefix |= static_cast<uint32_t>(broadcast[0]) << shift;
     above = broadcast[1];
     __syncthreads();  // broadcast is read before the next pass writes it
   }
   return prefix;
+}
+
+// The exact shortcut's integer sums: the count of tokens above the winner's s_w, the fixed-point
+// mass of the more probable ones, of those at or above s_w (a lower bound of what top-k keeps:
+// the winner survives it), and the whole mass.
+struct Shortcut {
+  unsigned long long above, mass_above, mass_ge, total;
+
+  // Whether the unfiltered winner survives both filters (exact: integer sums).
+  __device__ __forceinline__ bool survives(const CfgSampleParams& p, bool use_k, bool use_p) const {
+    bool ok = true;
+    if (use_k) ok = ok && above < static_cast<unsigned long long>(p.top_k);
+    if (use_p)
+      ok = ok && static_cast<double>(mass_above) <
+                     static_cast<double>(p.top_p) * static_cast<double>(use_k ? mass_ge : total);
+    return ok;
+  }
+};
+
+// The sums over groups [first, end), reduced over the block (every thread gets them).
+template <typename T>
+__device__ Shortcut shortcut_sums(const Source<T>& src, uint32_t first, uint32_t end, int64_t vocab, float mm,
+                                  float s_w, float scale, unsigned long long* s_u64) {
+  const float e_w = __expf(s_w - mm);
+  Shortcut c{0, 0, 0, 0};
+  for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
+    float s[4];
+    src.get(q, s);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (4 * static_cast<int64_t>(q) + l >= vocab) continue;
+      const float e = mass_of(s[l], mm, 0u);
+      const unsigned long long f = fixed(e, scale);
+      c.above += s[l] > s_w;
+      c.mass_above += e > e_w ? f : 0ull;
+      c.mass_ge += s[l] >= s_w ? f : 0ull;
+      c.total += f;
+    }
+  }
+  auto usum_op = [](unsigned long long a, unsigned long long b) { return a + b; };
+  c.above = block_reduce(c.above, usum_op, s_u64);
+  c.mass_above = block_reduce(c.mass_above, usum_op, s_u64);
+  c.mass_ge = block_reduce(c.mass_ge, usum_op, s_u64);
+  c.total = block_reduce(c.total, usum_op, s_u64);
+  return c;
 }
 
 // -------------------------------------------------------------------------- the kernels
@@ -370,32 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams
       const int lane = static_cast<int>(best.index & 3);  // no dynamic index: v stays in registers
       s_w = lane == 0 ? v[0] : lane == 1 ? v[1] : lane == 2 ? v[2] : v[3];
     }
-    const float e_w = __expf(s_w - mm);
-    // The exact shortcut: integer counts and masses above the winner.
-    unsigned long long above = 0, mass_above = 0, mass_ge = 0, total = 0;
-    for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
-      float s[4];
-      src.get(q, s);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
-        const float e = mass_of(s[l], mm, 0u);
-        const unsigned long long f = fixed(e, mass_scale);
-        above += s[l] > s_w;
-        mass_above += e > e_w ? f : 0ull;
-        mass_ge += s[l] >= s_w ? f : 0ull;
-        total += f;
-      }
-    }
-    above = block_reduce(above, usum_op, s_u64);
-    mass_above = block_reduce(mass_above, usum_op, s_u64);
-    mass_ge = block_reduce(mass_ge, usum_op, s_u64);
-    total = block_reduce(total, usum_op, s_u64);
-    bool survives = true;
-    if (use_k) survives = survives && above < static_cast<unsigned long long>(p.top_k);
-    if (use_p)
-      survives = survives && static_cast<double>(mass_above) <
-                                 static_cast<double>(p.top_p) * static_cast<double>(use_k ? mass_ge : total);
+    const bool survives = shortcut_sums(src, 0u, groups, p.vocab, mm, s_w, mass_scale, s_u64).survives(p, use_k, use_p);
     if (!survives) {
       uint32_t t_k = 0, t_p = 0;
       if (use_k)
@@ -434,8 +472,9 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams
   }
 
   if (threadIdx.x == 0) {
-    // g / T overflowing to +inf is a temperature too small for fp32: the argmax (reference)
-    if (greedy || m == kInf) token = top.index;
+    // g / T overflowing (to +inf anywhere, or to -inf everywhere) is a temperature too small
+    // for fp32: the argmax (reference)
+    if (greedy || fabsf(m) == kInf) token = top.index;
     if (flags != 2 || token == kNoIndex) token = -1;
     p.tokens[b] = token;
     if (p.ids != nullptr) {
@@ -455,14 +494,34 @@ __device__ __forceinline__ long long pack(float value, int64_t index) {
 }
 __device__ __forceinline__ int64_t unpack_index(long long packed) { return 0xffffffffLL - (packed & 0xffffffffLL); }
 
-// Unfiltered (or greedy) rows split across gridDim.y blocks each: every block reduces its
-// columns to flags, argmax of g and Gumbel winner, and merges them into the row's slots with
-// 64-bit atomicMax; the row's last block reads them back (resetting them) and writes the token.
+// The fp32 value whose ukey is k (the inverse of ukey; +0.0 for the shared key of the zeros).
+__device__ __forceinline__ float from_ukey(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Rows split across gridDim.y blocks each (`chunk_groups` groups of 4 tokens per block), merged
+// in the row's slots (kernels/sampling.py's SLOT_* layout: winner, argmax, flags, arrivals, max
+// key, kept winner, the shortcut's sums, then one 256-bin histogram per radix pass) with 64-bit
+// atomicMax on packed (key, index) and integer atomicAdd: exact in any order of arrival.
+// Launched once per phase; each launch boundary is the barrier between phases:
+//   0: the first pass (flags, argmax of g, max s, Gumbel winner); unfiltered and greedy rows
+//      end here (`passes` == 0): the row's last block writes the token and resets the slots.
+//   1 .. passes: radix pass phase - 1 (8 bits of t_k over ukey(s) for the first k_passes, then
+//      of t_p over ukey(W)), phase 1 with the shortcut's sums; every block replays the digits of
+//      the earlier passes from their merged histograms. Rows whose winner survives skip them.
+//   passes + 1: the Gumbel winner among the kept tokens, then as phase 0's end.
+// Thresholds, masses and noise are those of cfg_sample_kernel: the tokens are the same.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSampleParams p, bool vec,
-                                                                      uint32_t chunk_groups) {
+                                                                      uint32_t chunk_groups, int phase,
+                                                                      int k_passes, int p_passes) {
   __shared__ float s_float[kWarps];
   __shared__ int64_t s_int[kWarps];
+  __shared__ unsigned long long s_u64[kWarps];
+  __shared__ unsigned long long s_hist[kWarps * kBins];
+  __shared__ unsigned long long s_bins[kBins];
+  __shared__ unsigned long long s_broadcast[2];
+  __shared__ bool s_last;
   const uint32_t b = blockIdx.x;
   const int64_t c_row = p.interleaved ? 2 * static_cast<int64_t>(b) : b;
   const int64_t u_row = p.interleaved ? 2 * static_cast<int64_t>(b) + 1 : b + p.batch;
@@ -471,51 +530,161 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
   const bool scaled = p.temperature != 1.f;
   const Row<T> row{logits + c_row * p.row_stride, logits + u_row * p.row_stride, p.vocab,
                    p.cfg_weight, p.temperature, vec};
+  const Source<T> src{row, nullptr, scaled};
   const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);
   const uint32_t first = blockIdx.y * chunk_groups;
   const uint32_t end = min(groups, first + chunk_groups);
   const int64_t seed = p.seed != nullptr ? p.seed[0] : p.seed_value;
   const int64_t offset = p.seed != nullptr ? p.seed[1] : p.offset_value;
   const uint2 key = make_uint2(static_cast<unsigned int>(seed), static_cast<unsigned int>(static_cast<uint64_t>(seed) >> 32));
-  auto or_op = [](int64_t a, int64_t c) { return a | c; };
-  Best best{-kInf, kNoIndex};
-  Best top{-kInf, kNoIndex};
-  int64_t flags = 0;
-  for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
-    float g[4];
-    row.load(q, false, g);
-    const uint4 r = greedy ? make_uint4(0, 0, 0, 0)
-                           : philox4x32_10(make_uint4(q, b, static_cast<unsigned int>(offset),
-                                                      static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)), key);
-    const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
+  const auto noise = [&](uint32_t q) {
+    return philox4x32_10(make_uint4(q, b, static_cast<unsigned int>(offset),
+                                    static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)), key);
+  };
+  const int passes = k_passes + p_passes;
+  const int final_phase = passes > 0 ? passes + 1 : 0;
+  long long* slot = reinterpret_cast<long long*>(p.slots + p.slot_stride * static_cast<int64_t>(b));
+  auto* slot_u = reinterpret_cast<unsigned long long*>(slot);
+  const float mass_scale = ldexpf(1.f, 62 - (64 - __clzll(static_cast<long long>(p.vocab))));
+  const bool use_k = k_passes > 0, use_p = p_passes > 0;
+
+  if (phase == 0) {
+    auto or_op = [](int64_t a, int64_t c) { return a | c; };
+    auto fmax_op = [](float a, float c) { return fmaxf(a, c); };
+    Best best{-kInf, kNoIndex};
+    Best top{-kInf, kNoIndex};
+    float m = -kInf;
+    int64_t flags = 0;
+    for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
+      float g[4];
+      row.load(q, false, g);
+      const uint4 r = greedy ? make_uint4(0, 0, 0, 0) : noise(q);
+      const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
-      top.offer(g[l], 4 * q + l);
-      flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
-      flags |= fabsf(g[l]) < kInf ? 2 : 0;
-      if (!greedy) best.offer((scaled ? __fdiv_rn(g[l], p.temperature) : g[l]) + gumbel(lanes[l]), 4 * q + l);
+      for (int l = 0; l < 4; ++l) {
+        if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
+        top.offer(g[l], 4 * q + l);
+        flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
+        flags |= fabsf(g[l]) < kInf ? 2 : 0;
+        const float s = scaled ? __fdiv_rn(g[l], p.temperature) : g[l];
+        m = fmaxf(m, s);
+        if (!greedy) best.offer(s + gumbel(lanes[l]), 4 * q + l);
+      }
+    }
+    flags = block_reduce(flags, or_op, s_int);
+    if (passes > 0) m = block_reduce(m, fmax_op, s_float);
+    best = block_argmax(best, s_float, s_int);
+    top = block_argmax(top, s_float, s_int);
+    if (threadIdx.x == 0) {
+      if (best.index != kNoIndex) atomicMax(slot, pack(best.value, best.index));
+      if (top.index != kNoIndex) atomicMax(slot + 1, pack(top.value, top.index));
+      atomicOr(slot_u + 2, static_cast<unsigned long long>(flags));
+      if (passes > 0) atomicMax(slot + 4, static_cast<long long>(ukey(m)) - 2147483648LL);
+    }
+  } else {
+    const float m = from_ukey(static_cast<uint32_t>(slot[4] + 2147483648LL));
+    const float mm = m > -kInf ? m : 0.f;  // rows with no finite s are marked -1 below
+    bool survives = false;
+    if (phase == 1) {
+      float s_w = -kInf;  // s of the winner, recomputed from its own logits (bit-identical)
+      if (slot[0] != static_cast<long long>(0x8000000000000000ull)) {
+        const int64_t index = unpack_index(slot[0]);
+        float v[4];
+        row.load(static_cast<uint32_t>(index / 4), scaled, v);
+        const int lane = static_cast<int>(index & 3);
+        s_w = lane == 0 ? v[0] : lane == 1 ? v[1] : lane == 2 ? v[2] : v[3];
+      }
+      const Shortcut c = shortcut_sums(src, first, end, p.vocab, mm, s_w, mass_scale, s_u64);
+      if (threadIdx.x == 0) {
+        atomicAdd(slot_u + 6, c.above);
+        atomicAdd(slot_u + 7, c.mass_above);
+        atomicAdd(slot_u + 8, c.mass_ge);
+        atomicAdd(slot_u + 9, c.total);
+      }
+    } else {
+      const Shortcut c{static_cast<unsigned long long>(slot[6]), static_cast<unsigned long long>(slot[7]),
+                       static_cast<unsigned long long>(slot[8]), static_cast<unsigned long long>(slot[9])};
+      survives = c.survives(p, use_k, use_p);
+    }
+    if (!survives) {
+      // Replay the digits of passes 0 .. done-1 from their merged histograms.
+      const int done = phase < final_phase ? phase - 1 : passes;
+      uint32_t t_k = 0, prefix = 0;
+      unsigned long long above = 0;
+      double target = static_cast<double>(p.top_k);
+      for (int j = 0; j <= done && j <= passes; ++j) {
+        if (j == k_passes) {  // top-k's threshold is complete; the top-p select starts
+          t_k = prefix;
+          prefix = 0;
+          above = 0;
+        }
+        if (j == done) break;
+        const unsigned long long* bins = slot_u + kSlotHeader + kSlotBins * j;
+        if (j == k_passes) {  // top_p times the kept mass: the first top-p histogram's total
+          unsigned long long kept = 0;
+          for (int i = 0; i < kBins; ++i) kept += bins[i];
+          target = static_cast<double>(p.top_p) * static_cast<double>(kept);
+        }
+        if (threadIdx.x < 32) choose_digit(bins, above, target, s_broadcast);
+        __syncthreads();
+        prefix |= static_cast<uint32_t>(s_broadcast[0]) << (24 - 8 * (j % 4));
+        above = s_broadcast[1];
+        __syncthreads();  // s_broadcast is read before the next replay writes it
+      }
+      if (phase < final_phase) {  // one more radix pass over this block's columns
+        const int j = phase - 1;
+        digit_histogram(src, first, end, p.vocab, j >= k_passes, mm, t_k, mass_scale, prefix, 24 - 8 * (j % 4),
+                        s_hist, s_bins);
+        if (threadIdx.x < kBins && s_bins[threadIdx.x] != 0)
+          atomicAdd(slot_u + kSlotHeader + kSlotBins * j + threadIdx.x, s_bins[threadIdx.x]);
+      } else {  // the Gumbel winner among the kept tokens, with the noise of phase 0
+        const uint32_t t_p = use_p ? min(prefix, ukey(1.f)) : 0u;  // W = 1 (the maximum) is always kept
+        Best kept_best{-kInf, kNoIndex};
+        for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
+          float s[4];
+          src.get(q, s);
+          const uint4 r = noise(q);
+          const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
+            const bool keep = ukey(s[l]) >= t_k && (!use_p || ukey(mass_of(s[l], mm, t_k)) >= t_p);
+            if (keep) kept_best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
+          }
+        }
+        kept_best = block_argmax(kept_best, s_float, s_int);
+        if (threadIdx.x == 0 && kept_best.index != kNoIndex) atomicMax(slot + 5, pack(kept_best.value, kept_best.index));
+      }
     }
   }
-  flags = block_reduce(flags, or_op, s_int);
-  best = block_argmax(best, s_float, s_int);
-  top = block_argmax(top, s_float, s_int);
+
+  if (phase != final_phase) return;
+  __syncthreads();  // every thread has read the slots (m, the sums) before the last block resets them
   if (threadIdx.x == 0) {
-    auto* slot = reinterpret_cast<long long*>(p.slots + 4 * static_cast<int64_t>(b));
-    auto* arrivals = reinterpret_cast<unsigned long long*>(slot + 3);
-    if (best.index != kNoIndex) atomicMax(slot, pack(best.value, best.index));
-    if (top.index != kNoIndex) atomicMax(slot + 1, pack(top.value, top.index));
-    atomicOr(reinterpret_cast<unsigned long long*>(slot + 2), static_cast<unsigned long long>(flags));
     __threadfence();
-    if (atomicAdd(arrivals, 1ull) == gridDim.y - 1) {  // the row's last block
+    s_last = atomicAdd(slot_u + 3, 1ull) == gridDim.y - 1;  // the row's last block
+  }
+  __syncthreads();
+  if (s_last) {
+    if (threadIdx.x == 0) {
       __threadfence();
-      const long long merged = atomicExch(reinterpret_cast<unsigned long long*>(slot), 0x8000000000000000ull);
-      const long long merged_top = atomicExch(reinterpret_cast<unsigned long long*>(slot + 1), 0x8000000000000000ull);
-      const unsigned long long all_flags = atomicExch(reinterpret_cast<unsigned long long*>(slot + 2), 0ull);
-      atomicExch(arrivals, 0ull);
-      // a +inf winner means g / T overflowed: the argmax (reference)
-      const bool overflow = (merged >> 32) == static_cast<long long>(ukey(kInf)) - 2147483648LL;
-      int64_t token = greedy || overflow ? unpack_index(merged_top) : unpack_index(merged);
+      const long long empty = static_cast<long long>(0x8000000000000000ull);
+      const long long merged = atomicExch(slot_u, static_cast<unsigned long long>(empty));
+      const long long merged_top = atomicExch(slot_u + 1, static_cast<unsigned long long>(empty));
+      const unsigned long long all_flags = atomicExch(slot_u + 2, 0ull);
+      atomicExch(slot_u + 3, 0ull);
+      int64_t winner = unpack_index(merged);
+      if (passes > 0) {
+        atomicExch(slot_u + 4, static_cast<unsigned long long>(empty));
+        const long long kept = atomicExch(slot_u + 5, static_cast<unsigned long long>(empty));
+        const Shortcut c{static_cast<unsigned long long>(slot[6]), static_cast<unsigned long long>(slot[7]),
+                         static_cast<unsigned long long>(slot[8]), static_cast<unsigned long long>(slot[9])};
+        if (!c.survives(p, use_k, use_p)) winner = unpack_index(kept);
+      }
+      // a +-inf winner means max s is +-inf (the noise is finite): g / T overflowed, the argmax
+      const long long top_key = (merged >> 32) + 2147483648LL;
+      const bool overflow = top_key == ukey(kInf) || top_key == ukey(-kInf);
+      int64_t token = greedy || overflow ? unpack_index(merged_top) : winner;
       if (all_flags != 2) token = -1;
       p.tokens[b] = token;
       if (p.ids != nullptr) {
@@ -523,8 +692,11 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
         p.ids[u_row] = token;
       }
     }
-    advance_stream(p, offset);
+    __syncthreads();  // the sums are read before they are reset
+    if (passes > 0)  // the sums and histograms (every block has read them by now)
+      for (int64_t i = 6 + threadIdx.x; i < kSlotHeader + kSlotBins * passes; i += kThreads) slot[i] = 0;
   }
+  if (threadIdx.x == 0) advance_stream(p, offset);
 }
 
 constexpr size_t kHistBytes = kWarps * kBins * sizeof(unsigned long long);
@@ -534,13 +706,22 @@ cudaError_t launch_typed(const CfgSampleParams& p, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(p.logits) % (4 * sizeof(T)) == 0 && p.row_stride % 4 == 0;
   const bool greedy = p.temperature == 0.f;
   const bool filtered = !greedy && ((p.top_k > 0 && p.top_k < p.vocab) || p.top_p < 1.f);
-  if (p.splits > 1 && !filtered) {
+  if (p.splits > 1) {
     const uint32_t groups = static_cast<uint32_t>((p.vocab + 3) / 4);
-    const uint32_t splits = static_cast<uint32_t>(p.splits);
+    const uint32_t splits = static_cast<uint32_t>(min(p.splits, static_cast<int64_t>(groups)));
     const uint32_t chunk_groups = (groups + splits - 1) / splits;
     const dim3 grid(static_cast<unsigned int>(p.batch), (groups + chunk_groups - 1) / chunk_groups);
-    cfg_sample_split_kernel<T><<<grid, kThreads, 0, stream>>>(p, vec, chunk_groups);
-    return cudaGetLastError();
+    const int k_passes = !greedy && p.top_k > 0 && p.top_k < p.vocab ? 4 : 0;
+    const int p_passes = !greedy && p.top_p < 1.f ? 4 : 0;
+    const int last = k_passes + p_passes > 0 ? k_passes + p_passes + 1 : 0;
+    for (int phase = 0; phase <= last; ++phase) {
+      CfgSampleParams q = p;
+      q.advance = p.advance && phase == last;  // every launch has read the offset by then
+      cfg_sample_split_kernel<T><<<grid, kThreads, 0, stream>>>(q, vec, chunk_groups, phase, k_passes, p_passes);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   }
   size_t smem = 0;
   bool on_chip = false;
@@ -564,7 +745,9 @@ cudaError_t launch_typed(const CfgSampleParams& p, cudaStream_t stream) {
 
 cudaError_t launch_cfg_sample(const CfgSampleParams& params, cudaStream_t stream) {
   if (params.batch == 0) return cudaSuccess;
-  if (params.batch > 0x7fffffffLL || params.vocab < 1 || params.vocab > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (params.batch > 0x7fffffffLL || params.vocab < 1 || params.vocab > 0x7fffffffLL || params.splits < 1 ||
+      params.splits > 65535)  // (splits is gridDim.y)
+    return cudaErrorInvalidValue;
   switch (params.dtype) {
     case DType::kFloat32: return launch_typed<float>(params, stream);
     case DType::kFloat16: return launch_typed<__half>(params, stream);

@@ -10,6 +10,12 @@ namespace sampling {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
+// A split row's merge slots (kernels/sampling.py's SLOT_* layout): a header of 16 entries, then
+// one 256-bin histogram per radix pass (up to 4 for top-k and 4 for top-p).
+constexpr int64_t kSlotHeader = 16;
+constexpr int64_t kSlotBins = 256;
+constexpr int64_t kSlotWidth = kSlotHeader + 8 * kSlotBins;
+
 struct CfgSampleParams {
   const void* logits;  // [2B, V], rows `row_stride` elements apart, unit stride within a row
   DType dtype;
@@ -27,11 +33,13 @@ struct CfgSampleParams {
   bool advance;       // add 1 to seed[1] in this launch (seed[2] must be 0; it is reset)
   int64_t* tokens;    // [B]
   int64_t* ids;       // [2B] pair-duplicated tokens in the input layout, or nullptr
-  int64_t splits;     // > 1 (unfiltered or greedy only): blocks per row, merged in `slots`
-  int64_t* slots;     // [>= B, 4] (INT64_MIN, INT64_MIN, 0, 0) per row; left so by the launch
+  int64_t splits;     // > 1: blocks per row, merged in `slots`
+  int64_t* slots;     // [>= B, >= kSlotWidth], rows slot_stride apart, as kernels/sampling.py's
+  int64_t slot_stride;  // SLOT_* layout starts them; left so by the launch
 };
 
-// One block per output row, or `splits` blocks per row (unfiltered / greedy); the stream of
+// One block per output row, or `splits` blocks per row (a filtered split row takes one launch per
+// radix pass plus two, on `stream`; any other one launch); the stream of
 // random numbers is the one kernels/sampling.py documents (Philox4x32-10, counter
 // (j / 4, b, offset_lo, offset_hi), key = seed), and so are the split rows' merge slots.
 cudaError_t launch_cfg_sample(const CfgSampleParams& params, cudaStream_t stream);

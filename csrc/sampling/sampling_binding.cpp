@@ -32,11 +32,11 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.is_contiguous() && seed.numel() >= (advance ? 3 : 2),
               "cfg_sample: seed must be a contiguous int64 tensor (seed, offset) plus the arrival counter when advance");
   TORCH_CHECK(layout == "interleaved" || layout == "halves", "cfg_sample: layout must be interleaved or halves");
-  TORCH_CHECK(splits >= 1, "cfg_sample: splits must be >= 1");
+  TORCH_CHECK(splits >= 1 && splits <= 65535, "cfg_sample: splits must be in [1, 65535], got ", splits);
   TORCH_CHECK(splits == 1 || (slots.device() == logits.device() && slots.scalar_type() == at::kLong &&
-                              slots.is_contiguous() && slots.dim() == 2 && slots.size(1) == 4 &&
+                              slots.is_contiguous() && slots.dim() == 2 && slots.size(1) >= kSlotWidth &&
                               slots.size(0) >= logits.size(0) / 2),
-              "cfg_sample: split rows need int64 [>= B, 4] merge slots on the logits' device");
+              "cfg_sample: split rows need int64 [>= B, ", kSlotWidth, "] merge slots on the logits' device");
   DType dtype;
   switch (logits.scalar_type()) {
     case at::kFloat: dtype = DType::kFloat32; break;
@@ -71,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda(const at::Tensor& logits, dou
   params.ids = return_ids ? ids.data_ptr<int64_t>() : nullptr;
   params.splits = splits;
   params.slots = splits > 1 ? slots.data_ptr<int64_t>() : nullptr;
+  params.slot_stride = splits > 1 ? slots.stride(0) : 0;
   const auto stream = static_cast<cudaStream_t>(
       c10::impl::getDeviceGuardImpl(logits.device().type())->getStream(logits.device()).native_handle());
   const cudaError_t err = launch_cfg_sample(params, stream);

@@ -232,8 +232,8 @@ def unusable_rows(g: torch.Tensor) -> torch.Tensor:
 def sampling_probs(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, layout="interleaved"):
     """The distribution cfg_sample draws from, [B, V]; a NaN row where `unusable_rows` holds.
     Temperature 0 is one-hot at the argmax of the guided row (lowest index on ties), and so is a
-    row whose guided / temperature overflows to +inf (a temperature too small for fp32: the
-    limit of the distribution as the temperature falls). Otherwise softmax(guided /
+    row whose guided / temperature overflows (to +inf anywhere, or to -inf everywhere: a
+    temperature too small for fp32; the limit of the distribution as the temperature falls). Otherwise softmax(guided /
     temperature), then top_k keeps token j iff fewer than k tokens have a strictly larger logit
     (0 = off), then top_p on the renormalised distribution keeps j iff p_j is the maximum or the
     mass of the tokens strictly more probable than j is < top_p (1 = off). Ties are kept or
@@ -245,7 +245,7 @@ def sampling_probs(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, layo
     if temperature == 0:
         return greedy.masked_fill(bad[:, None], math.nan)
     g = g / temperature
-    overflow = (g == math.inf).any(-1, keepdim=True)
+    overflow = (g == math.inf).any(-1, keepdim=True) | (g == -math.inf).all(-1, keepdim=True)
     g = g.masked_fill(overflow, 0.0)  # those rows take `greedy`
     if top_k > 0:
         kth = torch.topk(g, min(top_k, g.shape[-1]), dim=-1).values[:, -1:]

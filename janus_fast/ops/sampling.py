@@ -27,6 +27,8 @@ def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layou
 
 
 SPLIT_COLUMNS = 4096  # the least columns a program of a split row takes
+SPLIT_FILTERED_COLUMNS = 32768  # the shortest filtered row that is split
+SLOT_WIDTH = 16 + 8 * 256  # merge slots per row: a header and 8 radix histograms (kernels/sampling.py)
 _merge_slots: dict = {}
 _retired_slots: list = []
 
@@ -38,24 +40,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def row_splits(b: int, v: int, device: torch.device) -> int:
-    """Blocks per row for unfiltered or greedy sampling: enough for about two per SM, at least
-    SPLIT_COLUMNS columns each; 1 (no split) once the batch alone fills the GPU. Text decoding
-    (B = 1, V = 102400) takes 25 blocks instead of one."""
+def row_splits(b: int, v: int, device: torch.device, filtered: bool = False) -> int:
+    """Blocks per row: enough for about two per SM, at least SPLIT_COLUMNS columns each; 1 (no
+    split) once the batch alone fills the GPU. Text decoding (B = 1, V = 102400) takes 25 blocks
+    instead of one. A filtered row is split only from SPLIT_FILTERED_COLUMNS tokens: split, it
+    takes one launch per radix pass plus two (up to 10) where one block does it all in one launch,
+    and below that length one block holds the row on the chip (the CUDA kernel in shared memory,
+    Triton up to 16384 tokens in registers) and reads the logits once."""
+    if filtered and v < SPLIT_FILTERED_COLUMNS:
+        return 1
     return max(1, min(-(-v // SPLIT_COLUMNS), (2 * _sm_count(device)) // max(b, 1)))
 
 
 def merge_slots(device: torch.device, rows: int) -> torch.Tensor:
-    """Where the blocks of a split row merge: int64 [>= rows, 4] = (min, min, 0, 0) per row
-    (winner, argmax, flags, arrivals), made once per device and stream (launches on one stream
-    never overlap), grown when needed; every launch leaves the slots as it found them."""
+    """Where the blocks of a split row merge: int64 [>= rows, SLOT_WIDTH] in the layout
+    kernels/sampling.py describes (entries 0, 1, 4, 5 at int64's minimum, the rest 0), made once
+    per device and stream (launches on one stream never overlap), grown when needed; every launch
+    leaves the slots as it found them."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     slots = _merge_slots.get((device, stream))
     if slots is None or slots.shape[0] < rows:
         if slots is not None:  # a captured CUDA graph may still point at the old slots
             _retired_slots.append(slots)
-        slots = torch.zeros((max(rows, 64), 4), dtype=torch.int64, device=device)
-        slots[:, :2] = torch.iinfo(torch.int64).min
+        slots = torch.zeros((max(rows, 64), SLOT_WIDTH), dtype=torch.int64, device=device)
+        slots[:, [0, 1, 4, 5]] = torch.iinfo(torch.int64).min
         _merge_slots[(device, stream)] = slots
     return slots
 
@@ -77,7 +85,7 @@ def _cfg_sample(logits: torch.Tensor, cfg_weight: float, temperature: float, top
                                  return_ids)
     b, v = logits.shape[0] // 2, logits.shape[1]
     filtered = temperature != 0 and (0 < top_k < v or top_p < 1.0)
-    splits = 1 if filtered or b == 0 else row_splits(b, v, logits.device)
+    splits = 1 if b == 0 else row_splits(b, v, logits.device, filtered)
     slots = merge_slots(logits.device, b) if splits > 1 else seed.new_empty((0, 4))
     return _impl(backend)(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids,
                           splits, slots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 HELP = ("train / fine-tune Janus-Pro on a JSONL dataset (packed multi-task batches); under torchrun "
@@ -37,3 +38,11 @@ def run_train_command(args) -> None:
         first = history[min(start, len(history) - 1)]
         print(f"trained steps {start + 1}..{trainer.step}: loss {first['loss']:.4f} -> {history[-1]['loss']:.4f}; "
               f"checkpoints, metrics.jsonl and loss_curve.png in {trainer.output_dir}", file=sys.stderr)
+    if trainer.topology.distributed:
+        # Everything is written and the group is left: end the worker without the interpreter's
+        # teardown, where gloo work objects that FSDP2 still references can be destroyed after
+        # the GIL is gone and abort the process (std::terminate, pytorch/pytorch PR 179291) -
+        # a finished run would otherwise fail now and then.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
