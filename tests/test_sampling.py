@@ -212,29 +212,34 @@ def test_rows_split_across_programs_equal_whole_rows(monkeypatch, b, v, temperat
     assert torch.equal(split, whole)
 
 
-@pytest.mark.parametrize("top_k,top_p,temperature", grid(
-    [(50, 1.0, 1.0), (0, 0.9, 1.0), (40, 0.8, 0.7)],
-    [(3, 1.0, 1.0), (0, 0.3, 1.3), (1, 0.5, 1.0), (4999, 0.99, 1.0)]))
-def test_filtered_rows_split_across_programs_equal_whole_rows(monkeypatch, top_k, top_p, temperature):
+@pytest.mark.parametrize("top_k,top_p,temperature,layout,dtype", grid(
+    [(50, 1.0, 1.0, "interleaved", torch.float32), (0, 0.9, 1.0, "halves", torch.bfloat16),
+     (40, 0.8, 0.7, "interleaved", torch.float16)],
+    [(3, 1.0, 1.0, "halves", torch.float32), (0, 0.3, 1.3, "interleaved", torch.float32),
+     (1, 0.5, 1.0, "interleaved", torch.bfloat16), (4999, 0.99, 1.0, "halves", torch.float16)]))
+def test_filtered_rows_split_across_programs_equal_whole_rows(monkeypatch, top_k, top_p, temperature, layout,
+                                                             dtype):
     # Long filtered rows split too: one launch per 8-bit radix pass, each program replaying the
     # digits from the merged histograms. The thresholds are the same integers, so the tokens are
     # those of one program per row - on rows whose unfiltered winner survives and on rows where
     # it does not - with the random state advanced once and the merge slots left clean.
     from janus_fast.ops import sampling
 
-    b, v = (4, 6000) if not FULL else (8, 13000)
+    b, v = (4, 6001) if not FULL else (8, 13003)  # (the last chunk ends inside a group of 4)
     monkeypatch.setattr(sampling, "SPLIT_FILTERED_COLUMNS", 0)
     monkeypatch.setattr(sampling, "_sm_count", lambda device: 2 * b)
     assert sampling.row_splits(b, v, torch.device(DEVICE), filtered=True) == (2 if not FULL else 4)
-    logits = torch.randn(2 * b, v, device=DEVICE) * 0.8
-    logits[0, 7] = float("nan")  # row 0 -> -1 through the merged flags
-    logits[2:4, v // 2:] = float("-inf")  # row 1 half masked
-    kw = dict(cfg_weight=1.5, temperature=temperature, top_k=top_k, top_p=top_p, backend="triton")
+    cond, uncond = torch.randn(2, b, v, device=DEVICE) * 0.8
+    cond[0, 7] = float("nan")  # row 0 -> -1 through the merged flags
+    cond[1, v // 2:] = uncond[1, v // 2:] = float("-inf")  # row 1 half masked
+    logits = pair(cond, uncond, layout).to(dtype)
+    kw = dict(cfg_weight=1.5, temperature=temperature, top_k=top_k, top_p=top_p, layout=layout, backend="triton")
     state = new_rng_state(3, 2, device=DEVICE)
     split, ids = ops.cfg_sample(logits, rng_state=state, return_ids=True, **kw)
-    assert state.tolist() == [3, 3, 0] and split[0] == -1 and torch.equal(ids, split.repeat_interleave(2))
+    assert state.tolist() == [3, 3, 0] and split[0] == -1 and torch.equal(ids, pair(split[:, None], split[:, None],
+                                                                                     layout)[:, 0])
     assert _slots_are_clean(sampling, b)
-    kept = ref.sampling_probs(logits, 1.5, temperature, top_k, top_p) > 0
+    kept = ref.sampling_probs(logits, 1.5, temperature, top_k, top_p, layout) > 0
     rows = torch.arange(1, b, device=DEVICE)
     assert kept[rows, split[1:]].all()
     monkeypatch.setattr(sampling, "row_splits", lambda *args: 1)

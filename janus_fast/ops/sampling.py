@@ -63,7 +63,8 @@ def merge_slots(device: torch.device, rows: int) -> torch.Tensor:
         if slots is not None:  # a captured CUDA graph may still point at the old slots
             _retired_slots.append(slots)
         slots = torch.zeros((max(rows, 64), SLOT_WIDTH), dtype=torch.int64, device=device)
-        slots[:, [0, 1, 4, 5]] = torch.iinfo(torch.int64).min
+        slots[:, 0:2] = torch.iinfo(torch.int64).min  # (slices: nothing to copy from the host,
+        slots[:, 4:6] = torch.iinfo(torch.int64).min  # should this run under graph capture)
         _merge_slots[(device, stream)] = slots
     return slots
 
