@@ -302,7 +302,7 @@ def _shortcut_sums(s, mask, best_s, m, mass_scale, above, mass_above, mass_ge, t
 @triton.jit
 def _survives(above, mass_above, mass_ge, total, top_k, top_p, TOP_K: tl.constexpr, TOP_P: tl.constexpr):
     """Whether the unfiltered winner survives both filters (the shortcut's exact test)."""
-    survives = above == above
+    survives = tl.zeros_like(above) == 0
     kept_mass = total
     if TOP_K:
         survives &= above < top_k
@@ -426,7 +426,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
     else:
         m = _value(tl.load(slot + 4) + 2147483648)
         m = tl.where(m > float("-inf"), m, 0.0)  # rows with no finite s are marked -1 below
-        survives = row_ok == row_ok
+        survives = tl.zeros_like(rows) == 0
         if PHASE > 1:
             survives = _survives(tl.load(slot + 6), tl.load(slot + 7), tl.load(slot + 8), tl.load(slot + 9),
                                  top_k, top_p, TOP_K, TOP_P)

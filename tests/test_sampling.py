@@ -233,7 +233,8 @@ def test_filtered_rows_split_across_programs_equal_whole_rows(monkeypatch, top_k
     cond[0, 7] = float("nan")  # row 0 -> -1 through the merged flags
     cond[1, v // 2:] = uncond[1, v // 2:] = float("-inf")  # row 1 half masked
     logits = pair(cond, uncond, layout).to(dtype)
-    kw = dict(cfg_weight=1.5, temperature=temperature, top_k=top_k, top_p=top_p, layout=layout, backend="triton")
+    kw = {"cfg_weight": 1.5, "temperature": temperature, "top_k": top_k, "top_p": top_p, "layout": layout,
+          "backend": "triton"}
     state = new_rng_state(3, 2, device=DEVICE)
     split, ids = ops.cfg_sample(logits, rng_state=state, return_ids=True, **kw)
     assert state.tolist() == [3, 3, 0] and split[0] == -1 and torch.equal(ids, pair(split[:, None], split[:, None],
@@ -252,9 +253,11 @@ def test_merge_slot_layout_is_one_layout():
     import re
 
     from janus_fast.kernels import sampling as kernels
+
     from janus_fast.ops import sampling
 
-    header = open(os.path.join(ROOT, "csrc", "sampling", "sampling.h")).read()
+    with open(os.path.join(ROOT, "csrc", "sampling", "sampling.h")) as f:
+        header = f.read()
     cuda = {name: int(value) for name, value in re.findall(r"constexpr int64_t (kSlot\w+) = (\d+);", header)}
     assert cuda == {"kSlotHeader": kernels.SLOT_HEADER, "kSlotBins": kernels.SLOT_BINS}
     assert sampling.SLOT_WIDTH == kernels.SLOT_USED == cuda["kSlotHeader"] + 8 * cuda["kSlotBins"]
@@ -270,7 +273,7 @@ def test_cuda_split_rows_equal_whole_rows(monkeypatch, top_k, top_p):
     b, v = 2, 102400
     assert sampling.row_splits(b, v, torch.device("cuda"), filtered=True) > 1
     logits = torch.randn(2 * b, v, device="cuda", dtype=torch.bfloat16)
-    kw = dict(temperature=0.9, top_k=top_k, top_p=top_p)
+    kw = {"temperature": 0.9, "top_k": top_k, "top_p": top_p}
     split = torch.stack([draw(logits, "cuda", seed=seed, **kw) for seed in range(8)])
     assert _slots_are_clean(sampling, b)
     monkeypatch.setattr(sampling, "row_splits", lambda *args: 1)
@@ -437,10 +440,18 @@ def test_rng_state_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("split", [False, True])
+def test_opcheck(monkeypatch, backend, split):
+    from janus_fast.ops import sampling
+
+    if split:  # rows over 2 programs: the multi-launch filtered path behind the same op
+        monkeypatch.setattr(sampling, "row_splits", lambda *args: 2)
     logits = torch.randn(6, 11, device=DEVICE)
     torch.library.opcheck(torch.ops.janus_fast.cfg_sample,
                           (logits, 3.0, 1.0, 4, 0.9, seed_tensor(5), "halves", False, False, backend))
+    torch.library.opcheck(torch.ops.janus_fast.cfg_sample,
+                          (logits, 3.0, 0.7, 4, 0.9, new_rng_state(5, device=DEVICE), "interleaved", True, True,
+                           backend))
     torch.library.opcheck(torch.ops.janus_fast.cfg_sample,
                           (logits, 3.0, 0.0, 0, 1.0, new_rng_state(5, device=DEVICE), "interleaved", True, True,
                            backend))
@@ -454,9 +465,10 @@ def test_opcheck_cuda_extension_op():
                           (logits, 3.0, 0.7, 4, 0.9, new_rng_state(5), "interleaved", True, True, 1, no_slots))
     from janus_fast.ops.sampling import merge_slots
 
-    torch.library.opcheck(torch.ops.janus_fast_C.cfg_sample,
-                          (logits, 3.0, 0.7, 0, 1.0, new_rng_state(5), "halves", True, True, 3,
-                           merge_slots(logits.device, 3)))
+    for top_k, top_p in ((0, 1.0), (4, 0.9)):  # split rows, unfiltered and filtered (one launch per phase)
+        torch.library.opcheck(torch.ops.janus_fast_C.cfg_sample,
+                              (logits, 3.0, 0.7, top_k, top_p, new_rng_state(5), "halves", True, True, 3,
+                               merge_slots(logits.device, 3)))
 
 
 @pytest.mark.gpu
