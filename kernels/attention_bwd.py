@@ -18,6 +18,7 @@ from .attention_common import (
     _causal_ranges,
     _heavy_first,
     _load_tile,
+    _query_head,
     _seq_bounds,
     _store_tile,
 )
@@ -225,15 +226,11 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ of BLOCK_M query rows of one (batch, head); recomputes P from lse instead of atomics."""
     pid_m = _heavy_first(CAUSAL)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    start_q, len_q, start_k, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+    b64, h, hk, start_q, len_q, start_k, len_k = _query_head(tl.program_id(1), CU_Q, CU_K, n_heads_q, group,
+                                                              seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= len_q:
         return
-    b64 = b.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

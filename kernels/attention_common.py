@@ -23,6 +23,16 @@ def _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_head(bh, cu_q, cu_k, n_heads_q, group, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(b as int64, h, hk, start_q, len_q, start_k, len_k) of the (batch x query head) index bh:
+    its sequence's bounds and the kv head its query head reads (GQA group `group`)."""
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    start_q, len_q, start_k, len_k = _seq_bounds(cu_q, cu_k, b, seqlen_q, seqlen_k, IS_VARLEN)
+    return b.to(tl.int64), h, h // group, start_q, len_q, start_k, len_k
+
+
+@triton.jit
 def _causal_ranges(m0, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key-block ranges for query rows [m0, m0+BLOCK_M): [0, full) needs no mask, [full, end) does.
 

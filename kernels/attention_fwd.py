@@ -10,7 +10,7 @@ from .attention_common import (
     _causal_safe_values,
     _heavy_first,
     _load_tile,
-    _seq_bounds,
+    _query_head,
     _store_tile,
 )
 from .attention_configs import FWD, autotune
@@ -67,15 +67,11 @@ def _attn_fwd_kernel(
 ):
     """out = softmax(s Q K^T) V and lse for BLOCK_M query rows of one (batch, head); fp32 accumulators."""
     pid_m = _heavy_first(CAUSAL)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_q
-    h = pid_bh % n_heads_q
-    hk = h // group
-    start_q, len_q, start_k, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
+    b64, h, hk, start_q, len_q, start_k, len_k = _query_head(tl.program_id(1), CU_Q, CU_K, n_heads_q, group,
+                                                              seqlen_q, seqlen_k, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= len_q:
         return
-    b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh
     k_base = K + b64 * stride_kb + start_k.to(tl.int64) * stride_kn + hk * stride_kh
     v_base = V + b64 * stride_vb + start_k.to(tl.int64) * stride_vn + hk * stride_vh

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_ranges, _finite_stand_ins, _first_nonfinite_row, _seq_bounds
+from .attention_common import _causal_ranges, _finite_stand_ins, _first_nonfinite_row, _query_head
 from .attention_configs import FWD_SM90, autotune
 
 
@@ -110,12 +110,8 @@ def _attn_fwd_tma_kernel(
         pid_m = tile // n_bh
         if CAUSAL:
             pid_m = n_m - 1 - pid_m  # heavy first: later query blocks see more keys
-        bh = tile % n_bh
-        b = bh // n_heads_q
-        h = bh % n_heads_q
-        hk = h // group
-        start_q, len_q, start_k, len_k = _seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
-        b64 = b.to(tl.int64)
+        b64, h, hk, start_q, len_q, start_k, len_k = _query_head(tile % n_bh, CU_Q, CU_K, n_heads_q, group,
+                                                                  seqlen_q, seqlen_k, IS_VARLEN)
         q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh,
                                            shape=[len_q, HEAD_D], strides=[stride_qm, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])

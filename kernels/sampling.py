@@ -280,6 +280,17 @@ def _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, of
 
 
 @triton.jit
+def _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, rows, TOP_P: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """s + G on the kept tokens of a tile (ukey(s) >= t_k and, with TOP_P, ukey(W) >= t_p, W with
+    floor t_k; t_k, t_p [ROWS]), -inf elsewhere: the final draw's scores, with the first pass's noise."""
+    keep = mask & (s >= _value(t_k)[:, None])  # (a NaN s: its row is -1 anyway)
+    if TOP_P:
+        keep &= _masses(s, mask, t_k, m) >= _value(t_p)[:, None]
+    return tl.where(keep, s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, BLOCK), float("-inf"))
+
+
+@triton.jit
 def _shortcut_sums(s, mask, best_s, m, mass_scale, above, mass_above, mass_ge, total, TOP_K: tl.constexpr,
                    TOP_P: tl.constexpr):
     """Adds one tile to the exact shortcut's integer sums: the count of tokens above the winner
@@ -470,19 +481,15 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
             if tl.max(survives.to(tl.int32), axis=0) == 0:  # the Gumbel winner among the kept tokens
                 t_k, t_p, _above, _target = _split_thresholds(slot, top_k, top_p, FINAL - 1, K_PASSES)
                 t_k = tl.zeros([1], tl.int64) + t_k
-                if P_PASSES:
-                    t_p = tl.minimum(t_p, _ukey(tl.full([], 1.0, tl.float32)))  # W = 1 (the max) stays
+                t_p = tl.zeros([1], tl.int64) + tl.minimum(t_p, _ukey(tl.full([], 1.0, tl.float32)))  # W = 1 stays
                 best = tl.full([1], float("-inf"), tl.float32)
                 best_idx = tl.zeros([1], tl.int32)
                 for start in range(lo, hi, BLOCK):
                     _, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, hi, cfg_weight, temperature, SCALE,
                                        BLOCK)
-                    keep = mask & (s >= _value(t_k)[:, None])  # (a NaN s: its row is -1 anyway)
-                    if P_PASSES:
-                        keep &= _masses(s, mask, t_k, m) >= _value(t_p)
-                    score = s + _gumbel(seed, off_lo, off_hi, rows, start, 1, BLOCK)
-                    best, best_idx, _, _ = _running_argmax(tl.where(keep, score, float("-inf")), start, best,
-                                                           best_idx)
+                    score = _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, rows, P_PASSES > 0, 1,
+                                         BLOCK)
+                    best, best_idx, _, _ = _running_argmax(score, start, best, best_idx)
                 tl.atomic_max(slot + 5, (_key(best).to(tl.int64) << 32) | (low - best_idx),
                               mask=row_ok & (best > float("-inf")))
     if PHASE == FINAL or FINAL == 1:
@@ -600,11 +607,8 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
             for start in range(0, V, PASS_BLOCK):  # s is read again, in chunks, like the first pass
                 g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
                                    SCALE, PASS_BLOCK)
-                keep = mask & (s >= _value(t_k)[:, None])  # (a NaN s: its row is -1 anyway)
-                if TOP_P:
-                    keep &= _masses(s, mask, t_k, m) >= _value(t_p)[:, None]
-                score = s + _gumbel(seed, off_lo, off_hi, rows, start, ROWS, PASS_BLOCK)
-                best, token, _, _ = _running_argmax(tl.where(keep, score, float("-inf")), start, best, token)
+                score = _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, rows, TOP_P, ROWS, PASS_BLOCK)
+                best, token, _, _ = _running_argmax(score, start, best, token)
             token = tl.where(accept, best_idx, token)
 
     if GREEDY:

@@ -97,6 +97,14 @@ struct Row {
       s[l] = scaled ? __fdiv_rn(g, temperature) : g;
     }
   }
+
+  // The token `index`'s value as load gives it (bit-identical).
+  __device__ __forceinline__ float at(int64_t index, bool scaled) const {
+    float v[4];
+    load(static_cast<uint32_t>(index / 4), scaled, v);
+    const int lane = static_cast<int>(index & 3);  // no dynamic index: v stays in registers
+    return lane == 0 ? v[0] : lane == 1 ? v[1] : lane == 2 ? v[2] : v[3];
+  }
 };
 
 // Order-preserving fp32 -> [0, 2^32); -0.0 and +0.0 share a key (kernels/sampling.py's ukey).
@@ -300,6 +308,12 @@ __device__ uint32_t radix_select(const Source<T>& src, uint32_t groups, int64_t 
 struct Shortcut {
   unsigned long long above, mass_above, mass_ge, total;
 
+  // The sums a split row merged into its slots 6-9 (every block's, once the launch before ended).
+  static __device__ __forceinline__ Shortcut merged(const long long* slot) {
+    return {static_cast<unsigned long long>(slot[6]), static_cast<unsigned long long>(slot[7]),
+            static_cast<unsigned long long>(slot[8]), static_cast<unsigned long long>(slot[9])};
+  }
+
   // Whether the unfiltered winner survives both filters (exact: integer sums).
   __device__ __forceinline__ bool survives(const CfgSampleParams& p, bool use_k, bool use_p) const {
     bool ok = true;
@@ -339,7 +353,71 @@ __device__ Shortcut shortcut_sums(const Source<T>& src, uint32_t first, uint32_t
   return c;
 }
 
+// The first pass's running state: contract 1's flags (bit 0: a NaN or +inf g; bit 1: a finite
+// g), the argmax of g, max s, and the unfiltered Gumbel winner.
+struct FirstPass {
+  Best best, top;
+  float m;
+  int64_t flags;
+
+  static __device__ __forceinline__ FirstPass start() { return {{-kInf, kNoIndex}, {-kInf, kNoIndex}, -kInf, 0}; }
+
+  // Tokens 4q .. 4q+3 (those < vocab): guided logits g, s = g / T, noise r (unread when greedy).
+  __device__ __forceinline__ void add(uint32_t q, int64_t vocab, const float g[4], const float s[4], bool greedy,
+                                      uint4 r) {
+    const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (4 * static_cast<int64_t>(q) + l >= vocab) continue;
+      top.offer(g[l], 4 * q + l);
+      flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
+      flags |= fabsf(g[l]) < kInf ? 2 : 0;
+      m = fmaxf(m, s[l]);
+      if (!greedy) best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
+    }
+  }
+
+  // Over the block: every thread gets the results (max s only `with_max`).
+  __device__ __forceinline__ void reduce(float* s_float, int64_t* s_int, bool with_max) {
+    flags = block_reduce(flags, [](int64_t a, int64_t b) { return a | b; }, s_int);
+    if (with_max) m = block_reduce(m, [](float a, float b) { return fmaxf(a, b); }, s_float);
+    best = block_argmax(best, s_float, s_int);
+    top = block_argmax(top, s_float, s_int);
+  }
+};
+
+// The Gumbel winner among the kept tokens of groups [first, end) (ukey(s) >= t_k and, with
+// top-p, ukey(W) >= t_p), with the first pass's noise; over the block.
+template <typename T, typename Noise>
+__device__ Best kept_winner(const Source<T>& src, uint32_t first, uint32_t end, int64_t vocab, const Noise& noise,
+                            float mm, uint32_t t_k, bool use_p, uint32_t t_p, float* s_float, int64_t* s_int) {
+  Best kept{-kInf, kNoIndex};
+  for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
+    float s[4];
+    src.get(q, s);
+    const uint4 r = noise(q);
+    const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (4 * static_cast<int64_t>(q) + l >= vocab) continue;
+      const bool keep = ukey(s[l]) >= t_k && (!use_p || ukey(mass_of(s[l], mm, t_k)) >= t_p);
+      if (keep) kept.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
+    }
+  }
+  return block_argmax(kept, s_float, s_int);
+}
+
 // -------------------------------------------------------------------------- the kernels
+
+// Row b's token, and in the ids its pair in the input layout.
+__device__ __forceinline__ void write_token(const CfgSampleParams& p, uint32_t b, int64_t c_row, int64_t u_row,
+                                            int64_t token) {
+  p.tokens[b] = token;
+  if (p.ids != nullptr) {
+    p.ids[c_row] = token;
+    p.ids[u_row] = token;
+  }
+}
 
 // With p.advance, the last block of the launch moves the random stream on: every block read the
 // offset before its own arrival (the reductions' barriers order the other threads' reads first).
@@ -383,56 +461,29 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams
     return philox4x32_10(make_uint4(q, b, static_cast<unsigned int>(offset),
                                     static_cast<unsigned int>(static_cast<uint64_t>(offset) >> 32)), key);
   };
-  auto fmax_op = [](float a, float c) { return fmaxf(a, c); };
-  auto or_op = [](int64_t a, int64_t c) { return a | c; };
   auto usum_op = [](unsigned long long a, unsigned long long c) { return a + c; };
   // 2^S for the fixed-point masses, S = 62 - bits(V): V masses <= 1 sum below 2^62
   const float mass_scale = ldexpf(1.f, 62 - (64 - __clzll(static_cast<long long>(p.vocab))));
 
   // Pass 1: the only read of the logits when the row fits on the chip.
-  Best best{-kInf, kNoIndex};  // the unfiltered Gumbel winner
-  Best top{-kInf, kNoIndex};   // the argmax of g
-  float m = -kInf;
-  int64_t flags = 0;  // bit 0: a NaN or +inf in g; bit 1: a finite g (contract 1)
+  FirstPass pass = FirstPass::start();
   for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
-    float g[4];
+    float g[4], s[4];
     row.load(q, false, g);
-    float s[4];
 #pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      s[l] = scaled ? __fdiv_rn(g[l], p.temperature) : g[l];
-      if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
-      top.offer(g[l], 4 * q + l);
-      flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
-      flags |= fabsf(g[l]) < kInf ? 2 : 0;
-      m = fmaxf(m, s[l]);
-    }
+    for (int l = 0; l < 4; ++l) s[l] = scaled ? __fdiv_rn(g[l], p.temperature) : g[l];
     if (chip != nullptr) reinterpret_cast<float4*>(chip)[q] = make_float4(s[0], s[1], s[2], s[3]);
-    if (!greedy) {
-      const uint4 r = noise(q);
-      const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-      for (int l = 0; l < 4; ++l)
-        if (4 * static_cast<int64_t>(q) + l < p.vocab) best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
-    }
+    pass.add(q, p.vocab, g, s, greedy, greedy ? make_uint4(0, 0, 0, 0) : noise(q));
   }
-  flags = block_reduce(flags, or_op, s_int);
-  m = block_reduce(m, fmax_op, s_float);
-  best = block_argmax(best, s_float, s_int);
-  top = block_argmax(top, s_float, s_int);
-  int64_t token = best.index;
+  pass.reduce(s_float, s_int, true);
+  const float m = pass.m;
+  int64_t token = pass.best.index;
 
   if (use_k || use_p) {
     const Source<T> src{row, chip, scaled};
     const float mm = m > -kInf ? m : 0.f;  // rows with no finite s are marked -1 below
     // s of the winner: recomputed from its own logits (bit-identical to pass 1)
-    float s_w = -kInf;
-    if (best.index != kNoIndex) {
-      float v[4];
-      row.load(static_cast<uint32_t>(best.index / 4), scaled, v);
-      const int lane = static_cast<int>(best.index & 3);  // no dynamic index: v stays in registers
-      s_w = lane == 0 ? v[0] : lane == 1 ? v[1] : lane == 2 ? v[2] : v[3];
-    }
+    const float s_w = pass.best.index != kNoIndex ? row.at(pass.best.index, scaled) : -kInf;
     const bool survives = shortcut_sums(src, 0u, groups, p.vocab, mm, s_w, mass_scale, s_u64).survives(p, use_k, use_p);
     if (!survives) {
       uint32_t t_k = 0, t_p = 0;
@@ -453,37 +504,21 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(CfgSampleParams
                            static_cast<double>(p.top_p) * static_cast<double>(kept), hist, s_bins, s_broadcast);
         t_p = min(t_p, ukey(1.f));  // W = 1 (the maximum) is always kept
       }
-      // The Gumbel winner among the kept tokens, with the noise of pass 1.
-      Best kept_best{-kInf, kNoIndex};
-      for (uint32_t q = threadIdx.x; q < groups; q += kThreads) {
-        float s[4];
-        src.get(q, s);
-        const uint4 r = noise(q);
-        const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
-          const bool keep = ukey(s[l]) >= t_k && (!use_p || ukey(mass_of(s[l], mm, t_k)) >= t_p);
-          if (keep) kept_best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
-        }
-      }
-      token = block_argmax(kept_best, s_float, s_int).index;
+      token = kept_winner(src, 0u, groups, p.vocab, noise, mm, t_k, use_p, t_p, s_float, s_int).index;
     }
   }
 
   if (threadIdx.x == 0) {
     // g / T overflowing (to +inf anywhere, or to -inf everywhere) is a temperature too small
     // for fp32: the argmax (reference)
-    if (greedy || fabsf(m) == kInf) token = top.index;
-    if (flags != 2 || token == kNoIndex) token = -1;
-    p.tokens[b] = token;
-    if (p.ids != nullptr) {
-      p.ids[c_row] = token;
-      p.ids[u_row] = token;
-    }
+    if (greedy || fabsf(m) == kInf) token = pass.top.index;
+    if (pass.flags != 2 || token == kNoIndex) token = -1;
+    write_token(p, b, c_row, u_row, token);
     advance_stream(p, offset);
   }
 }
+
+constexpr long long kEmptySlot = static_cast<long long>(0x8000000000000000ull);  // below every packed value
 
 // (key << 32) | (2^32 - 1 - index) as a signed 64-bit value, kernels/sampling.py's packing: the
 // larger key wins, then the lower index, in any order of arrival.
@@ -549,51 +584,28 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
   const bool use_k = k_passes > 0, use_p = p_passes > 0;
 
   if (phase == 0) {
-    auto or_op = [](int64_t a, int64_t c) { return a | c; };
-    auto fmax_op = [](float a, float c) { return fmaxf(a, c); };
-    Best best{-kInf, kNoIndex};
-    Best top{-kInf, kNoIndex};
-    float m = -kInf;
-    int64_t flags = 0;
+    FirstPass pass = FirstPass::start();
     for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
-      float g[4];
+      float g[4], s[4];
       row.load(q, false, g);
-      const uint4 r = greedy ? make_uint4(0, 0, 0, 0) : noise(q);
-      const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
-        top.offer(g[l], 4 * q + l);
-        flags |= (g[l] != g[l] || g[l] == kInf) ? 1 : 0;
-        flags |= fabsf(g[l]) < kInf ? 2 : 0;
-        const float s = scaled ? __fdiv_rn(g[l], p.temperature) : g[l];
-        m = fmaxf(m, s);
-        if (!greedy) best.offer(s + gumbel(lanes[l]), 4 * q + l);
-      }
+      for (int l = 0; l < 4; ++l) s[l] = scaled ? __fdiv_rn(g[l], p.temperature) : g[l];
+      pass.add(q, p.vocab, g, s, greedy, greedy ? make_uint4(0, 0, 0, 0) : noise(q));
     }
-    flags = block_reduce(flags, or_op, s_int);
-    if (passes > 0) m = block_reduce(m, fmax_op, s_float);
-    best = block_argmax(best, s_float, s_int);
-    top = block_argmax(top, s_float, s_int);
+    pass.reduce(s_float, s_int, passes > 0);  // (the unfiltered split reads no max)
     if (threadIdx.x == 0) {
-      if (best.index != kNoIndex) atomicMax(slot, pack(best.value, best.index));
-      if (top.index != kNoIndex) atomicMax(slot + 1, pack(top.value, top.index));
-      atomicOr(slot_u + 2, static_cast<unsigned long long>(flags));
-      if (passes > 0) atomicMax(slot + 4, static_cast<long long>(ukey(m)) - 2147483648LL);
+      if (pass.best.index != kNoIndex) atomicMax(slot, pack(pass.best.value, pass.best.index));
+      if (pass.top.index != kNoIndex) atomicMax(slot + 1, pack(pass.top.value, pass.top.index));
+      atomicOr(slot_u + 2, static_cast<unsigned long long>(pass.flags));
+      if (passes > 0) atomicMax(slot + 4, static_cast<long long>(ukey(pass.m)) - 2147483648LL);
     }
   } else {
     const float m = from_ukey(static_cast<uint32_t>(slot[4] + 2147483648LL));
     const float mm = m > -kInf ? m : 0.f;  // rows with no finite s are marked -1 below
     bool survives = false;
     if (phase == 1) {
-      float s_w = -kInf;  // s of the winner, recomputed from its own logits (bit-identical)
-      if (slot[0] != static_cast<long long>(0x8000000000000000ull)) {
-        const int64_t index = unpack_index(slot[0]);
-        float v[4];
-        row.load(static_cast<uint32_t>(index / 4), scaled, v);
-        const int lane = static_cast<int>(index & 3);
-        s_w = lane == 0 ? v[0] : lane == 1 ? v[1] : lane == 2 ? v[2] : v[3];
-      }
+      // s of the winner, recomputed from its own logits (bit-identical)
+      const float s_w = slot[0] != kEmptySlot ? row.at(unpack_index(slot[0]), scaled) : -kInf;
       const Shortcut c = shortcut_sums(src, first, end, p.vocab, mm, s_w, mass_scale, s_u64);
       if (threadIdx.x == 0) {
         atomicAdd(slot_u + 6, c.above);
@@ -602,9 +614,7 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
         atomicAdd(slot_u + 9, c.total);
       }
     } else {
-      const Shortcut c{static_cast<unsigned long long>(slot[6]), static_cast<unsigned long long>(slot[7]),
-                       static_cast<unsigned long long>(slot[8]), static_cast<unsigned long long>(slot[9])};
-      survives = c.survives(p, use_k, use_p);
+      survives = Shortcut::merged(slot).survives(p, use_k, use_p);
     }
     if (!survives) {
       // Replay the digits of passes 0 .. done-1 from their merged histograms.
@@ -639,21 +649,8 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
           atomicAdd(slot_u + kSlotHeader + kSlotBins * j + threadIdx.x, s_bins[threadIdx.x]);
       } else {  // the Gumbel winner among the kept tokens, with the noise of phase 0
         const uint32_t t_p = use_p ? min(prefix, ukey(1.f)) : 0u;  // W = 1 (the maximum) is always kept
-        Best kept_best{-kInf, kNoIndex};
-        for (uint32_t q = first + threadIdx.x; q < end; q += kThreads) {
-          float s[4];
-          src.get(q, s);
-          const uint4 r = noise(q);
-          const unsigned int lanes[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-          for (int l = 0; l < 4; ++l) {
-            if (4 * static_cast<int64_t>(q) + l >= p.vocab) continue;
-            const bool keep = ukey(s[l]) >= t_k && (!use_p || ukey(mass_of(s[l], mm, t_k)) >= t_p);
-            if (keep) kept_best.offer(s[l] + gumbel(lanes[l]), 4 * q + l);
-          }
-        }
-        kept_best = block_argmax(kept_best, s_float, s_int);
-        if (threadIdx.x == 0 && kept_best.index != kNoIndex) atomicMax(slot + 5, pack(kept_best.value, kept_best.index));
+        const Best kept = kept_winner(src, first, end, p.vocab, noise, mm, t_k, use_p, t_p, s_float, s_int);
+        if (threadIdx.x == 0 && kept.index != kNoIndex) atomicMax(slot + 5, pack(kept.value, kept.index));
       }
     }
   }
@@ -668,29 +665,23 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_split_kernel(CfgSample
   if (s_last) {
     if (threadIdx.x == 0) {
       __threadfence();
-      const long long empty = static_cast<long long>(0x8000000000000000ull);
-      const long long merged = atomicExch(slot_u, static_cast<unsigned long long>(empty));
-      const long long merged_top = atomicExch(slot_u + 1, static_cast<unsigned long long>(empty));
+      const auto empty = static_cast<unsigned long long>(kEmptySlot);
+      const long long merged = atomicExch(slot_u, empty);
+      const long long merged_top = atomicExch(slot_u + 1, empty);
       const unsigned long long all_flags = atomicExch(slot_u + 2, 0ull);
       atomicExch(slot_u + 3, 0ull);
       int64_t winner = unpack_index(merged);
       if (passes > 0) {
-        atomicExch(slot_u + 4, static_cast<unsigned long long>(empty));
-        const long long kept = atomicExch(slot_u + 5, static_cast<unsigned long long>(empty));
-        const Shortcut c{static_cast<unsigned long long>(slot[6]), static_cast<unsigned long long>(slot[7]),
-                         static_cast<unsigned long long>(slot[8]), static_cast<unsigned long long>(slot[9])};
-        if (!c.survives(p, use_k, use_p)) winner = unpack_index(kept);
+        atomicExch(slot_u + 4, empty);
+        const long long kept = atomicExch(slot_u + 5, empty);
+        if (!Shortcut::merged(slot).survives(p, use_k, use_p)) winner = unpack_index(kept);
       }
       // a +-inf winner means max s is +-inf (the noise is finite): g / T overflowed, the argmax
       const long long top_key = (merged >> 32) + 2147483648LL;
       const bool overflow = top_key == ukey(kInf) || top_key == ukey(-kInf);
       int64_t token = greedy || overflow ? unpack_index(merged_top) : winner;
       if (all_flags != 2) token = -1;
-      p.tokens[b] = token;
-      if (p.ids != nullptr) {
-        p.ids[c_row] = token;
-        p.ids[u_row] = token;
-      }
+      write_token(p, b, c_row, u_row, token);
     }
     __syncthreads();  // the sums are read before they are reset
     if (passes > 0)  // the sums and histograms (every block has read them by now)
