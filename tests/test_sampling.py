@@ -248,6 +248,18 @@ def test_filtered_rows_split_across_programs_equal_whole_rows(monkeypatch, top_k
     assert torch.equal(split, whole)
 
 
+def test_text_decoding_rows_are_split_filtered_or_not(monkeypatch):
+    # The README's claim at the shipped constants: B = 1, V = 102400 splits with or without a
+    # filter (25 blocks on 132 SMs); a filtered row short enough for one block's chip does not.
+    from janus_fast.ops import sampling
+
+    monkeypatch.setattr(sampling, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert sampling.row_splits(1, 102400, cpu) == sampling.row_splits(1, 102400, cpu, filtered=True) == 25
+    assert sampling.row_splits(1, 16384, cpu) > 1 and sampling.row_splits(1, 16384, cpu, filtered=True) == 1
+    assert sampling.row_splits(264, 102400, cpu, filtered=True) == 1  # the batch alone fills the GPU
+
+
 def test_merge_slot_layout_is_one_layout():
     # ops allocates the slots, the Triton and CUDA kernels index them: one width, one header.
     import re
