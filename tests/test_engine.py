@@ -101,8 +101,10 @@ def contract_sampler(real):
 
 
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf])
-def test_bad_logits_raise_with_their_step(plain, monkeypatch, bad_value):
-    eng = engine_copy(plain)
+@pytest.mark.parametrize("on_engine", [True, False])
+def test_bad_logits_raise_with_their_step(plain, monkeypatch, bad_value, on_engine):
+    # the engine and the models' eager loop alike: the -1 is never embedded, and reported
+    eng = engine_copy(plain) if on_engine else plain
     monkeypatch.setattr(ops, "cfg_sample", contract_sampler(ops.cfg_sample))
     calls = []
 
@@ -120,6 +122,25 @@ def test_bad_logits_raise_with_their_step(plain, monkeypatch, bad_value):
     finally:
         handle.remove()
     assert (tokens(eng, ["a fox"], 2, [0]) >= 0).all()  # the flag is reset for the next call
+
+
+@pytest.mark.parametrize("on_engine", [True, False])
+def test_bad_text_logits_raise_with_their_step(plain, on_engine):
+    lm = (engine_copy(plain) if on_engine else plain).language_model
+    calls = []
+
+    def poison(module, args, out):  # the logits of new token 3
+        calls.append(1)
+        return out.index_fill(-1, torch.tensor([7]), math.nan) if len(calls) == 4 else out
+
+    ids = torch.tensor([[1, 5, 9, 2]])
+    handle = lm.lm_head.register_forward_hook(poison)
+    try:
+        with pytest.raises(BadLogitsError, match="at new token 3"):
+            lm.generate(input_ids=ids, max_new_tokens=6, do_sample=True, pad_token_id=-1)
+    finally:
+        handle.remove()
+    assert (lm.generate(input_ids=ids, max_new_tokens=6, do_sample=True) >= 0).all()  # (the flag is reset)
 
 
 def cache_free_greedy(lm, ids, steps):

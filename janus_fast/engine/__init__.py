@@ -5,7 +5,8 @@ CUDA graph (captured once per bucket) on the GPU.
 `JanusPro` here is the models' JanusPro with its loops on the engine; `janus_fast.JanusPro` is it.
 """
 
-from .images import BadLogitsError, ImageSettings, generate_image_tokens
+from ..models.llama import BadLogitsError
+from .images import ImageSettings, generate_image_tokens
 from .model import JanusPro, LlamaForCausalLM
 from .prefill import prefill
 from .profile import decode_launches_per_layer, decode_op_counts, image_step_launches

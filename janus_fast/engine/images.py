@@ -15,15 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..models.janus_pro import JanusPro
+from ..models.janus_pro import JanusPro, raise_bad_image_tokens, unconditional_prompt
 from .prefill import prefill
-from .step import Buckets, Step, graphs_usable, round_up
-
-CAPACITY_MULTIPLE = 64  # prompt lengths are rounded up to this for the bucket's cache capacity
-
-
-class BadLogitsError(FloatingPointError):
-    """The guided logits held NaN or +inf (or no finite entry): no image token can be drawn."""
+from .step import CAPACITY_MULTIPLE, Buckets, Step, graphs_usable, round_up
 
 
 @dataclass(frozen=True)
@@ -51,21 +45,11 @@ class ImageBuffers:
         self.hidden = torch.zeros(rows, model.config.language.hidden_size, dtype=model.dtype, device=device)
         self.codes = torch.zeros(rows // 2, n_tokens, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self.bad_step = torch.full((1,), NO_BAD_STEP, dtype=torch.long, device=device)
         self.rng = torch.zeros(requests, 3, dtype=torch.long, device=device)
 
     def reset(self, seeds: list[int]) -> None:
         self.step.zero_()
-        self.bad_step.fill_(NO_BAD_STEP)
         self.rng.copy_(torch.tensor([[s, 0, 0] for s in seeds], dtype=torch.long), non_blocking=True)
-
-
-NO_BAD_STEP = 1 << 62  # what a bad-step counter holds until a sampler returns -1
-
-
-def flag_bad_tokens(bad_step: torch.Tensor, step: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Keep in bad_step the first step at which a sampler returned the -1 of bad logits."""
-    torch.minimum(bad_step, torch.where(tokens.amin() < 0, step, NO_BAD_STEP), out=bad_step)
 
 
 def image_step(model: JanusPro, buf: ImageBuffers, settings: ImageSettings) -> None:
@@ -80,9 +64,8 @@ def image_step(model: JanusPro, buf: ImageBuffers, settings: ImageSettings) -> N
         ids.append(i)
     tokens = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
     ids = ids[0] if len(ids) == 1 else torch.cat(ids)
-    flag_bad_tokens(buf.bad_step, buf.step, tokens)
-    buf.codes.index_copy_(1, buf.step, tokens[:, None])
-    x = model.prepare_gen_img_embeds(ids.clamp(min=0))  # -1 marks bad logits: never an embedding index
+    buf.codes.index_copy_(1, buf.step, tokens[:, None])  # (a -1 of bad logits is reported at the end)
+    x = model.prepare_gen_img_embeds(ids)
     buf.hidden.copy_(model.language_model.model.decode_step(x, buf.cache))
     buf.step.add_(1)
 
@@ -119,7 +102,7 @@ def _generate_image_tokens(model, prompts, pad_id, parallel_size, settings, seed
     sequences, rows_of = [], []
     for r, ids in enumerate(prompts):
         first = r * parallel_size
-        sequences += [ids, ids[:1] + [pad_id] * max(len(ids) - 2, 0) + ids[1:][-1:]]
+        sequences += [ids, unconditional_prompt(ids, pad_id)]
         rows_of += [[2 * (first + i) for i in range(parallel_size)],
                     [2 * (first + i) + 1 for i in range(parallel_size)]]
     lm = model.language_model
@@ -131,8 +114,5 @@ def _generate_image_tokens(model, prompts, pad_id, parallel_size, settings, seed
             bucket.step()
             if progress is not None:
                 progress(i + 1, n_tokens)
-    bad = int(buf.bad_step)  # the one host sync of the loop
-    if bad != NO_BAD_STEP:
-        raise BadLogitsError(f"the guided image logits held NaN or +inf (or nothing finite) at image token "
-                             f"{bad} of {n_tokens}: no token can be sampled; check the weights and cfg_weight")
+    raise_bad_image_tokens(buf.codes)  # the one host sync of the loop
     return buf.codes

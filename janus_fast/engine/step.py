@@ -75,5 +75,8 @@ class Buckets:
         self._items.clear()
 
 
+CAPACITY_MULTIPLE = 64  # cache capacities are rounded up to this, so nearby lengths share a bucket
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..models.llama import LlamaForCausalLM
-from .images import NO_BAD_STEP, BadLogitsError, flag_bad_tokens
+from ..models.llama import LlamaForCausalLM, bad_new_token
 from .prefill import prefill
-from .step import Buckets, Step, graphs_usable, round_up
+from .step import CAPACITY_MULTIPLE, Buckets, Step, graphs_usable, round_up
 
-CAPACITY_MULTIPLE = 64
+NO_BAD_STEP = 1 << 62  # what the bad-step counter holds until the sampler returns -1
 
 
 @dataclass(frozen=True)
@@ -58,14 +57,19 @@ def text_step(lm: LlamaForCausalLM, buf: TextBuffers, settings: TextSettings) ->
     tokens = lm.sample(lm.lm_head(buf.hidden), settings.do_sample, settings.temperature, settings.top_k,
                        settings.top_p, rng_state=buf.rng)
     step, bad_step, all_done_at = buf.counters[0:1], buf.counters[1:2], buf.counters[2:3]
-    flag_bad_tokens(bad_step, step, tokens)
-    emitted = torch.where(buf.done, settings.pad, tokens)
+    if settings.do_sample:  # (argmax never returns cfg_sample's -1)
+        # the first step with bad logits; a finished row's output hides its token behind pad
+        torch.minimum(bad_step, torch.where(tokens.amin() < 0, step, NO_BAD_STEP), out=bad_step)
+    if settings.eos:
+        emitted = torch.where(buf.done, settings.pad, tokens)
+        buf.done |= torch.isin(emitted, buf.eos)
+        all_done_at.copy_(torch.where(buf.done.all() & (all_done_at < 0), step, all_done_at))
+    else:
+        emitted = tokens
     buf.out.index_copy_(1, step, emitted[:, None])
-    buf.done |= torch.isin(emitted, buf.eos)
-    all_done_at.copy_(torch.where(buf.done.all() & (all_done_at < 0), step, all_done_at))
     # Finished rows keep decoding what they sampled (their output is pad): pad ids need not be
     # valid embeddings.
-    buf.hidden.copy_(lm.model.decode_step(lm.model.embed_tokens(tokens.clamp(min=0)), buf.cache))
+    buf.hidden.copy_(lm.model.decode_step(lm.embed_sampled(tokens), buf.cache))
     step.add_(1)
 
 
@@ -135,6 +139,6 @@ def _generate_tokens(lm, embeds, lengths, max_new_tokens, settings, seed, bucket
                     break
     _, bad, done_at = buf.counters.tolist()  # the one host sync of the loop
     if bad != NO_BAD_STEP:
-        raise BadLogitsError(f"the logits held NaN or +inf (or nothing finite) at new token {bad}")
+        raise bad_new_token(bad)
     n = done_at + 1 if done_at >= 0 else max_new_tokens
     return buf.out[:, :n]

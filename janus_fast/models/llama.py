@@ -132,6 +132,23 @@ def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
     return fused
 
 
+class BadLogitsError(FloatingPointError):
+    """The (guided) logits held NaN or +inf, or no finite entry: no token can be drawn
+    (ops.cfg_sample's -1)."""
+
+
+def first_bad_step(tokens: torch.Tensor) -> int | None:
+    """The first step (column of tokens [B, n]) holding the sampler's -1 of bad logits, or None;
+    one host sync."""
+    bad = (tokens < 0).any(0)
+    step = int(torch.where(bad.any(), bad.int().argmax(), -1)) if bad.numel() else -1
+    return None if step < 0 else step
+
+
+def bad_new_token(step: int) -> BadLogitsError:
+    return BadLogitsError(f"the logits held NaN or +inf (or nothing finite) at new token {step}")
+
+
 @dataclass
 class BaseModelOutputWithPast:
     last_hidden_state: torch.Tensor
@@ -408,7 +425,7 @@ class LlamaForCausalLM(nn.Module):
         a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
         if not do_sample:
             return logits.argmax(-1)
-        both = torch.cat([logits, logits]).float()
+        both = torch.cat([logits, logits])  # (cfg_sample reads 16-bit logits in fp32 itself)
         return ops.cfg_sample(both, cfg_weight=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator, rng_state=rng_state, layout="halves")
 
@@ -445,11 +462,12 @@ class LlamaForCausalLM(nn.Module):
                        use_cache=True).last_hidden_state[:, -1]
         eos_t = torch.tensor(eos, dtype=torch.long, device=h.device)
         done = torch.zeros(b, dtype=torch.bool, device=h.device)
-        tokens = []
+        tokens, drawn = [], []
         for step in range(max_new_tokens):
             sampled = self.sample(self.lm_head(h), do_sample, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(sampled, pad), sampled)
             tokens.append(nxt)
+            drawn.append(sampled)
             done |= torch.isin(nxt, eos_t)
             if step == max_new_tokens - 1 or (eos and bool(done.all())):
                 break
@@ -457,6 +475,16 @@ class LlamaForCausalLM(nn.Module):
             # Finished rows keep decoding their sampled token (their output is pad): pad ids
             # need not be valid embeddings.
             with ops.no_value_checks():  # the cache lengths are ours: skip per-layer device reads
-                h = self.model.decode_step(self.model.embed_tokens(sampled), cache)
+                h = self.model.decode_step(self.embed_sampled(sampled), cache)
             cache.max_seqlen += 1
-        return torch.stack(tokens, 1) if tokens else torch.zeros(b, 0, dtype=torch.long, device=h.device)
+        if not tokens:
+            return torch.zeros(b, 0, dtype=torch.long, device=h.device)
+        bad = first_bad_step(torch.stack(drawn, 1))  # (the output may hide a finished row's -1 behind pad)
+        if bad is not None:
+            raise bad_new_token(bad)
+        return torch.stack(tokens, 1)
+
+    def embed_sampled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of sampled tokens; the -1 of bad logits is never an embedding index (the
+        loops report it at their end)."""
+        return self.model.embed_tokens(tokens.clamp(min=0))
