@@ -11,9 +11,23 @@ from torch import nn
 
 from .. import ops
 from .config import JanusProConfig
-from .llama import LlamaForCausalLM
+from .llama import BadLogitsError, LlamaForCausalLM, first_bad_step
 from .siglip import CLIPVisionTower, MlpProjector
 from .vq import VQModel
+
+
+def unconditional_prompt(ids: list[int], pad_id: int) -> list[int]:
+    """The unconditional partner of a generation prompt, as the official script builds it: its
+    first and last tokens around pads."""
+    return ids[:1] + [pad_id] * max(len(ids) - 2, 0) + ids[1:][-1:]
+
+
+def raise_bad_image_tokens(codes: torch.Tensor) -> None:
+    """BadLogitsError naming the first image token (column of codes) the sampler marked -1."""
+    bad = first_bad_step(codes)
+    if bad is not None:
+        raise BadLogitsError(f"the guided image logits held NaN or +inf (or nothing finite) at image token "
+                             f"{bad} of {codes.shape[1]}: no token can be sampled; check the weights and cfg_weight")
 
 
 class VisionHead(nn.Module):
@@ -139,7 +153,8 @@ class JanusPro(nn.Module):
         return emb
 
     def prepare_gen_img_embeds(self, image_ids):
-        return self.gen_aligner(self.gen_embed(image_ids))
+        # (cfg_sample's -1 of bad logits is never an embedding index: the loops report it)
+        return self.gen_aligner(self.gen_embed(image_ids.clamp(min=0)))
 
     # ------------------------------------------------------------------ training
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, *, text_positions=None,
@@ -236,8 +251,7 @@ class JanusPro(nn.Module):
         new_rng_state(seeds[r]), so its draws do not depend on the other requests."""
         rows = []
         for ids in prompts:
-            uncond = ids[:1] + [pad_id] * max(len(ids) - 2, 0) + ids[1:][-1:]
-            rows += [ids, uncond] * parallel_size
+            rows += [ids, unconditional_prompt(ids, pad_id)] * parallel_size
         lm = self.language_model
         device = self.device
         longest = max(len(r) for r in rows)
@@ -266,6 +280,7 @@ class JanusPro(nn.Module):
                     cache.max_seqlen += 1
                 if progress is not None:
                     progress(i + 1, n_tokens)
+        raise_bad_image_tokens(codes)
         return codes
 
     @torch.inference_mode()
