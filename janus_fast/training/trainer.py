@@ -134,16 +134,17 @@ class Trainer:
                     out = model(**batch.inputs, image_loss_weight=cfg.image_loss_weight)
                 ((out.text_loss_sum + cfg.image_loss_weight * out.image_loss_sum) * scale).backward()
             sums += torch.stack([out.text_loss_sum.detach(), out.image_loss_sum.detach()]).double()
-        grad_norm = float("nan")
+        norm = sums.new_full((1,), float("nan"))
         if cfg.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).reshape(1).to(sums)
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        text_sum, image_sum = all_reduce_sum(sums, topo).tolist()
+        # the one host sync of the step, after the optimizer's launches
+        text_sum, image_sum, grad_norm = torch.cat([all_reduce_sum(sums, topo), norm]).tolist()
         self.step += 1
         seconds = time.perf_counter() - start
         return {"step": self.step, "loss": (text_sum + cfg.image_loss_weight * image_sum) / max(n_text + n_image, 1),
