@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from janus_fast.checkpoint import atomic_write, atomic_write_text
 
 OURS_PREFIX = "janus_fast"
 METRICS = {  # field: unit
@@ -251,10 +251,8 @@ def make_chart(table: str, cells: dict, path: Path) -> bool:
     devices = ", ".join(ordered(line.get("context", {}).get("device", "?") for line in ok.values()))
     fig.suptitle(f"{table}: {devices}" + (" (CPU: harness check, not kernel speed)" if devices == "cpu" else ""))
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -282,11 +280,6 @@ def render(lines: list[dict], chart_dir: Path | None = None, chart_stem: str = "
     return "\n".join(out)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(lines))
         return 0
     output = Path(args.output)
-    write_atomically(output, render(lines, chart_dir=output.parent, chart_stem=output.stem))
+    atomic_write_text(output, render(lines, chart_dir=output.parent, chart_stem=output.stem))
     print(f"render: {len(lines)} lines from {len(args.files)} files -> {output}")
     return 0
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from janus_fast.checkpoint import atomic_write_text
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
@@ -62,12 +62,7 @@ def make_dataset(out_dir, n_text: int = 8, n_understanding: int = 8, n_generatio
             else:
                 lines.append({"type": kind, "prompt": f"A {colour} {shape} on a white background.", "image": name})
     rng.shuffle(lines)
-    path = out / "train.jsonl"
-    fd, tmp = tempfile.mkstemp(prefix=".train.jsonl.", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(x) + "\n" for x in lines)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "train.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
 
 
 def main(argv=None) -> None:

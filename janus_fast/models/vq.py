@@ -171,11 +171,8 @@ class VectorQuantizer(nn.Module):
         (perplexity, min_encodings, indices)) as the official quantizer returns: z_q is the
         normalised codebook row (straight-through to the normalised z), indices int64 [B*H*W]."""
         b, d, h, w = z.shape
-        if d != self.embedding.embedding_dim:
-            raise ValueError(f"z must have {self.embedding.embedding_dim} channels, got shape {tuple(z.shape)}")
-        rows = z.permute(0, 2, 3, 1).reshape(-1, d)
+        idx = self.indices(z)
         codebook = self.embedding.weight
-        idx = ops.vq_quantize(rows.detach().contiguous(), codebook.detach())
         if torch.is_grad_enabled() and codebook.requires_grad:
             # ops.vq_lookup has no backward; the codebook loss needs one: plain-torch gather.
             z_q = F.normalize(codebook, p=2, dim=-1)[idx].view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)
@@ -186,6 +183,13 @@ class VectorQuantizer(nn.Module):
         commitment_loss = self.beta * torch.mean((z_q.detach() - zn) ** 2)
         z_q = zn + (z_q - zn).detach()
         return z_q, (codebook_loss, commitment_loss, 0.0, None), (None, None, idx)
+
+    def indices(self, z):
+        """z [B, D, H, W] -> the nearest codes' ids int64 [B*H*W], row-major over (B, H, W)."""
+        if z.dim() != 4 or z.shape[1] != self.embedding.embedding_dim:
+            raise ValueError(f"z must have {self.embedding.embedding_dim} channels, got shape {tuple(z.shape)}")
+        rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return ops.vq_quantize(rows.detach().contiguous(), self.embedding.weight.detach())
 
     def get_codebook_entry(self, indices, shape=None, channel_first: bool = True):
         """Normalised codebook rows for `indices`; shape (B, D, H, W) with channel_first gives
@@ -213,10 +217,18 @@ class VQModel(nn.Module):
     def encode(self, x):
         """images [B, 3, S, S] in [-1, 1] -> (quant, emb_loss, info); info[2] are the token ids
         [B * (S/16)^2], row-major over the latent grid."""
+        return self.quantize(self._latents(x))
+
+    def token_ids(self, x):
+        """images [B, 3, S, S] in [-1, 1] -> token ids [B, (S/16)^2] (encode's, without the
+        quantised latent and losses)."""
+        return self.quantize.indices(self._latents(x)).view(x.shape[0], -1)
+
+    def _latents(self, x):
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] % self.config.downsample or x.shape[3] % self.config.downsample:
             raise ValueError(f"images must be [batch, 3, H, W] with H and W multiples of "
                              f"{self.config.downsample}, got {tuple(x.shape)}")
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        return self.quant_conv(self.encoder(x))
 
     def decode(self, quant):
         return self.decoder(self.post_quant_conv(quant))

@@ -18,17 +18,10 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..checkpoint import CONFIG_NAME, weight_files, write_weights
+from ..checkpoint import CONFIG_NAME, atomic_write_text, weight_files, write_weights
 
 STATE_NAME = "training_state.pt"
 LATEST = "latest"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from ..checkpoint import atomic_write
 
 SERIES = (("loss", (20, 20, 20)), ("text_loss", (40, 90, 220)), ("image_loss", (220, 60, 40)))
 
@@ -42,13 +42,4 @@ def draw_loss_curve(history: list[dict], path, size=(800, 480)) -> Path | None:
         elif points:
             d.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
         d.text((w - right - 90, top + 6 + 14 * n), key, fill=colour)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -8,13 +8,11 @@ image size, so a changed image or another VQ model never reads stale ids.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .. import ops
+from ..checkpoint import atomic_write
 from ..processor import load_image
 from .data import GEN_IMAGE, DatasetError, EncodedSample, Sample
 
@@ -45,18 +43,11 @@ def _weights_fingerprint(vq, image_size: int) -> str:
 
 
 def atomic_save_file(tensors: dict, path: Path) -> None:
-    """safetensors file written to a temporary name beside `path`, then renamed over it."""
+    """A safetensors file written whole or not at all (checkpoint.atomic_write)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 class VQTokenCache:
@@ -72,16 +63,14 @@ class VQTokenCache:
 
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
-        """PIL images -> VQ ids [n, grid * grid]: encoder, quant_conv, then ops.vq_quantize."""
+        """PIL images -> VQ ids [n, grid * grid] (VQModel.token_ids)."""
         vq = self.model.gen_vision_model
         weight = vq.quant_conv.weight
         x = self.proc.preprocess_images(images).to(weight.device, weight.dtype)
-        z = vq.quant_conv(vq.encoder(x))  # [n, D, g, g]
-        rows = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).contiguous()
-        ids = ops.vq_quantize(rows, vq.quantize.embedding.weight.detach())
+        ids = vq.token_ids(x)
         if bool((ids < 0).any()):
             raise DatasetError("the VQ encoder produced non-finite latents (index -1) for an image")
-        return ids.view(z.shape[0], -1).cpu()
+        return ids.cpu()
 
     def fill(self, samples: list[Sample], encoded: list[EncodedSample]) -> None:
         """Write the VQ ids of every generation sample into its GEN_IMAGE positions, encoding
