@@ -200,8 +200,6 @@ def test_multitask_step(benchmark):
             model(**batch.inputs).loss.backward()
 
     harness.available(step, OURS, errors=(ImportError,))
-    cfg = model.config.language
-    n_params = sum(p.numel() for p in model.language_model.parameters())
     info = {}
     if harness.CUDA:
         harness.synchronize()
