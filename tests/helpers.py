@@ -10,6 +10,8 @@ FULL = os.environ.get("JANUS_FAST_FULL_TESTS", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Backends a test can exercise on this machine: the interpreter stands in for the GPU.
 FAST_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
+# dtypes a kernel with tl.dot is checked in here: the interpreter's dot is wrong for bf16, a GPU's is not.
+DOT_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
 def grid(quick: list, full: list | None = None) -> list:
