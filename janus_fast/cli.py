@@ -220,6 +220,22 @@ def _finite(minimum: float | None = None):
     return parse
 
 
+def _seed(text: str) -> int:
+    from .models.arguments import seed_value
+
+    try:
+        return seed_value(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.lstrip("+-").isdigit() else f"must be an int, got {text}")
+_seed.__name__ = "seed"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" where a default is a value (not for required options, flags, or
     None, whose meaning the help text states)."""
@@ -252,9 +268,10 @@ def parser() -> argparse.ArgumentParser:
     common(g)
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--n", type=_positive_int, default=16, help="images per prompt (parallel_size)")
-    g.add_argument("--cfg", type=_finite(), default=5.0, help="classifier-free guidance weight")
+    g.add_argument("--cfg", type=_finite(0.0), default=5.0,
+                   help="classifier-free guidance weight (0: unconditional, 1: no guidance)")
     g.add_argument("--temperature", type=_finite(0.0), default=1.0, help="sampling temperature (0: argmax)")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**63)")
     g.add_argument("--out", required=True, help="output directory (created; img_NNN.png and grid.png)")
     g.set_defaults(func=cmd_generate)
 
@@ -272,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the random checkpoint in DIR (new or empty) to try generate and chat on")
     d.add_argument("--prompt", default="A close-up photo of a red fox in fresh snow.", help="what to draw")
     d.add_argument("--n", type=_positive_int, default=None, help="images (default: 16 on a GPU, 4 on the CPU)")
-    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**63)")
     d.add_argument("--max-new-tokens", type=_positive_int, default=16, help="longest answer, in tokens")
     d.set_defaults(func=cmd_demo)
 
@@ -288,15 +305,16 @@ def main(argv: list[str] | None = None) -> None:
     from .checkpoint import CheckpointError
 
     args = parser().parse_args(argv)
-    fixable = (UsageError, CheckpointError, OSError, ValueError, torch.OutOfMemoryError)
+    fixable = (UsageError, CheckpointError, OSError, ValueError, torch.OutOfMemoryError, MemoryError)
     try:
         args.func(args)
-    except fixable as e:
-        if args.debug:
+    except (*fixable, RuntimeError) as e:
+        if args.debug or not (isinstance(e, fixable) or _out_of_memory(e)):
             raise
-        hint = "; try a smaller --n or --dtype bfloat16" if isinstance(e, torch.OutOfMemoryError) else ""
-        print(f"janus-fast {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}",
-              file=sys.stderr)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if _out_of_memory(e):
+            message = f"out of memory ({message}); try a smaller --n or --dtype bfloat16"
+        print(f"janus-fast {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if args.debug:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import arguments
 from .config import JanusProConfig
 from .llama import BadLogitsError, LlamaForCausalLM, first_bad_step
 from .siglip import CLIPVisionTower, MlpProjector
@@ -222,24 +223,23 @@ class JanusPro(nn.Module):
         prompt by prompt. Classifier-free guidance pairs each prompt row with an unconditional
         row (the prompt's first and last tokens around pads, pads attended). `seed` (one for all
         prompts, or one per prompt) makes the result reproducible: a prompt's images depend on its
-        text, seed and settings only, not on the other prompts of the batch. `progress(step,
-        total)` is called after each image token."""
+        text, seed and settings only, not on the other prompts of the batch. Seeds are ints in
+        [0, 2**63); the prompt plus the image's tokens must fit the model's context
+        (language_config.max_position_embeddings); the sampling arguments are checked as
+        `models.arguments.sampling` states (cfg_weight >= 0, top_p in (0, 1]), all before anything
+        is allocated. `progress(step, total)` is called after each image token."""
         proc = self._processor(processor)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or isinstance(parallel_size, bool) or not isinstance(parallel_size, int) or parallel_size < 1:
-            raise ValueError(f"need at least one prompt and an int parallel_size >= 1, got {len(prompts)} prompts "
-                             f"and parallel_size={parallel_size!r}")
-        if seed is None:  # drawn on the host: no device sync
-            seeds = torch.randint(0, 1 << 62, (len(prompts),)).tolist()
-        elif isinstance(seed, int):
-            seeds = [seed] * len(prompts)
-        else:
-            seeds = [int(s) for s in seed]
-            if len(seeds) != len(prompts):
-                raise ValueError(f"seed must be one int or one per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
+        if not prompts:
+            raise ValueError("need at least one prompt")
+        parallel_size = arguments.parallel_size(parallel_size)
+        cfg_weight, temperature, top_k, top_p = arguments.sampling(cfg_weight, temperature, top_k, top_p)
+        seeds = arguments.request_seeds(seed, len(prompts))
         ids = [self._generation_prompt_ids(proc, text) for text in prompts]
-        codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k or 0,
-                                           1.0 if top_p is None else top_p, seeds, progress)
+        arguments.fits_context(max(len(i) for i in ids), self.config.vq.num_tokens,
+                               self.config.language.max_position_embeddings, "an image takes")
+        codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k, top_p,
+                                           seeds, progress)
         return self.decode_images(codes)
 
     def generate_image_tokens(self, prompts: list[list[int]], pad_id: int, parallel_size: int, cfg_weight: float,
@@ -313,6 +313,9 @@ class JanusPro(nn.Module):
         from ..processor import load_image
 
         proc = self._processor(processor)
+        max_new_tokens = arguments.max_new_tokens(max_new_tokens)
+        _, temperature, _, top_p = arguments.sampling(None, temperature, None, top_p)
+        seed = None if seed is None else arguments.seed_value(seed)
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         per_question = [image] if single else list(image if image is not None else [None] * len(questions))
@@ -326,6 +329,8 @@ class JanusPro(nn.Module):
             conversation = [{"role": proc.roles[0], "content": content}, {"role": proc.roles[1], "content": ""}]
             prepared.append(proc.process_one(conversations=conversation, images=images))
         inputs = proc.batchify(prepared).to(self.device, self.dtype)
+        arguments.fits_context(inputs.input_ids.shape[1], max_new_tokens, self.config.language.max_position_embeddings,
+                               "the answer may take")
         embeds = self.prepare_inputs_embeds(**inputs)
         tok = proc.tokenizer
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from . import arguments
 from .config import LlamaConfig
 
 
@@ -437,11 +438,18 @@ class LlamaForCausalLM(nn.Module):
         """Text generation as transformers' `generate` for a left-padded batch: returns the new
         token ids [B, n <= max_new_tokens] (after input_ids when those were given instead of
         embeddings); rows that produced EOS are padded with pad_token_id (default: EOS); stops
-        when every row is done. bos_token_id and use_cache are accepted for compatibility."""
+        when every row is done. bos_token_id and use_cache are accepted for compatibility. The
+        prompt plus max_new_tokens must fit the context (max_position_embeddings); the sampling
+        arguments are checked as `models.arguments.sampling` states, before anything runs."""
         del bos_token_id, use_cache
+        max_new_tokens = arguments.max_new_tokens(max_new_tokens)
+        if do_sample:
+            _, temperature, top_k, top_p = arguments.sampling(None, temperature, top_k, top_p)
+        if (input_ids if inputs_embeds is None else inputs_embeds) is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        prompt = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        arguments.fits_context(prompt, max_new_tokens, self.config.max_position_embeddings, "the answer may take")
         if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

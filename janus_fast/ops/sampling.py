@@ -16,7 +16,7 @@ def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layou
     contract as the kernels (advance the offset, pair-duplicated ids) around reference.cfg_sample."""
     s, offset = seed[:2].tolist()
     generator = torch.Generator(device=logits.device)
-    generator.manual_seed((s * 0x9E3779B97F4A7C15 + offset) % (1 << 63))
+    generator.manual_seed(_mix_seed(s, offset))
     tokens = reference.cfg_sample(logits, cfg_weight, temperature, top_k, top_p, generator, layout)
     if advance:
         seed[1] += 1
@@ -24,6 +24,16 @@ def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layou
     if return_ids:
         ids = tokens.repeat_interleave(2) if layout == "interleaved" else tokens.repeat(2)
     return tokens, ids
+
+
+def _mix_seed(seed: int, offset: int) -> int:
+    """One generator seed from (seed, offset): splitmix64's finaliser, so every bit of both
+    reaches the low 32 bits (torch's CPU generator reads only those: a plain sum would make seeds
+    that differ above bit 31 draw the same numbers)."""
+    x = (seed * 0x9E3779B97F4A7C15 + offset) % (1 << 64)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (x ^ (x >> 31)) % (1 << 63)
 
 
 SPLIT_COLUMNS = 4096  # the least columns a program of a split row takes
