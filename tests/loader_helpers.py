@@ -80,9 +80,10 @@ def startup_probe(n: int, root: str) -> dict:
     start = time.perf_counter()
     trainer = Trainer(TrainConfig(data=str(data), output_dir=str(Path(root) / "out"), steps=1, row_tokens=512,
                                   mixed_precision="fp32", progress=False))
-    trainer.train_step()
+    record = trainer.train_step()
     seconds = time.perf_counter() - start
     trainer.loader.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"samples": n, "seconds": seconds, "peak_rss_mb": peak, "worker_peak_rss_mb": workers}
+    return {"samples": n, "seconds": seconds, "peak_rss_mb": peak, "worker_peak_rss_mb": workers,
+            "padding": record["padding"]}

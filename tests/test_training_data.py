@@ -4,6 +4,7 @@ over ranks, exact resume in the middle of an epoch on another number of processe
 processes (the same batches; a dead or stalled worker named, never a hang), the dataset
 fingerprint, generation-image fits, and start-up cost independent of the dataset's size."""
 
+import gc
 import json
 import multiprocessing
 import os
@@ -21,9 +22,11 @@ from examples.make_dataset import make_dataset
 from janus_fast.models.random_model import random_model
 from janus_fast.training import dataset as dataset_module
 from janus_fast.training.dataset import data_files, load_index, mixing_shares
-from janus_fast.training.loader import DatasetChangedError, _Source
+from janus_fast.training import TrainConfig, Trainer
+from janus_fast.training.distributed import Topology
+from janus_fast.training.loader import DatasetChangedError, TrainLoader, _Feeder, _Source
 from janus_fast.training.packing import SampleStream
-from janus_fast.training.vq_cache import generation_pixels
+from janus_fast.training.vq_cache import file_digest, generation_pixels
 from janus_fast.training.workers import WorkerError
 from tests.helpers import FULL
 from tests.loader_helpers import make_loader, same_batches, startup_probe, steps, write_jsonl
@@ -168,6 +171,63 @@ def test_workers_give_the_same_batches(model, data, tmp_path):
     assert all(0 <= p < 1 for p in padding) and padding == [1 - s.tokens / 300 for s in inline]
 
 
+def test_each_rank_encodes_the_images_of_its_own_micro_batches(model, tmp_path, monkeypatch):
+    """The VQ-id cache is filled by every rank in parallel, each for the micro-batches it builds.
+    8 text-to-image samples, one per micro-batch: a window (an epoch) is 4 steps of 2 ranks."""
+    data = make_dataset(tmp_path / "d", n_text=0, n_understanding=0, n_generation=8, image_size=64, seed=4)
+    probe = make_loader(model, data, tmp_path / "probe")
+    reader = probe.source.reader
+    budget = max(len(reader.encode(0, i)) for i in range(8))
+    by_name = {reader.encode(0, i).name: file_digest(reader.encode(0, i).image) for i in range(8)}
+    finished, finish = [], _Feeder._finish
+    monkeypatch.setattr(_Feeder, "_finish", lambda self, built: finished.append(built.batch.samples) or
+                        finish(self, built))
+    whole = steps(make_loader(model, data, tmp_path / "one", row_tokens=budget, grad_accum=2, prefetch_steps=1), 1)
+    encoded_by = []
+    for rank in range(2):
+        finished.clear()
+        loader = make_loader(model, data, tmp_path / f"rank{rank}", rank=rank, world=2, row_tokens=budget,
+                             prefetch_steps=1)
+        (step,) = steps(loader, 1)
+        assert finished[0] == step.micro[0].samples == whole[0].micro[rank].samples
+        cached = {p.stem for p in (tmp_path / f"rank{rank}" / "vq_cache").rglob("*.safetensors")}
+        assert cached == {by_name[name] for names in finished for name in names}  # what it built, no more
+        encoded_by.append(cached)
+    assert encoded_by[0] and encoded_by[1] and not encoded_by[0] & encoded_by[1]  # two shares, encoded apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU: pinned host memory, copies on a side stream")
+def test_batches_arrive_on_the_gpu(data, tmp_path):
+    gpu_model = random_model("tiny", seed=1, device="cuda")
+    cpu = steps(make_loader(random_model("tiny", seed=1), data, tmp_path / "cpu", row_tokens=300, uncond_prob=0.5), 3)
+    config = dict(row_tokens=300, uncond_prob=0.5, loader_workers=2, vq_cache_dir=str(tmp_path / "gpu" / "vq_cache"))
+    loader = TrainLoader(TrainConfig(data=str(data), output_dir=str(tmp_path / "gpu"), **config), gpu_model,
+                         gpu_model.processor, Topology(0, 1, torch.device("cuda")))
+    gpu = steps(loader, 3)
+    torch.cuda.synchronize()
+    for a, b in zip(cpu, gpu):
+        assert b.ready is not None and b.ready.query()
+        for m, n in zip(a.micro, b.micro):
+            for k, v in m.inputs.items():
+                if isinstance(v, torch.Tensor):
+                    assert n.inputs[k].is_cuda and torch.equal(v, n.inputs[k].cpu()), k
+                else:
+                    assert v == n.inputs[k]
+
+
+def loader_processes() -> list:
+    return [p for p in multiprocessing.active_children() if p.name == "janus-fast-loader"]
+
+
+def test_a_dropped_loader_stops_its_workers(model, data, tmp_path):
+    loader = make_loader(model, data, tmp_path, row_tokens=300, loader_workers=2)
+    loader.next_step()  # workers busy preparing the next steps
+    assert len(loader_processes()) == 2
+    del loader  # e.g. a Trainer used for a few train_step() calls, never fit() or closed
+    gc.collect()
+    assert not loader_processes()
+
+
 # ---------------------------------------------------------------------------------------- failures
 def _die(self, plan):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -190,7 +250,7 @@ def test_a_dead_or_stalled_worker_stops_the_run_naming_its_samples(model, data, 
                                           r"of samples train.jsonl:\d"):
         loader.next_step()
     assert time.monotonic() - start < 20
-    assert not [p for p in __import__("multiprocessing").active_children() if p.name == "janus-fast-loader"]
+    assert not loader_processes()
 
 
 def test_a_changed_dataset_or_setting_is_named_on_resume(model, tmp_path):
@@ -207,6 +267,16 @@ def test_a_changed_dataset_or_setting_is_named_on_resume(model, tmp_path):
         make_loader(model, data, tmp_path, row_tokens=300).load_state_dict(state)
     with pytest.raises(DatasetChangedError, match="older janus_fast loader"):
         loader.load_state_dict({"epoch": 0, "row": 1, "seed": 0})
+
+
+def test_a_resumed_trainer_refuses_a_changed_dataset(tmp_path):
+    data = make_dataset(tmp_path / "d", n_text=2, n_understanding=0, n_generation=0, seed=2)
+    config = TrainConfig(data=str(data), output_dir=str(tmp_path / "run"), steps=2, row_tokens=300, progress=False,
+                         mixed_precision="fp32", activation_checkpointing=False, loader_workers=0)
+    Trainer(config).fit(max_steps=1)
+    data.write_text(data.read_text().replace("sum", "Sum"))  # same length, other contents
+    with pytest.raises(DatasetChangedError, match=r"dataset or packing settings changed .* train.jsonl: contents"):
+        Trainer(config)
 
 
 def test_generation_image_fit(model, tmp_path):
@@ -256,3 +326,4 @@ def test_startup_cost_does_not_grow_with_the_dataset(tmp_path, big, fresh):
     assert large["peak_rss_mb"] - small["peak_rss_mb"] < 150 * scale
     assert large["worker_peak_rss_mb"] - small["worker_peak_rss_mb"] < 150 * scale
     assert large["seconds"] - small["seconds"] < 30 * scale
+    assert 0 <= large["padding"] < 0.2  # the step's record reports what packing left unused

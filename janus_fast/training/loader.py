@@ -15,6 +15,7 @@ import hashlib
 import json
 import queue
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,7 @@ class TrainLoader:
                           "uncond_prob": config.uncond_prob, "gen_image_fit": config.gen_image_fit,
                           "image_size": processor.image_size, "tokenizer": tokenizer}
         self._position = (0, 0)
-        self._pool = self._feeder = None
+        self._feeder = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------ identity and position
@@ -245,65 +246,41 @@ class TrainLoader:
         return item
 
     def _start(self) -> None:
-        self._feeder = _Feeder(self, self._position)
-        self._pool = WorkerPool(self.source, self.workers, self.timeout, self._feeder.stop)
+        stop = threading.Event()
+        pool = WorkerPool(self.source, self.workers, self.timeout, stop)
+        self._feeder = _Feeder(self, pool, stop)
         self._feeder.start()
+        # A Trainer dropped without close() (or fit()) must not leave the workers behind: the
+        # feeder holds no reference to the loader, so the loader can be collected, and this stops them.
+        self._shut_down = weakref.finalize(self, _shut_down, self._feeder, pool)
 
     def close(self) -> None:
         """Stop the background work; a later next_step() starts it again where the last step ended."""
         if self._feeder is not None:
-            self._feeder.stop.set()
-            self._feeder.join()
-        if self._pool is not None:
-            self._pool.close()
-        self._feeder = self._pool = None
+            self._shut_down()
+        self._feeder = None
         self.source.reader.close()
 
-    # ------------------------------------------------------------------ main-process stage
-    def _finish(self, built: _Built) -> PackedBatch:
-        """VQ-encode (and cache) the micro-batch's images that were not cached, then move it."""
-        batch = built.batch
-        if built.pending:
-            ids = self.vq.encode(built.pixels)
-            for (offset, count, digest, name), row in zip(built.pending, ids):
-                if row.numel() != count:
-                    raise DatasetError(f"sample {name}: the VQ model gives {row.numel()} tokens per image, "
-                                       f"the model expects {count}")
-                end = offset + count
-                self.source.cache.put(digest, row)
-                batch.inputs["gen_image_ids"][offset:end] = row
-                batch.inputs["image_targets"][offset:end] = row  # the same layout (packing.collate)
-        if self._copy_stream is None:
-            return batch.to(self.device)
-        inputs = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
-        return PackedBatch(inputs, batch.samples, batch.num_tokens).to(self.device, non_blocking=True)
 
-    def _step(self, step: list[tuple[int, int, int, MicroPlan]], built: list[_Built]) -> StepBatches:
-        w, j, n, _ = step[-1]
-        plans = [p for *_, p in step]
-        capacity = self.source.capacity * len(plans)
-        ready = None
-        if self._copy_stream is not None:
-            with torch.cuda.stream(self._copy_stream):
-                micro = [self._finish(b) for b in built]
-                ready = torch.cuda.Event()
-                ready.record(self._copy_stream)
-        else:
-            micro = [self._finish(b) for b in built]
-        tokens = sum(p.tokens for p in plans)
-        return StepBatches(micro, sum(p.text_targets for p in plans), sum(p.image_targets for p in plans), tokens,
-                           1.0 - tokens / capacity, (w, j + 1) if j + 1 < n else (w + 1, 0), ready)
+def _shut_down(feeder: "_Feeder", pool: WorkerPool) -> None:
+    feeder.stop.set()
+    if feeder is not threading.current_thread():
+        feeder.join()
+    pool.close()
 
 
 class _Feeder(threading.Thread):
     """Plans windows and steps ahead, hands this rank's micro-batches to the workers, finishes
-    them in order and queues up to prefetch_steps ready steps."""
+    them in order (VQ-encoding uncached images, copying to the device) and queues up to
+    prefetch_steps ready steps."""
 
-    def __init__(self, loader: TrainLoader, position: tuple[int, int]):
+    def __init__(self, loader: TrainLoader, pool: WorkerPool, stop: threading.Event):
         super().__init__(name="janus-fast-loader-feeder", daemon=True)
-        self.loader, self.position = loader, position
+        self.pool, self.source, self.vq, self.device = pool, loader.source, loader.vq, loader.device
+        self.copy_stream, self.position, self.stop = loader._copy_stream, loader._position, stop
+        self.per_step, self.prefetch = loader.per_step, loader.prefetch
+        self.mine = slice(loader.rank * loader.grad_accum, (loader.rank + 1) * loader.grad_accum)
         self.out: queue.Queue = queue.Queue(maxsize=loader.prefetch)
-        self.stop = threading.Event()
 
     def run(self) -> None:
         try:
@@ -325,8 +302,7 @@ class _Feeder(threading.Thread):
         return False
 
     def _steps(self):
-        loader = self.loader
-        pool, source = loader._pool, loader.source
+        pool, source = self.pool, self.source
         files = ", ".join(ix.path.name for ix in source.reader.indexes)
         first_window, skip = self.position
         windows: deque = deque()  # (window, ticket) being planned
@@ -334,8 +310,8 @@ class _Feeder(threading.Thread):
         next_window = first_window
         inflight: deque = deque()  # (step plans, build tickets)
         while not self.stop.is_set():
-            while len(inflight) < loader.prefetch:
-                while len(plans) < loader.per_step:
+            while len(inflight) < self.prefetch:
+                while len(plans) < self.per_step:
                     while len(windows) < 2:  # one window planned ahead
                         windows.append((next_window, pool.submit(_PlanTask(next_window, files))))
                         next_window += 1
@@ -343,10 +319,42 @@ class _Feeder(threading.Thread):
                     planned = pool.result(ticket)
                     start = skip if w == first_window else 0
                     plans.extend((w, j, len(planned), p) for j, p in enumerate(planned) if j >= start)
-                step = [plans.popleft() for _ in range(loader.per_step)]
-                mine = step[loader.rank * loader.grad_accum:(loader.rank + 1) * loader.grad_accum]
+                step = [plans.popleft() for _ in range(self.per_step)]
                 tickets = [pool.submit(_BuildTask(p, tuple(source.reader.indexes[f].source(i) for f, i, _ in p.refs)))
-                           for *_, p in mine]
+                           for *_, p in step[self.mine]]
                 inflight.append((step, tickets))
             step, tickets = inflight.popleft()
-            yield loader._step(step, [pool.result(t) for t in tickets])
+            yield self._step(step, [pool.result(t) for t in tickets])
+
+    def _finish(self, built: _Built) -> PackedBatch:
+        """VQ-encode (and cache) the micro-batch's images that were not cached, then move it."""
+        batch = built.batch
+        if built.pending:
+            ids = self.vq.encode(built.pixels)
+            for (offset, count, digest, name), row in zip(built.pending, ids):
+                if row.numel() != count:
+                    raise DatasetError(f"sample {name}: the VQ model gives {row.numel()} tokens per image, "
+                                       f"the model expects {count}")
+                self.source.cache.put(digest, row)
+                batch.inputs["gen_image_ids"][offset:offset + count] = row
+                batch.inputs["image_targets"][offset:offset + count] = row  # the same layout (packing.collate)
+        if self.copy_stream is None:
+            return batch.to(self.device)
+        inputs = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
+        return PackedBatch(inputs, batch.samples, batch.num_tokens).to(self.device, non_blocking=True)
+
+    def _step(self, step: list[tuple[int, int, int, MicroPlan]], built: list[_Built]) -> StepBatches:
+        w, j, n, _ = step[-1]
+        plans = [p for *_, p in step]
+        ready = None
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                micro = [self._finish(b) for b in built]
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+        else:
+            micro = [self._finish(b) for b in built]
+        tokens = sum(p.tokens for p in plans)
+        return StepBatches(micro, sum(p.text_targets for p in plans), sum(p.image_targets for p in plans), tokens,
+                           1.0 - tokens / (self.source.capacity * len(plans)), (w, j + 1) if j + 1 < n else (w + 1, 0),
+                           ready)

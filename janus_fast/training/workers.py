@@ -51,7 +51,8 @@ def _worker(state, tasks, results, parent: int) -> None:
             if os.getppid() != parent:  # the main process is gone
                 return
             continue
-        if item is None:
+        if item is None:  # closing: results nobody will read must not hold the exit up
+            results.cancel_join_thread()
             return
         ticket, task = item
         try:
@@ -137,9 +138,11 @@ class WorkerPool:
                 tasks.put(None)
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + 2  # idle workers leave at once; a stuck one is killed
-        for p in self._procs:
-            p.join(timeout=max(deadline - time.monotonic(), 0))
+        deadline = time.monotonic() + 2
+        for i, p in enumerate(self._procs):
+            if self._held[i]:  # busy on results nobody will read (or stuck): no need to wait
+                p.kill()
+            p.join(timeout=max(deadline - time.monotonic(), 0))  # idle ones leave at once
             if p.is_alive():
                 p.kill()
                 p.join()
