@@ -110,9 +110,17 @@ class SampleEncoder:
         self.proc = processor
         self.tok = processor.tokenizer
         self.num_gen_tokens = num_gen_tokens
+        self._constants: dict[str, list[int]] = {}
 
     def _text(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def _constant(self, text: str) -> list[int]:
+        """_text of a template piece every sample repeats (the system prompt), tokenised once."""
+        ids = self._constants.get(text)
+        if ids is None:
+            ids = self._constants[text] = self._text(text)
+        return ids
 
     def encode(self, index: int, sample: Sample, base: Path) -> EncodedSample:
         proc, fields = self.proc, sample.fields
@@ -129,11 +137,11 @@ class SampleEncoder:
                 if turn["role"] == "user":
                     parts.append((self._text(f"{user}: {turn['content'].strip()}\n\n"), TEXT, False))
                 else:
-                    parts.append((self._text(f"{assistant}:"), TEXT, False))
+                    parts.append((self._constant(f"{assistant}:"), TEXT, False))
                     parts.append((self._text(f" {turn['content'].strip()}{eos}"), TEXT, True))
         elif sample.kind == "understanding":
             image_ids = [proc.image_start_id] + [proc.image_id] * proc.num_image_tokens + [proc.image_end_id]
-            parts += [(self._text(proc.system_prompt + "\n\n" + f"{user}: "), TEXT, False),
+            parts += [(self._constant(proc.system_prompt + "\n\n" + f"{user}: "), TEXT, False),
                       (image_ids[:1], TEXT, False), (image_ids[1:-1], UND_IMAGE, False), (image_ids[-1:], TEXT, False),
                       (self._text(f"\n{fields['question'].strip()}\n\n{assistant}:"), TEXT, False),
                       (self._text(f" {fields['answer'].strip()}{eos}"), TEXT, True)]
