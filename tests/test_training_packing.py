@@ -209,7 +209,7 @@ def test_bad_samples_are_named(model, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     bad_image = write_jsonl(tmp_path / "bad.jsonl", [{"type": "text", "text": "fine"},
                                                      {"type": "generation", "prompt": "x", "image": "broken.png"}])
-    loader = make_loader(model, bad_image, tmp_path / "run")
+    loader = make_loader(model, bad_image, tmp_path / "run", loader_workers=1)  # raised in a worker, sent back
     with pytest.raises(DatasetError, match=r"bad.jsonl:2 \(generation\).*broken.png"):
         steps(loader, 1)
     assert not list((tmp_path / "run" / "vq_cache").rglob("*.*"))  # nothing written, not even half a cache entry

@@ -283,6 +283,8 @@ class _Feeder(threading.Thread):
         self.out: queue.Queue = queue.Queue(maxsize=loader.prefetch)
 
     def run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread
         try:
             for item in self._steps():
                 if not self._put(item):

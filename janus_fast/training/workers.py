@@ -18,10 +18,13 @@ import signal
 import time
 import traceback
 from collections import deque
+from multiprocessing.reduction import ForkingPickler
 
 
-class WorkerError(RuntimeError):
-    """A loader worker died or stalled; the message names it and the samples it held."""
+class WorkerError(OSError):
+    """A loader worker died (often the system's out-of-memory killer) or stalled (a hung file
+    system); the message names it and the samples it held. An OSError, so the CLI prints it as
+    one line."""
 
 
 class Cancelled(Exception):
@@ -58,10 +61,11 @@ def _worker(state, tasks, results, parent: int) -> None:
         try:
             results.put((ticket, True, task.run(state)))
         except Exception as e:  # noqa: BLE001 - sent to the main process, which raises it
-            try:
-                results.put((ticket, False, e))
-            except Exception:  # an exception that does not pickle: its text and traceback
-                results.put((ticket, False, RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+            try:  # the queue pickles in a background thread, where a failure would be lost
+                ForkingPickler.dumps(e)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle: its text and traceback
+                e = RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            results.put((ticket, False, e))
 
 
 class WorkerPool:
@@ -109,6 +113,11 @@ class WorkerPool:
             except queue.Empty:
                 self._check(worker)
                 continue
+            except (EOFError, OSError) as e:  # a result cut off by its worker's death
+                for w, held in self._held.items():
+                    if held:
+                        self._check(w)
+                raise WorkerError(f"a loader worker's result could not be read ({type(e).__name__}: {e})") from None
             self._done[got] = (ok, value)
             held = self._held[got % len(self._procs)]
             held.popleft()  # a worker answers its tasks in order
