@@ -23,7 +23,7 @@ import numpy as np
 from ..checkpoint import atomic_write
 from .data import SAMPLE_TYPES, DatasetError, EncodedSample, Sample, SampleEncoder, parse_line
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _KIND = {k: i for i, k in enumerate(SAMPLE_TYPES)}
 _BLOCK = 1 << 16  # bytes of the file's head and tail hashed into its fingerprint
 
@@ -34,7 +34,7 @@ class JsonlIndex:
 
     path: Path
     offsets: np.ndarray  # int64 [n]: byte offset of each sample's line
-    lines: np.ndarray  # int64 [n]: its 1-based line number
+    lines: np.ndarray  # uint32 [n]: its 1-based line number
     sizes: np.ndarray  # int32 [n]: its length in bytes (bounds its token count, see SampleReader)
     kinds: np.ndarray  # int8 [n]: index into SAMPLE_TYPES
     file_size: int
@@ -62,7 +62,7 @@ class JsonlIndex:
 def build_index(path: Path) -> JsonlIndex:
     """One pass over the file: offsets, line numbers, sizes and types of its samples, every line
     checked by data.parse_line."""
-    offsets, lines, sizes, kinds = array("q"), array("q"), array("i"), array("b")
+    offsets, lines, sizes, kinds = array("q"), array("I"), array("i"), array("b")
     stat, name = path.stat(), path.name
     position = 0
     with path.open("rb") as f:
@@ -74,7 +74,7 @@ def build_index(path: Path) -> JsonlIndex:
                 sizes.append(len(raw))
                 kinds.append(_KIND[sample.kind])
             position += len(raw)
-    return JsonlIndex(path, np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int64),
+    return JsonlIndex(path, np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.uint32),
                       np.frombuffer(sizes, np.int32), np.frombuffer(kinds, np.int8), stat.st_size, stat.st_mtime_ns)
 
 

@@ -146,7 +146,7 @@ class TrainLoader:
     tokens, a sample at most row_tokens."""
 
     def __init__(self, config, model, processor, topology):
-        self.rank, self.world, self.device = topology.rank, topology.world, topology.device
+        self.rank, self.device = topology.rank, topology.device
         self.grad_accum, self.per_step = config.grad_accum, topology.world * config.grad_accum
         self.workers, self.timeout, self.prefetch = config.loader_workers, config.loader_timeout, config.prefetch_steps
         files = data_files(config.data)

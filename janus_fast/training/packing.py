@@ -106,7 +106,7 @@ class SampleStream:
         cached = self._perm.get(f)
         if cached is None or cached[0] != epoch:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + f) * 1_000_003 + epoch)
-            cached = self._perm[f] = (epoch, torch.randperm(self.sizes[f], generator=g).numpy())
+            cached = self._perm[f] = (epoch, torch.randperm(self.sizes[f], generator=g, dtype=torch.int32).numpy())
         return int(cached[1][k % self.sizes[f]])
 
     def epochs(self, w: int) -> list[float]:
