@@ -1,5 +1,6 @@
 """Memory accounting of Janus-Pro-7B generating 16 images (CFG batch 32) on a 24 GB GPU: weights +
-KV cache + workspace + an allowance for the CUDA context, for bf16 and quantized weights and caches.
+KV cache + workspace + an allowance for the CUDA context, for bf16 and quantized weights and caches;
+and the weight bytes a decode step reads, which int8 halves.
 
 Every number comes from tensors, none from a GPU:
   weights    the 7B model built on the meta device, quantized as `quantize` does it: the sum of
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
+from pathlib import Path
 
+import pytest
 import torch
 
 from janus_fast import ops
@@ -33,6 +37,7 @@ from janus_fast.engine.step import CAPACITY_MULTIPLE, round_up
 from janus_fast.kernels.attention_common import block_d_for
 from janus_fast.models import JanusProConfig
 from janus_fast.models.janus_pro import JanusPro
+from janus_fast.models.quant import decode_weight_bytes
 
 from .helpers import grid
 
@@ -79,7 +84,9 @@ def workspace(weights: str | None, kv: str | None) -> dict:
     config = JanusProConfig.janus_pro_7b()
     config = dataclasses.replace(config, language=dataclasses.replace(config.language, num_hidden_layers=1))
     n_tokens, hidden = config.vq.num_tokens, config.language.hidden_size
-    with FakeTensorMode(), torch.no_grad(), ops.no_value_checks():
+    with FakeTensorMode(), torch.no_grad(), ops.no_value_checks(), warnings.catch_warnings():
+        # fused_weight compares data pointers: every fake tensor's is 0, so it fuses once, as on a GPU
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         model = _model(config, weights, kv)
         lm = model.language_model.model
         settings = ImageSettings(5.0, 1.0, 0, 1.0, (IMAGES,))
@@ -103,11 +110,18 @@ def workspace(weights: str | None, kv: str | None) -> dict:
 
 
 @functools.cache
+def meta_model(size: str, weights: str | None, kv: str | None) -> JanusPro:
+    """The official `size` ("1b" / "7b") in bf16 on the meta device, quantized as asked."""
+    config = JanusProConfig.janus_pro_7b() if size == "7b" else JanusProConfig.janus_pro_1b()
+    with torch.device("meta"):
+        return _model(config, weights, kv)
+
+
+@functools.cache
 def plan(weights: str | None, kv: str | None) -> dict:
     """Bytes of weights, KV cache, workspace and context for 7B x 16 images."""
     config = JanusProConfig.janus_pro_7b()
-    with torch.device("meta"):
-        model = _model(config, weights, kv)
+    model = meta_model("7b", weights, kv)
     held = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
     kv_bytes = model.language_model.model.kv_bytes_per_token() * ROWS * capacity(config)
     phases = workspace(weights, kv)
@@ -142,6 +156,29 @@ def test_7b_x16_fits_24gb_with_int8_weights_and_a_quantized_cache():
     # the weights halve where they are quantized (SigLIP, VQ and the embeddings stay bf16)
     assert quantized["weights"] < 0.6 * plan(None, None)["weights"]
     assert quantized["kv cache"] < 0.52 * plan(None, None)["kv cache"]
+
+
+@pytest.mark.parametrize("size", grid(["7b"], ["1b"]))
+def test_weight_bytes_per_decode_step_halve(size):
+    """The CPU proxy of decode speed: bytes of weights a step reads (each tensor once), bf16
+    against int8 weights, at the official sizes."""
+    for step in ("image", "text"):
+        ratio = decode_weight_bytes(meta_model(size, "int8", "int8"), step) / decode_weight_bytes(
+            meta_model(size, None, None), step)
+        assert 0.49 < ratio <= 0.503, (step, ratio)
+
+
+def test_the_readme_states_these_numbers():
+    """The README's memory and bytes-per-step figures are this file's results."""
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    q, b = plan("int8", "int8"), plan(None, None)
+    bf16, int8 = (decode_weight_bytes(meta_model("7b", *case), "image") / 1e9 for case in ((None, None), ("int8", "int8")))
+    claims = [f"needs about {q['total'] / 1e9:.1f} GB", f"(weights {q['weights'] / 1e9:.2f} GB",
+              f"cache {q['kv cache'] / 1e9:.2f} GB at {capacity(JanusProConfig.janus_pro_7b())} tokens",
+              f"{q['workspace'] / 1e9:.2f} GB of workspace", f"{q['context'] / 1e9:.2f} GB allowed",
+              f"against {b['total'] / 1e9:.1f} GB in bf16", f"one image token: {int8:.2f} GB against {bf16:.2f} GB"]
+    missing = [c for c in claims if c not in readme]
+    assert not missing, missing
 
 
 def test_workspace_phases_are_measured():

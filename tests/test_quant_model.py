@@ -12,10 +12,9 @@ from torch import nn
 
 from janus_fast import cli, ops
 from janus_fast.engine import JanusPro, decode_op_counts
-from janus_fast.models import JanusProConfig
 from janus_fast.models import janus_pro as models_janus_pro
 from janus_fast.models.llama import LlamaForCausalLM
-from janus_fast.models.quant import QuantizedLinear, decode_weight_bytes, quantize_linears
+from janus_fast.models.quant import QuantizedLinear, quantize_linears
 from janus_fast.ops import quant
 
 from .helpers import grid
@@ -67,10 +66,11 @@ def generated(model, images: bool = True, new_tokens: int = 5):
     return text, model.generate_image_tokens(ids, model.processor.pad_id, 2, 5.0, 1.0, 1, 1.0, [0])
 
 
-# the interpreter runs every kernel launch slowly: its quick case decodes text only
+# the interpreter runs each kernel launch slowly: the quick tier runs the Triton kernels over one
+# decode step (below), the full tier whole generations on them
 @pytest.mark.parametrize("fmt, kernels, images", grid(
-    [("int8", "reference", True), ("fp8", "reference", True), ("int8", "triton", False)],
-    [("fp8", "triton", False), ("int8", "triton", True)]))
+    [("int8", "reference", True), ("fp8", "reference", True)],
+    [("int8", "triton", False), ("fp8", "triton", False), ("int8", "triton", True)]))
 def test_quantized_model_generates_what_the_dequantized_model_does(model, fmt, kernels, images, request):
     if kernels == "triton":
         request.getfixturevalue("on_triton")
@@ -172,18 +172,6 @@ def test_quantized_module_moves_but_keeps_its_format(model):
     with pytest.raises(AttributeError, match="no float weight"):
         layer.weight
     assert not hasattr(layer, "weight")
-
-
-def test_weight_bytes_per_decode_step_halve():
-    """The CPU proxy of decode speed: bytes of weights a step reads, bf16 against int8, at the
-    official sizes (built on the meta device: real tensor sizes, no memory)."""
-    for config in (JanusProConfig.janus_pro_1b(), JanusProConfig.janus_pro_7b()):
-        with torch.device("meta"):
-            m = models_janus_pro.JanusPro(config).to(torch.bfloat16)
-        before = {step: decode_weight_bytes(m, step) for step in ("image", "text")}
-        m.quantize("int8")
-        for step, n in before.items():
-            assert 0.49 < decode_weight_bytes(m, step) / n <= 0.503, step
 
 
 @pytest.mark.parametrize("kv_dtype, value_bytes, scale_bytes", [(None, 4, 0), (torch.bfloat16, 2, 0),
