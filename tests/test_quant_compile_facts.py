@@ -14,16 +14,13 @@ sm_90 only: Triton has no e4m3 conversion before sm_89, which is why the ops ref
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import DEVICE, FULL
+from tests.helpers import DEVICE, FULL, compile_facts_per_arch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMEM_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block (bytes), A100 / H100
 
 
@@ -78,15 +75,7 @@ def _env():
 @pytest.fixture(scope="module")
 def _all_facts():
     """Both architectures compile at once (two processes: CI has two cores)."""
-    jobs = {cap: subprocess.Popen(
-        [sys.executable, "-c", f"import json, tests.test_quant_compile_facts as t; "
-                               f"print(json.dumps(t.compile_facts({cap})))"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in (80, 90)}
-    results = {}
-    for cap, job in jobs.items():
-        out, err = job.communicate()
-        results[cap] = json.loads(out.strip().splitlines()[-1]) if job.returncode == 0 else err[-4000:]
-    return results
+    return compile_facts_per_arch("tests.test_quant_compile_facts", _env())
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile and run the kernels")

@@ -17,16 +17,17 @@ from janus_fast.models.llama import LlamaForCausalLM
 from janus_fast.models.quant import QuantizedLinear, quantize_linears
 from janus_fast.ops import quant
 
-from .helpers import grid
+from .helpers import DEVICE, grid
+from .test_quant import needs_format
 from .test_engine import engine_copy
 from .tiny_janus import tiny_model
 
-PROMPT_IDS = torch.tensor([[5, 17, 42, 9, 88, 3], [7, 7, 120, 64, 2, 31]])
+PROMPT_IDS = torch.tensor([[5, 17, 42, 9, 88, 3], [7, 7, 120, 64, 2, 31]], device=DEVICE)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return engine_copy(tiny_model())
+    return engine_copy(tiny_model()).to(DEVICE)
 
 
 def dequantized_copy(quantized: JanusPro) -> JanusPro:
@@ -35,7 +36,8 @@ def dequantized_copy(quantized: JanusPro) -> JanusPro:
     for module in list(ref.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, QuantizedLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.qweight.device)
                 linear.weight = nn.Parameter(child.dequantized_weight(torch.float32))
                 linear.bias = child.bias
                 setattr(module, name, linear)
@@ -72,6 +74,7 @@ def generated(model, images: bool = True, new_tokens: int = 5):
     [("int8", "reference", True), ("fp8", "reference", True)],
     [("int8", "triton", False), ("fp8", "triton", False), ("int8", "triton", True)]))
 def test_quantized_model_generates_what_the_dequantized_model_does(model, fmt, kernels, images, request):
+    needs_format(fmt)
     if kernels == "triton":
         request.getfixturevalue("on_triton")
     quantized = copy.deepcopy(model).quantize(fmt)
@@ -87,13 +90,15 @@ def test_quantized_model_generates_what_the_dequantized_model_does(model, fmt, k
 def test_quantized_cache_decode_step_on_the_kernels_equals_the_reference(model, fmt, on_triton, monkeypatch):
     """With int8 weights and a quantized cache, the decode step on the Triton kernels equals the
     reference step (which dequantizes), and both write the same codes into the cache."""
+    needs_format(fmt)
     lm = copy.deepcopy(model).quantize("int8", kv_cache_dtype=fmt).language_model.model
-    prefix = torch.randn(3, 5, 64)
+    prefix = torch.randn(3, 5, 64, device=DEVICE)
 
     def step():
         cache = lm.new_cache(3, 8)
         with torch.no_grad():
-            lm(inputs_embeds=prefix, attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]),
+            lm(inputs_embeds=prefix, attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]],
+                                                                 device=DEVICE),
                past_key_values=cache, use_cache=True)
             out = lm.decode_step(prefix[:, 0] * 0.5, cache)
         return out, cache
@@ -114,7 +119,7 @@ def test_engine_and_eager_loop_agree_on_a_quantized_cache(model):
     packed forward as in the engine's prefill: both loops produce the same tokens."""
     lm = copy.deepcopy(model).quantize("int8", kv_cache_dtype="int8").language_model
     embeds = lm.get_input_embeddings()(PROMPT_IDS)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6], device=DEVICE)
     args = (embeds, mask, 6, False, 1.0, 0, 1.0, (), 0, None)
     eager = LlamaForCausalLM.generate_new_tokens(lm, *args)  # the models' loop over a growing cache
     assert torch.equal(lm.generate_new_tokens(*args), eager)
@@ -156,6 +161,7 @@ def test_quantize_goes_layer_by_layer(model, monkeypatch):
 def test_quantized_module_moves_but_keeps_its_format(model):
     """Casting the model casts biases and norms, never the stored format or its scales (the fused
     decode views survive); moving it moves the buffers."""
+    needs_format("fp8")
     m = copy.deepcopy(model).quantize("fp8")
     before = generated(m, images=False)[0]  # (also makes the fused views of the quantized buffers)
     layer = m.language_model.model.layers[0].self_attn.q_proj
