@@ -31,7 +31,6 @@ import pytest
 import torch
 
 from janus_fast import ops
-from janus_fast.engine.images import ImageBuffers, ImageSettings, image_step
 from janus_fast.engine.prefill import prefill
 from janus_fast.engine.step import CAPACITY_MULTIPLE, round_up
 from janus_fast.kernels.attention_common import block_d_for
@@ -89,19 +88,25 @@ def workspace(weights: str | None, kv: str | None) -> dict:
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         model = _model(config, weights, kv)
         lm = model.language_model.model
-        settings = ImageSettings(5.0, 1.0, 0, 1.0, (IMAGES,))
-        buffers = ImageBuffers(model, ROWS, capacity(config), 1)
-        image_step(model, buffers, settings)  # first use: the decode GEMMs' weights get fused
+        cache = lm.new_cache(ROWS, capacity(config))
+        hidden_state = torch.zeros(ROWS, hidden, dtype=torch.bfloat16)
+        rng = ops.new_rng_state(0)
+
+        def image_step():  # what the engine's step runs: gen_head, sampling, the next embeddings, the LLM
+            logits = model.gen_head(hidden_state)
+            _, ids = ops.cfg_sample(logits, cfg_weight=5.0, rng_state=rng, return_ids=True)
+            lm.decode_step(model.prepare_gen_img_embeds(ids), cache)
+
+        image_step()  # first use: the decode GEMMs' weights get fused
         embeds = torch.zeros(2 * PROMPT_TOKENS, hidden, dtype=torch.bfloat16)
         rows_of = [list(range(0, ROWS, 2)), list(range(1, ROWS, 2))]
         codes = torch.zeros(IMAGES, n_tokens, dtype=torch.long)
         shape = (IMAGES, config.vq.codebook_dim, config.vq.grid, config.vq.grid)
-        cache = buffers.cache
-        held = [model, buffers.hidden, buffers.codes, buffers.step, buffers.rng, cache.seqlens, cache.rope_cos,
-                cache.rope_sin, *cache.k, *cache.v, *(cache.k_scale + cache.v_scale if cache.quantized else [])]
+        held = [model, hidden_state, rng, cache.seqlens, cache.rope_cos, cache.rope_sin, *cache.k, *cache.v,
+                *(cache.k_scale + cache.v_scale if cache.quantized else [])]
         phases = {
             "prefill": _peak(lambda: prefill(lm, embeds, [PROMPT_TOKENS] * 2, cache, rows_of), held),
-            "image step": _peak(lambda: image_step(model, buffers, settings), held),
+            "image step": _peak(image_step, held),
             "VQ decode": _peak(lambda: model.gen_vision_model.decode_code(codes, shape), held),
         }
     c = config.language

@@ -103,7 +103,7 @@ def _resolve(x: torch.Tensor, qweight: torch.Tensor, backend: str) -> str:
     if x.dtype == torch.bfloat16 and _backend.interpreter_enabled():  # the interpreter's bf16 dot is wrong
         raise TypeError("a bfloat16 quantized_linear does not run in the Triton interpreter (TRITON_INTERPRET=1); "
                         "use float16/float32 on the CPU or run on a CUDA GPU")
-    check_supported(qweight.dtype, x.device, "the weights' format")
+    check_supported(qweight.dtype, x.device, "qweight")
     return chosen
 
 
