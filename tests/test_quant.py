@@ -189,3 +189,13 @@ def test_the_kernel_makes_no_float_copy_of_the_weight():
         with Allocations() as seen:
             launcher(x, qweight, scale, b)
         assert any(n >= qweight.numel() for _, n in seen.floats) == copies, (launcher, seen.floats)
+
+
+@pytest.mark.gpu
+def test_decode_rows_do_not_depend_on_the_batch():
+    """A row's output is the same bits whatever the other rows (1, 17 or 64 of them: the three
+    decode M tiles): the K loop and the tile's reduction order do not depend on M."""
+    x, qweight, scale, b = _case(64, 4096, 4096, torch.bfloat16, "int8", True)
+    alone = ops.quantized_linear(x[:1], qweight, scale, b)
+    for m in (17, 64):
+        assert torch.equal(ops.quantized_linear(x[:m], qweight, scale, b)[:1], alone), m

@@ -98,16 +98,17 @@ def test_decode_attention_over_a_quantized_cache(backend, fmt, dtype, b, hq, hkv
     assert_close_to_reference(out, baseline, exact, name="decode out")
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's 8 stand-in SMs split a short cache; a GPU "
-                                               "splits the full tier's long ones")
-def test_decode_attention_reads_a_quantized_cache_split():
-    """Long enough for several splits of the cache (the partial results and their combine)."""
-    from janus_fast.kernels import attention_configs as C
+def test_decode_attention_reads_a_quantized_cache_split(monkeypatch):
+    """A cache long enough to be split (300 slots): the partial results of the quantized splits
+    and their combine (the launch is spied on, so the test knows the split path ran)."""
     from janus_fast.kernels import attention_decode as K
 
-    block_n = K._tiles(C.arch(-1), 64, 4)[0]
-    assert K._decode_plan(2, 1, 100, block_n, torch.device("cpu"))[1] > 1
-    test_decode_attention_over_a_quantized_cache("triton", "int8", torch.float32, 2, 4, 1, 64, 100)
+    combines = []
+    launcher = K._decode_combine_kernel
+    monkeypatch.setattr(K, "_decode_combine_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: combines.append(grid) or launcher[grid]})())
+    test_decode_attention_over_a_quantized_cache("triton", "int8", torch.float32, 2, 4, 1, 64, 300)
+    assert combines
 
 
 def test_opcheck():
