@@ -6,10 +6,10 @@ activations' dtype (exact: |q| <= 127 and e4m3 values are representable in fp16/
 dequantized copy of W ever exists in memory and a step reads half the bytes of a bf16 weight.
 Two tilings, from static shapes only (CUDA-graph safe, never autotuned):
   decode   M <= 64 rows (the batch of a decode step): one M tile padded to 16/32/64, narrow N tiles
-           (16 or 32 output channels) so a 4096-wide layer still spreads over every SM, long K tiles
-           deeply pipelined: a stream over the weight.
-  prefill  M > 64 (prompt tokens): square 128x128 tiles, an ordinary tensor-core GEMM whose B
-           operand is dequantized on its way from shared memory.
+           (16 or 32 output channels) so a 4096-wide layer still spreads over every SM, 128-wide K
+           slices four stages deep: a stream over the weight.
+  prefill  M > 64 (prompt tokens): 128x128 tiles, an ordinary tensor-core GEMM whose weight
+           operand is converted on its way from shared memory.
 """
 import torch
 import triton
@@ -123,12 +123,12 @@ def compile_specs(arch_name: str, full: bool = True):
                 decode = [(m, n) for m in (16, 32, 64) for n in (16, 32)]
             else:
                 decode = [(16, 16), (32, 32)] if wdtype == "i8" else [(32, 32)]
-            configs = [_decode_config(arch_name, fp32, m, n) for m, n in decode]
+            configs = [("decode", _decode_config(arch_name, fp32, m, n)) for m, n in decode]
             if full or wdtype == "i8":
-                configs.append(_prefill_config(arch_name, fp32))
-            for cfg in configs:
+                configs.append(("prefill", _prefill_config(arch_name, fp32)))
+            for tiling, cfg in configs:
                 options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
                 meta = dict(cfg, HAS_BIAS=True, DOT_PREC="ieee" if fp32 else "tf32")
-                label = f"{wdtype} x {xdtype} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
+                label = f"{tiling} {wdtype} x {xdtype} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
                 yield (f"quant_linear {label}", _quant_linear_kernel, meta, options,
                        {"X": xdtype, "W": wdtype, "SCALE": "fp32", "BIAS": xdtype, "OUT": xdtype})
