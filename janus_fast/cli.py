@@ -1,8 +1,8 @@
 """The `janus-fast` command: generate images, chat about an image, or run a self-contained demo.
 
   janus-fast demo [--keep DIR]        random-weight model -> real checkpoint -> load -> generate + answer
-  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR
-  janus-fast chat --model DIR --image FILE "question"
+  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR [--quantize int8]
+  janus-fast chat --model DIR --image FILE "question" [--quantize int8 --kv-cache-dtype int8]
   janus-fast train --config FILE      packed multi-task training (under torchrun: FSDP2)
 
 Arguments are checked before anything loads; an error the user can fix prints one line
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANT_FORMATS = ("int8", "fp8")  # janus_fast.ops.quant.FORMATS, without importing the ops here
 
 
 class UsageError(Exception):
@@ -127,8 +128,11 @@ def _load(args, model_dir: Path):
 
     device = _device(args.device)
     t = time.perf_counter()
-    model = JanusPro.from_pretrained(model_dir, dtype=_dtype(args.dtype, device), device=device)
-    print(f"loaded {model_dir} on {device} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    model = JanusPro.from_pretrained(model_dir, dtype=_dtype(args.dtype, device), device=device,
+                                     quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
+    quantized = "".join(f", {what} {fmt}" for what, fmt in (("weights", args.quantize),
+                                                               ("KV cache", args.kv_cache_dtype)) if fmt)
+    print(f"loaded {model_dir} on {device}{quantized} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     return model
 
 
@@ -260,6 +264,12 @@ def parser() -> argparse.ArgumentParser:
     def common(sp, model: bool = True):
         if model:
             sp.add_argument("--model", required=True, help="Janus-Pro release directory (config.json, weights, tokenizer)")
+            sp.add_argument("--quantize", choices=sorted(QUANT_FORMATS), default=None,
+                            help="store the LLM's and gen_head's weights in this format (one scale per output "
+                                 "channel): half the bytes of bf16; fp8 needs an sm_89+ GPU")
+            sp.add_argument("--kv-cache-dtype", choices=sorted(QUANT_FORMATS), default=None,
+                            help="store the KV cache in this format (one scale per head and token): about half "
+                                 "the memory of bf16; fp8 needs an sm_89+ GPU")
         sp.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
         sp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")

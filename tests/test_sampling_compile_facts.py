@@ -11,16 +11,13 @@ frame in the cubin's resource usage, read as tests/test_compile_facts.py reads i
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import DEVICE, FULL
+from tests.helpers import DEVICE, FULL, compile_facts_per_arch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (B, V): the image shape kept on the chip, a text row streamed; the full tier adds every
 # other tiling class (packed short rows, 8192/4096-token on-chip rows)
 SHAPES = [(32, 16384), (2, 102400)] + ([(32, 8000), (1, 3000), (32, 1000), (64, 100)] if FULL else [])
@@ -95,15 +92,7 @@ def _env():
 @pytest.fixture(scope="module")
 def _all_facts():
     """Both architectures compile at once (two processes: CI has two cores)."""
-    jobs = {cap: subprocess.Popen(
-        [sys.executable, "-c", f"import json, tests.test_sampling_compile_facts as t; "
-                               f"print(json.dumps(t.compile_facts({cap})))"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in (80, 90)}
-    results = {}
-    for cap, job in jobs.items():
-        out, err = job.communicate()
-        results[cap] = json.loads(out.strip().splitlines()[-1]) if job.returncode == 0 else err[-4000:]
-    return results
+    return compile_facts_per_arch("tests.test_sampling_compile_facts", _env())
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile and run the kernels")

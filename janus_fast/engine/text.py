@@ -32,7 +32,7 @@ class TextSettings:
 
 class TextBuffers:
     def __init__(self, lm: LlamaForCausalLM, rows: int, capacity: int, eos: tuple[int, ...]):
-        w = lm.lm_head.weight
+        w = lm.get_input_embeddings().weight  # (lm_head's may be quantized)
         self.cache = lm.model.new_cache(rows, capacity)
         self.hidden = torch.zeros(rows, lm.config.hidden_size, dtype=w.dtype, device=w.device)
         self.out = torch.zeros(rows, capacity, dtype=torch.long, device=w.device)

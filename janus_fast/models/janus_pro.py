@@ -13,6 +13,7 @@ from .. import ops
 from . import arguments
 from .config import JanusProConfig
 from .llama import BadLogitsError, LlamaForCausalLM, first_bad_step
+from .quant import check_quantize, quantize_linears, weight_formats
 from .siglip import CLIPVisionTower, MlpProjector
 from .vq import VQModel
 
@@ -96,14 +97,24 @@ class JanusPro(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.bfloat16, device=None,
-                        load_processor: bool = True) -> "JanusPro":
+                        load_processor: bool = True, quantize: str | None = None,
+                        kv_cache_dtype: str | None = None) -> "JanusPro":
         """Load an official release directory (or a transformers "janus" conversion). Weights go
         straight from the files (memory-mapped) to `device` (default: cuda if available) in
         `dtype` (None keeps the stored dtype); the processor is attached when the directory
-        holds a tokenizer."""
+        holds a tokenizer. `quantize` / `kv_cache_dtype` ("int8" / "fp8") quantize the loaded
+        model (see `quantize`), checked before anything is read."""
         from ..checkpoint import load_model
 
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if quantize is not None:
+            check_quantize(quantize, device)
+        if kv_cache_dtype is not None:
+            check_quantize(kv_cache_dtype, device, "kv_cache_dtype")
         model = load_model(cls, path, dtype=dtype, device=device)
+        if quantize is not None or kv_cache_dtype is not None:
+            model.quantize(quantize, kv_cache_dtype=kv_cache_dtype)
         if load_processor:
             from ..processor import JanusProcessor
 
@@ -113,10 +124,41 @@ class JanusPro(nn.Module):
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
         """config.json + safetensors (sharded above max_shard_size), written atomically; the
-        processor's files too when one is attached."""
+        processor's files too when one is attached. A model with quantized weights is refused:
+        the official layout has no place for them, and quantizing at load is quick and gives
+        the same weights."""
         from ..checkpoint import save_model
 
+        if weight_formats(self):
+            raise ValueError("save_pretrained writes the official (unquantized) layout and this model's weights are "
+                             "quantized: save the unquantized model and pass quantize= to from_pretrained instead")
         save_model(self, path, max_shard_size=max_shard_size)
+
+    def quantize(self, weights: str | None = "int8", *, kv_cache_dtype: str | None = None) -> "JanusPro":
+        """Quantize for inference, in place; returns the model.
+
+        weights "int8" / "fp8" (e4m3): every Linear layer of the LLM (attention and MLP
+        projections, lm_head) and of gen_head is stored in that format with one fp32 scale per
+        output channel (models.quant.QuantizedLinear, run by ops.quantized_linear), layer by
+        layer, so no second copy of the model is ever held; None leaves the weights as they are.
+        kv_cache_dtype "int8" / "fp8": KV caches made from now on store each head of each token in
+        that format with an fp32 scale; None keeps the current format. fp8 needs compute
+        capability 8.9+ on CUDA. A quantized model generates and answers as before; it cannot be
+        trained or saved."""
+        if weights is not None:
+            check_quantize(weights, self.device)
+        if kv_cache_dtype is not None:
+            check_quantize(kv_cache_dtype, self.device, "kv_cache_dtype")
+        if weights is not None:
+            current = weight_formats(self)
+            if current - {weights}:
+                raise ValueError(f"the weights are already quantized to {sorted(current)}; load the model again to "
+                                 f"quantize it to {weights!r}")
+            for part in (self.language_model, self.gen_head):
+                quantize_linears(part, weights)
+        if kv_cache_dtype is not None:
+            self.language_model.model.kv_cache_dtype = kv_cache_dtype
+        return self
 
     @property
     def device(self) -> torch.device:

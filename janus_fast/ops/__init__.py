@@ -9,6 +9,7 @@ from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
+from .quant import quantize_rows, quantized_linear
 from .sampling import cfg_sample, new_rng_state
 from .vq import vq_lookup, vq_quantize
 
@@ -20,6 +21,8 @@ __all__ = [
     "linear_cross_entropy",
     "new_rng_state",
     "no_value_checks",
+    "quantize_rows",
+    "quantized_linear",
     "rms_norm",
     "rope_kv_write",
     "silu_mul",
