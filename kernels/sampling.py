@@ -348,6 +348,17 @@ def _choose_digit(hist, above, target):
 
 
 @triton.jit
+def _merge_histogram(bins_ptr, hist, row_ok):
+    """Adds a tile's [1, 256] histogram into the row's merged bins at bins_ptr ([1] pointers).
+    The mask is built at the histogram's full shape, not broadcast from [1, 1]: Triton 3.6's
+    interpreter reads an atomic's mask and value as contiguous arrays, so a broadcast one is
+    garbage past its first element there (compiled code broadcasts in the IR and is unaffected;
+    tests/test_sampling.py runs under 3.6's interpreter in CI)."""
+    digits = tl.arange(0, 256)
+    tl.atomic_add(bins_ptr[:, None] + digits[None, :], hist, mask=row_ok[:, None] & (digits < 256)[None, :])
+
+
+@triton.jit
 def _split_thresholds(slot, top_k, top_p, PASS: tl.constexpr, K_PASSES: tl.constexpr):
     """Replays radix passes 0 .. PASS-1 of a split row from their merged histograms (every
     program gets the same digits): (t_k, prefix, above, target) of the select that pass PASS
@@ -462,7 +473,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
             tl.atomic_add(slot + 7, mass_above, mask=row_ok)
             tl.atomic_add(slot + 8, mass_ge, mask=row_ok)
             tl.atomic_add(slot + 9, total, mask=row_ok)
-            tl.atomic_add(slot[:, None] + SLOT_HEADER + tl.arange(0, 256)[None, :], hist, mask=row_ok[:, None])
+            _merge_histogram(slot + SLOT_HEADER, hist, row_ok)
         elif PHASE < FINAL:
             if tl.max(survives.to(tl.int32), axis=0) == 0:  # the winner was filtered out: one more digit
                 t_k, prefix, _above, _target = _split_thresholds(slot, top_k, top_p, PHASE - 1, K_PASSES)
@@ -475,8 +486,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
                     if MASS:
                         s = _masses(s, mask, t_k, m)
                     hist += _digit_histogram(s, mask, prefix, 24 - 8 * ((PHASE - 1) % 4), mass_scale, MASS)
-                tl.atomic_add(slot[:, None] + SLOT_HEADER + SLOT_BINS * (PHASE - 1) + tl.arange(0, 256)[None, :],
-                              hist, mask=row_ok[:, None])
+                _merge_histogram(slot + SLOT_HEADER + SLOT_BINS * (PHASE - 1), hist, row_ok)
         else:
             if tl.max(survives.to(tl.int32), axis=0) == 0:  # the Gumbel winner among the kept tokens
                 t_k, t_p, _above, _target = _split_thresholds(slot, top_k, top_p, FINAL - 1, K_PASSES)
