@@ -9,7 +9,7 @@ from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
-from .sampling import cfg_sample, new_rng_state
+from .sampling import cfg_sample, new_rng_state, new_sampling_workspace
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "flash_attention",
     "linear_cross_entropy",
     "new_rng_state",
+    "new_sampling_workspace",
     "no_value_checks",
     "rms_norm",
     "rope_kv_write",
