@@ -138,6 +138,23 @@ def test_gpu_check_rejects_bad_arguments_and_a_machine_without_gpu(tmp_path):
         assert result.returncode == 1 and "needs a CUDA GPU" in result.stderr
 
 
+def test_check_cuda_skips_the_bindings_when_python_has_no_torch(tmp_path):
+    # nvcc is found (a stand-in that compiles nothing) but the interpreter janus_fast would use
+    # has no torch: the kernels are still checked, the bindings' part says why it is skipped, and
+    # the script succeeds (it used to stop at the binding check with status 1).
+    bin_dir = fake_bin(tmp_path, python3="plain")
+    for tool in ("find", "sort", "mktemp", "rm", "basename", "awk", "head", "cat"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text(f'#!{BASH}\n[[ "$*" == *--dryrun* ]] && echo \'#$ INCLUDES="-I/cuda/include"\' >&2\nexit 0\n')
+    nvcc.chmod(0o755)
+    result = run_script(checkout_without_venv(tmp_path), ["check_cuda.sh"], bin_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CUDA sources compile for sm_80 and sm_90" in result.stdout
+    assert f"check_cuda: {bin_dir}/python3 (the PATH) has no torch; the bindings" in result.stdout
+
+
 def test_activate_sources_the_venv_only_when_setup_made_one(tmp_path):
     root = copy_scripts(tmp_path)
     probe = [BASH, "-c", ". scripts/activate.sh && echo \"${MARK:-none}\""]
