@@ -61,6 +61,10 @@ ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per threa
 PASS_MAX = 4096  # tokens per chunk of the noisy passes (the Gumbel noise is computed per chunk)
 SPLIT_BLOCK = 4096  # columns per tile of a row split across programs (ops.sampling.row_splits)
 SPLIT_SELECT = 32  # tokens per step of a split row's histogram passes ([32, 256] digit one-hots)
+SPLIT_WARPS = 8
+# Registers per thread of a split program: two 8-warp programs per SM, as row_splits plans. Left
+# alone, ptxas (Triton 3.6) gives a phase 64 and spills (tests/test_kernel_compile_facts.py).
+SPLIT_MAX_REGISTERS = 65536 // (2 * 32 * SPLIT_WARPS)
 _EMPTY = tl.constexpr(-(2**63))  # an empty merge slot: below every packed (key, index)
 NO_FLOOR = tl.constexpr(0x7FFFFF)  # the ukey of -inf: a top-k floor that keeps every token
 # A split row's merge slots (ops.sampling.merge_slots), int64 per row: the header, then one
@@ -717,7 +721,8 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
                 INTERLEAVED=layout == "interleaved", GREEDY=greedy, SCALE=temperature != 1.0,
                 TOP_K=k_passes > 0, TOP_P=p_passes > 0, ADVANCE=bool(advance) and phase == final,
                 WRITE_IDS=bool(return_ids), PHASE=phase, K_PASSES=k_passes, P_PASSES=p_passes,
-                BLOCK=SPLIT_BLOCK, SELECT=select, num_warps=8, enable_fp_fusion=False)
+                BLOCK=SPLIT_BLOCK, SELECT=select, num_warps=SPLIT_WARPS, maxnreg=SPLIT_MAX_REGISTERS,
+                enable_fp_fusion=False)
         return tokens, ids
     rows, tiling = launch_config(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](
