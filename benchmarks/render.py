@@ -261,11 +261,16 @@ def make_chart(tables: dict, path: Path) -> bool:
     if not rows:
         return False
     width = max(sum(max(4.0, 0.35 * len(p)) for p, *_ in panels) for _, panels in rows) + 1
-    fig = plt.figure(figsize=(width, 4.8 * len(rows)), layout="constrained")
-    for sub, (table, panels) in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
-        _draw(sub, table, panels)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    try:  # (an older matplotlib may lack subfigures: the report is written without the chart)
+        fig = plt.figure(figsize=(width, 4.8 * len(rows)), layout="constrained")
+        for sub, (table, panels) in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
+            _draw(sub, table, panels)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    except (TypeError, AttributeError, ValueError) as e:
+        print(f"render: no chart {path.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+    finally:
+        plt.close("all")
     return True
 
 
