@@ -118,9 +118,9 @@ def _model_launches(cap: int, model: str) -> None:
                          "interleaved", advance=True, return_ids=True, splits=splits, work=work)
     S.cfg_sample(torch.empty(32, vq.codebook_size, **bf16), 5.0, 1.0, 0, 1.0,
                  torch.tensor([1, 0], dtype=torch.int64), "interleaved")  # an eager draw: the seed by value
-    # VQ: the codebook prepared once, a batch of 16 images quantised and looked up, bf16 and fp32
+    # VQ: the codebook prepared once, a batch of 16 images quantised and looked up, bf16 (and fp32)
     n = 16 * vq.num_tokens
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32) if FULL else (torch.bfloat16,):
         codebook = torch.empty(vq.codebook_size, vq.codebook_dim, dtype=dtype, **meta)
         cbt, sq = Q.prepare_codebook(codebook, True)
         Q.vq_quantize(torch.empty(n, vq.codebook_dim, dtype=dtype, **meta), cbt, sq, True)
