@@ -36,7 +36,7 @@ TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-150}"
 BENCH_CASE_TIMEOUT="${GPU_CHECK_BENCH_CASE_TIMEOUT:-180}"
 
 usage() {
-  sed -n '7,27p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '7,26p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
