@@ -158,7 +158,13 @@ def cmd_chat(args) -> None:
     print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens))
 
 
+DEMO_MARK = "made-by-janus-fast-demo.txt"  # in a --keep directory: a later demo may replace it
+DEMO_MARK_TEXT = ("This random-weight Janus-Pro checkpoint was made by `janus-fast demo --keep`; running that "
+                  "command again on this directory replaces it.\n")
+
+
 def cmd_demo(args) -> None:
+    from .checkpoint import atomic_write_text
     from .engine import JanusPro
     from .models.random_model import build_random_checkpoint
 
@@ -166,8 +172,9 @@ def cmd_demo(args) -> None:
     dtype = _dtype(args.dtype, device)
     out = check_out_dir(args.out)
     keep = Path(args.keep) if args.keep else None
-    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
-        raise UsageError(f"--keep {keep} must be a new or empty directory")
+    ours = keep is not None and (keep / DEMO_MARK).is_file()
+    if keep is not None and keep.exists() and not ours and (not keep.is_dir() or any(keep.iterdir())):
+        raise UsageError(f"--keep {keep} must be a new or empty directory, or one an earlier demo kept")
     n = args.n or (16 if device.startswith("cuda") else 4)
     print("janus-fast demo: RANDOM weights, so the images are noise and the answer is gibberish.\n"
           "It shows the whole path (build, save a real checkpoint, load, generate, answer) and its speed.\n"
@@ -178,9 +185,11 @@ def cmd_demo(args) -> None:
         ckpt = keep if keep is not None else Path(tmp) / "janus-pro-random"
         t = time.perf_counter()
         config = build_random_checkpoint(ckpt, "1b" if device.startswith("cuda") else "tiny", device, dtype)
+        if keep is not None:
+            atomic_write_text(keep / DEMO_MARK, DEMO_MARK_TEXT)
         size = "1B" if config.language.hidden_size == 2048 else "tiny"
-        print(f"[1/4] built a random {size} Janus-Pro on {device} ({dtype}) and saved it to {ckpt} "
-              f"in {time.perf_counter() - t:.1f}s")
+        print(f"[1/4] built a random {size} Janus-Pro on {device} ({dtype}) and saved it to {ckpt}"
+              f"{' (replacing the one an earlier demo kept there)' if ours else ''} in {time.perf_counter() - t:.1f}s")
         t = time.perf_counter()
         model = JanusPro.from_pretrained(ckpt, dtype=dtype, device=device)
         print(f"[2/4] loaded it back with JanusPro.from_pretrained in {time.perf_counter() - t:.1f}s")
@@ -296,7 +305,8 @@ def parser() -> argparse.ArgumentParser:
     common(d, model=False)
     d.add_argument("--out", default="janus-fast-demo", help="where the images and grid go")
     d.add_argument("--keep", default=None, metavar="DIR",
-                   help="keep the random checkpoint in DIR (new or empty) to try generate and chat on")
+                   help="keep the random checkpoint in DIR (new, empty, or kept by an earlier demo, which is "
+                        "replaced) to try generate and chat on")
     d.add_argument("--prompt", default="A close-up photo of a red fox in fresh snow.", help="what to draw")
     d.add_argument("--n", type=_positive_int, default=None, help="images (default: 16 on a GPU, 4 on the CPU)")
     d.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**63)")

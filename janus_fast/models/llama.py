@@ -486,16 +486,16 @@ class LlamaForCausalLM(nn.Module):
         return CausalLMOutputWithPast(self.lm_head(out.last_hidden_state), out.past_key_values)
 
     def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator=None,
-               rng_state=None):
+               rng_state=None, workspace=None):
         """Next token [B] from logits [B, V]: argmax, or a draw through ops.cfg_sample with the
         logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance), from
-        `generator` or from a device `rng_state` (ops.new_rng_state) that the launch advances;
-        a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
+        `generator` or from a device `rng_state` (ops.new_rng_state) that the launch advances,
+        with cfg_sample's `workspace` when given; a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
         if not do_sample:
             return logits.argmax(-1)
         both = torch.cat([logits, logits])  # (cfg_sample reads 16-bit logits in fp32 itself)
         return ops.cfg_sample(both, cfg_weight=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator, rng_state=rng_state, layout="halves")
+                              generator=generator, rng_state=rng_state, layout="halves", workspace=workspace)
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,

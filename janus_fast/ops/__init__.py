@@ -10,7 +10,7 @@ from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .quant import quantize_rows, quantized_linear
-from .sampling import cfg_sample, new_rng_state
+from .sampling import cfg_sample, new_rng_state, new_sampling_workspace
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "flash_attention",
     "linear_cross_entropy",
     "new_rng_state",
+    "new_sampling_workspace",
     "no_value_checks",
     "quantize_rows",
     "quantized_linear",
