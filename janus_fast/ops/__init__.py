@@ -10,11 +10,13 @@ from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .sampling import cfg_sample, new_rng_state
+from .sampling_device import cfg_sample_settings, sampling_settings
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
     "backends",
     "cfg_sample",
+    "cfg_sample_settings",
     "decode_attention",
     "flash_attention",
     "linear_cross_entropy",
@@ -22,6 +24,7 @@ __all__ = [
     "no_value_checks",
     "rms_norm",
     "rope_kv_write",
+    "sampling_settings",
     "silu_mul",
     "varlen_attention",
     "vq_lookup",
