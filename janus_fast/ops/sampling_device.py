@@ -29,6 +29,15 @@ def sampling_settings(cfg_weight: float = 1.0, temperature: float = 1.0, top_k: 
     return torch.tensor([cfg_weight, temperature, min(top_k, MAX_TOP_K), top_p], dtype=torch.float32)
 
 
+def new_merge_slots(rows: int, device) -> torch.Tensor:
+    """Merge slots of `rows` split rows in ops.sampling.merge_slots' layout, owned by the caller
+    (a captured step allocates its own before capture: `work=` of cfg_sample_settings)."""
+    slots = torch.zeros((rows, SLOT_WIDTH), dtype=torch.int64, device=device)
+    slots[:, 0:2] = torch.iinfo(torch.int64).min
+    slots[:, 4:6] = torch.iinfo(torch.int64).min
+    return slots
+
+
 def _check_settings_values(settings: torch.Tensor) -> None:
     """What sampling_settings guarantees, read back from device memory (one host sync)."""
     cfg_weight, temperature, top_k, top_p = settings.tolist()
