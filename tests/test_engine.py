@@ -291,6 +291,8 @@ def test_a_decode_layer_dispatches_nine_ops(plain):
     assert counts["per_step"] == counts["fixed"] + layers * counts["per_layer"]
     image_step = image_step_launches(plain)
     assert counts["per_step"] < image_step < counts["per_step"] + 30  # + head, sampler, embeddings
+    # one sampling launch for every prompt of the batch: the same step for 2 prompts x 1 image
+    assert image_step_launches(plain, parallel_size=1, prompts=2) == image_step_launches(plain, parallel_size=2)
 
 
 def test_text_rejects_a_mask_that_is_not_left_padding(engine):
