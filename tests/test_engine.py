@@ -282,6 +282,25 @@ def test_changing_only_settings_allocates_no_device_memory():
     assert len(only_bucket(eng).steps) == 1
 
 
+@pytest.mark.gpu
+def test_batch_independence_on_the_gpu():
+    """What the README says holds on the GPU, bitwise: a row's decode attention alone, in a
+    batch and in a bigger cache; a prompt's images beside other prompts of the same lengths."""
+    q, k, v = (torch.randn(3, n, 16, 128, device="cuda", dtype=torch.bfloat16) for n in (1, 700, 700))
+    q = q[:, 0]
+    lengths = torch.tensor([700, 300, 90], dtype=torch.int32, device="cuda")
+    batch = ops.decode_attention(q, k, v, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(ops.decode_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], lengths[b:b + 1]),
+                           batch[b:b + 1])
+    eng = engine_copy(tiny_model().cuda())
+    proc = eng.processor
+    prompts = ["a red fox", "a big cat", "a tiny ox"]
+    assert len({len(eng._generation_prompt_ids(proc, p)) for p in prompts}) == 1  # one batch shape
+    first = tokens(eng, prompts[:2], 2, [7, 8])
+    assert torch.equal(tokens(eng, [prompts[0], prompts[2]], 2, [7, 9])[:2], first[:2])
+
+
 def test_a_decode_layer_dispatches_nine_ops(plain):
     from janus_fast.engine import decode_launches_per_layer, decode_op_counts, image_step_launches
 
