@@ -21,12 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import (SPLIT_BLOCK, SPLIT_SELECT, _sample_rows, _split_rows, _stream, launch_config, mass_scale,
-                       max_registers)
+from .sampling import (ON_CHIP_MAX, SPLIT_BLOCK, SPLIT_SELECT, _sample_rows, _split_rows, _stream, launch_config,
+                       mass_scale, max_registers)
 
 SPLIT_LAUNCHES = 10  # the phases of a split row with both filters (1 + 4 + 4 + 1)
 ONE_FILTER_FINAL = 5  # the final phase of a split row with one filter (1 + 4), run by the last launch
 MAX_WARPS = 8  # per program of both kernels (the split kernel as kernels/sampling launches it)
+ON_CHIP_ELEMENTS = 8192  # values of s a program keeps in registers: 32 per thread at 8 warps
 FLT_MIN = 1.1754943508222875e-38  # temperatures below float32's smallest normal take the argmax
 _FLT_MIN = tl.constexpr(FLT_MIN)
 _LAST_LAUNCH = tl.constexpr(SPLIT_LAUNCHES - 1)
@@ -136,10 +137,18 @@ def one_filter_phase(launch: int) -> int:
 
 
 def settings_launch_config(b: int, v: int, interpreted: bool) -> tuple[int, dict]:
-    """launch_config's tiling with at most 8 warps: the run-time branch keeps the settings, key
-    and offset live beside an on-chip row, which spills at 16 warps' 128 registers per thread;
-    at 8 warps every config compiles without a spill (tests/test_sampling_device.py)."""
+    """launch_config's tiling with at most ON_CHIP_ELEMENTS values of s kept on the chip per
+    program (fewer rows per program; a longer row streams from L2 as rows past ON_CHIP_MAX do)
+    and at most MAX_WARPS warps: the run-time branch keeps the settings, key and offset live
+    beside the row, and an image row (16384) kept on the chip spills on sm_80 under triton
+    3.6 even with the whole register file (tests/test_sampling_device.py's compile facts)."""
     rows, meta = launch_config(b, v, interpreted)
+    if meta["ON_CHIP"] and rows * meta["BLOCK"] > ON_CHIP_ELEMENTS:
+        if meta["BLOCK"] <= ON_CHIP_ELEMENTS:
+            rows = ON_CHIP_ELEMENTS // meta["BLOCK"]
+            meta = dict(meta, ROWS=rows)
+        else:
+            rows, meta = launch_config(1, ON_CHIP_MAX + 1, interpreted)  # (the streamed tiling)
     if meta["num_warps"] > MAX_WARPS:
         meta = dict(meta, num_warps=MAX_WARPS, maxnreg=max_registers(MAX_WARPS))
     return rows, meta

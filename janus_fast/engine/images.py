@@ -102,7 +102,7 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
     plan = plan_requests(len(prompts), rows_per_prompt,
                          lambda rows: image_bucket_bytes(model, rows, capacity),
                          free_bytes(model.device, buckets), "parallel_size or the number of prompts")
-    n_tokens, out = model.config.vq.num_tokens, []
+    out = []
     for c, chunk in enumerate(plan.chunk_requests()):
         def chunk_progress(i, n, c=c):
             progress(c * n + i, plan.chunks * n)
@@ -122,6 +122,8 @@ def _generate_chunk(model, prompts, pad_id, parallel_size, settings, seeds, buck
     rows = 2 * len(prompts) * parallel_size
     capture = graphs_usable(device, model.dtype) if use_graphs is None else use_graphs
     bucket = image_bucket(model, buckets, rows, capacity)
+    # made before the reset: a capture's warm-up runs one step on the buffers
+    step = bucket.step("image", lambda b: image_step(model, b), capture)
     buf = bucket.buffers
     buf.reset([(s, j) for s in seeds for j in range(parallel_size)], settings)
     # One prefill per prompt for its conditional and its unconditional row (the prompt's first
@@ -137,6 +139,6 @@ def _generate_chunk(model, prompts, pad_id, parallel_size, settings, seeds, buck
     buf.hidden.copy_(prefill(lm.model, lm.get_input_embeddings()(packed), [len(s) for s in sequences],
                              buf.cache, rows_of))
     with ops.no_value_checks():
-        run_steps(bucket.step("image", lambda b: image_step(model, b), capture), n_tokens, progress=progress)
+        run_steps(step, n_tokens, progress=progress)
     raise_bad_image_tokens(buf.codes)  # the one host sync of the loop
     return buf.codes

@@ -139,11 +139,11 @@ def _generate_chunk(lm, embeds, lengths, max_new_tokens, settings, seeds, bucket
     device, rows = embeds.device, len(lengths)
     capture = graphs_usable(device, embeds.dtype) if use_graphs is None else use_graphs
     bucket = text_bucket(lm, buckets, rows, capacity)
+    sample = settings.do_sample  # (the step's capture warms up on the buffers: before the reset)
+    step = bucket.step("sample" if sample else "greedy", lambda b: text_step(lm, b, sample), capture)
     buf = bucket.buffers
     buf.reset(seeds, settings)
     buf.hidden.copy_(prefill(lm.model, embeds, lengths, buf.cache, [[r] for r in range(rows)]))
-    sample = settings.do_sample
-    step = bucket.step("sample" if sample else "greedy", lambda b: text_step(lm, b, sample), capture)
     with ops.no_value_checks():
         run_steps(step, max_new_tokens, stop=buf.counters[2:3] if settings.eos else None, progress=progress,
                   lookahead=lookahead)
