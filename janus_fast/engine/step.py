@@ -21,8 +21,11 @@ follows it):
   follows finished steps.
 
 A new kind of step (say, speculative decoding's verify step) brings its buffers class (with
-`reset` for a new generation), its step function `fn(model, buffers)`, and registers steps on
-a bucket of its kind: `buckets.get(kind, rows, capacity, nbytes, build).step(name, fn, capture)`.
+`reset` for a new generation, and a `device` argument: built on the meta device without a
+cache, engine.memory counts it), its step function `fn(buffers)`, and registers steps on a
+bucket of its kind: `buckets.get(kind, rows, capacity, nbytes, build).step(name, fn, capture)`,
+then runs them with `run_steps(step, max_steps, stop=flag, progress=...)` (engine.images is
+the example).
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ class Bucket:
 
     def step(self, name: str, fn: Callable[[object], None], capture: bool) -> Step:
         """The step `name`: `fn(buffers)`, eager or captured, made on first use (under
-        no_value_checks: a step reads nothing back)."""
+        no_value_checks: a step reads nothing back). A capture's warm-up runs `fn` once on the
+        buffers: get the step before resetting them for a generation."""
         step = self.steps.get((name, capture))
         if step is None:
             with ops.no_value_checks():
