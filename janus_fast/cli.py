@@ -136,9 +136,34 @@ def _load(args, model_dir: Path):
     return model
 
 
+def check_fits(model_dir: Path, prompt: str, n: int, device: str, dtype: torch.dtype) -> None:
+    """A batch that cannot fit the GPU's free memory even one prompt at a time: a UsageError
+    before any weight is read (the engine's memory plan, on the meta device)."""
+    from .checkpoint import read_config
+    from .engine import JanusPro
+    from .engine.images import image_bucket_bytes, image_capacity
+    from .engine.memory import free_bytes, plan_requests, weight_bytes
+    from .processor import JanusProcessor
+
+    free = free_bytes(torch.device(device))
+    if free is None:
+        return
+    with torch.device("meta"):
+        model = JanusPro(read_config(model_dir)[0]).to(dtype)
+    ids = model._generation_prompt_ids(JanusProcessor.from_pretrained(model_dir), prompt)
+    capacity = image_capacity(model, [ids])
+    try:
+        plan_requests(1, 2 * n, lambda rows: image_bucket_bytes(model, rows, capacity), free - weight_bytes(model),
+                      "--n")
+    except ValueError as e:
+        raise UsageError(f"--n {n} does not fit {device} beside the {weight_bytes(model) / 2**30:.1f} GiB of "
+                         f"weights: {e}") from None
+
+
 def cmd_generate(args) -> None:
     model_dir, out = check_model_dir(args.model), check_out_dir(args.out)
-    _device(args.device)
+    device = _device(args.device)
+    check_fits(model_dir, args.prompt, args.n, device, _dtype(args.dtype, device))
     model = _load(args, model_dir)
     t = time.perf_counter()
     images = model.generate_images(args.prompt, parallel_size=args.n, cfg_weight=args.cfg,
@@ -155,7 +180,7 @@ def cmd_chat(args) -> None:
     image = load_image(args.image)
     _device(args.device)
     model = _load(args, model_dir)
-    print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens))
+    print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens, progress=ProgressBar("answering")))
 
 
 DEMO_MARK = "made-by-janus-fast-demo.txt"  # in a --keep directory: a later demo may replace it

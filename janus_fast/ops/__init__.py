@@ -11,11 +11,13 @@ from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .quant import quantize_rows, quantized_linear
 from .sampling import cfg_sample, new_rng_state, new_sampling_workspace
+from .sampling_device import cfg_sample_settings, sampling_settings
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
     "backends",
     "cfg_sample",
+    "cfg_sample_settings",
     "decode_attention",
     "flash_attention",
     "linear_cross_entropy",
@@ -26,6 +28,7 @@ __all__ = [
     "quantized_linear",
     "rms_norm",
     "rope_kv_write",
+    "sampling_settings",
     "silu_mul",
     "varlen_attention",
     "vq_lookup",
