@@ -18,7 +18,6 @@ import torch
 
 from .. import ops
 from ..models.janus_pro import JanusPro, raise_bad_image_tokens, unconditional_prompt
-from ..ops.sampling import row_splits
 from .lookahead import run_steps
 from .memory import bucket_bytes, free_bytes, make_room, plan_requests
 from .prefill import prefill
@@ -42,7 +41,7 @@ class ImageBuffers:
 
     def __init__(self, model: JanusPro, rows: int, capacity: int, device: torch.device | None = None):
         self.device = device = model.device if device is None else device
-        n_tokens, n_images, vocab = model.config.vq.num_tokens, rows // 2, model.config.vq.codebook_size
+        n_tokens, n_images = model.config.vq.num_tokens, rows // 2
         if device.type != "meta":
             self.cache = model.language_model.model.new_cache(rows, capacity)
         self.hidden = torch.zeros(rows, model.config.language.hidden_size, dtype=model.dtype, device=device)
@@ -51,9 +50,7 @@ class ImageBuffers:
         self.rng = torch.zeros(3, dtype=torch.long, device=device)  # the offset every stream shares
         self.streams = torch.zeros(n_images, 2, dtype=torch.long, device=device)  # (seed, index) per image
         self.settings = torch.zeros(4, dtype=torch.float32, device=device)
-        splits = row_splits(n_images, vocab, device, filtered=True)
-        # this bucket's graph's own merge slots, made before capture
-        self.workspace = ops.new_sampling_workspace(n_images if splits > 1 else 0, device)
+        self.workspace = ops.new_sampling_workspace(n_images, device)  # this bucket's own merge slots
 
     def reset(self, streams: list[tuple[int, int]], settings: ImageSettings) -> None:
         self.step.zero_()

@@ -14,7 +14,6 @@ import torch
 
 from .. import ops
 from ..models.llama import LlamaForCausalLM, bad_new_token
-from ..ops.sampling import row_splits
 from .lookahead import LOOKAHEAD, run_steps
 from .memory import bucket_bytes, free_bytes, make_room, plan_requests
 from .prefill import prefill
@@ -57,9 +56,7 @@ class TextBuffers:
         self.settings = torch.zeros(4, dtype=torch.float32, device=device)
         self.eos = torch.full((MAX_EOS,), NO_ID, dtype=torch.long, device=device)
         self.pad = torch.zeros((), dtype=torch.long, device=device)
-        splits = row_splits(rows, lm.config.vocab_size, device, filtered=True)
-        # this bucket's graph's own merge slots, made before capture
-        self.workspace = ops.new_sampling_workspace(rows if splits > 1 else 0, device)
+        self.workspace = ops.new_sampling_workspace(rows, device)  # this bucket's own merge slots
 
     def reset(self, seeds: torch.Tensor, settings: TextSettings) -> None:
         """A new generation: row r draws from seed seeds[r] (a device tensor: no sync)."""
