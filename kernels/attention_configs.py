@@ -9,14 +9,17 @@ tests/test_compile_facts.py compiles each one (shipped_compile_specs) and checks
 The autotuner keys on the head dim, causality, varlen, and power-of-two buckets of max_seqlen_q,
 max_seqlen_k and batch x heads (tune_buckets): short and long sequences, few and many heads want
 different tiles, while a bucket keeps varlen training from re-tuning at every new max length.
-Each key is pruned to this GPU's table, so a single survivor skips the benchmark (the interpreter
-always lands there); winners are cached on disk.
+Each key is pruned to this GPU's table; a single survivor skips the benchmark on every Triton
+version (the interpreter always lands there); winners are cached on disk. The fused backward's
+fp32 dQ accumulator is reset to zero around the benchmark's runs (autotune(reset_to_zero=...)):
+its atomics would otherwise add every timed run into the first call's dQ.
 """
 import dataclasses
 import functools
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
 TUNE_KEY = ["HEAD_D", "CAUSAL", "IS_VARLEN", "tune_q", "tune_k", "tune_bh"]
 
@@ -107,17 +110,40 @@ def tune_buckets(max_q, max_k, batch_heads):
     return dict(tune_q=_bucket(max_q), tune_k=_bucket(max_k), tune_bh=_bucket(batch_heads))
 
 
-def autotune(table, tensor_arg="Q"):
-    """triton.autotune over all of `table`, pruned at the first call of each key to the configs of
-    this GPU's architecture and tile width (by identity: equal configs may sit under two tags)."""
+class _ArchAutotuner(Autotuner):
+    """triton's Autotuner that benchmarks only a real choice: a key pruned to one config launches
+    it without a timed run (Triton 3.6 would benchmark a lone survivor: time spent for nothing,
+    and in the interpreter, which has no benchmarker, an error). A key first met inside a CUDA
+    graph capture, where a benchmark cannot run, keeps its table's first config."""
+
+    def prune_configs(self, kwargs):
+        self.survivors = super().prune_configs(kwargs)
+        if len(self.survivors) > 1 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self.survivors = self.survivors[:1]
+        return self.survivors
+
+    def _bench(self, *args, config, **meta):
+        if len(self.survivors) == 1:
+            return [0.0, 0.0, 0.0]
+        return super()._bench(*args, config=config, **meta)
+
+
+def autotune(table, tensor_arg="Q", reset_to_zero=None):
+    """An autotuner over all of `table`, pruned at the first call of each key to the configs of
+    this GPU's architecture and tile width (by identity: equal configs may sit under two tags).
+    The benchmark re-runs the kernel on the real arguments: outputs it accumulates into (atomics)
+    must be named in reset_to_zero, so the launch that counts starts from zero again."""
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}
         mine = {id(c) for c in table[tag(args[tensor_arg], args["BLOCK_D"])]}
         return [c for c in configs if id(c) in mine]
 
     union = [c for rows in table.values() for c in rows]
-    return triton.autotune(configs=union, key=TUNE_KEY, prune_configs_by={"early_config_prune": prune},
-                           cache_results=True)
+
+    def decorator(fn):
+        return _ArchAutotuner(fn, fn.arg_names, union, TUNE_KEY, reset_to_zero, None,
+                              prune_configs_by={"early_config_prune": prune}, cache_results=True)
+    return decorator
 
 
 # --------------------------------------------------------------------------------------------
