@@ -68,10 +68,14 @@ def _common_meta(q, causal):
 _SM90_COMPILE_ERRORS = []  # (causal, error) when this Triton failed to build that sm_90 kernel: fall back for good
 
 
+def _on_hopper(q):
+    return q.is_cuda and arch(q.device.index) == "sm90"
+
+
 def _use_sm90_forward(q, k, v, out, causal, softmax_scale):
     """The TMA + warp-specialised forward runs on Hopper for 16-bit inputs whose strides suit TMA,
     when the installed Triton has the features; everything else takes the pointer-load kernel."""
-    return (q.is_cuda and arch(q.device.index) == "sm90" and q.element_size() == 2
+    return (_on_hopper(q) and q.element_size() == 2 and block_d_for(q.shape[-1]) <= 128  # see FWD_SM90
             and softmax_scale > 0 and fwd_sm90.available()
             and not any(failed == bool(causal) for failed, _ in _SM90_COMPILE_ERRORS)
             and fwd_sm90.tma_compatible(q, k, v, out))

@@ -2,7 +2,8 @@
 
 A table maps (arch, width) to rows (BLOCK_M, BLOCK_N, num_warps, num_stages). Widths: "narrow"
 (16-bit, head_dim <= 128), "wide" (16-bit, head_dim > 128) and "fp32" (exact fp32 dots on the CUDA
-cores, a correctness path: small tiles are the ones that fit in registers). Every shipped row compiles for its
+cores, a correctness path: small tiles are the ones that fit in registers). A key
+(arch, width, "causal"), where present, replaces (arch, width) for causal launches. Every shipped row compiles for its
 architecture without register spills and within shared memory (A100 163 KiB, H100 227 KiB):
 tests/test_compile_facts.py compiles each one (shipped_compile_specs) and checks, without a GPU.
 
@@ -46,18 +47,21 @@ FWD = _configs({
 # sm_90 forward (TMA + warp specialisation), 16-bit only: num_warps=4 is one consumer
 # warpgroup; Triton adds a second one and a producer when it specialises the loop (12 warps). 64-row
 # tiles serve SigLIP's 576 tokens without a half block; 3 stages of 64x256 tiles overflow H100.
+# Causal holds more live state (mask, contract 1's bookkeeping): 64-key blocks spill 16-32 B on
+# Triton 3.6. D > 128 takes the pointer kernel: 64x32 spills 136-184 B on 3.6 causal, and every
+# narrower tile either spills or loses warp specialisation.
 FWD_SM90 = _configs({
     ("sm90", "narrow"): [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)],
-    ("sm90", "wide"): [(64, 32, 4, 2)],
+    ("sm90", "narrow", "causal"): [(128, 32, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2)],
     **_INTERP,
 })
 # Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream. dK, dV and the
-# transposed P / dP tiles all live in registers. On sm_90 in Triton 3.9 (D128, 8 warps), 32x128
-# fits only without software pipelining (num_stages=1: 252 registers; 2 stages spill); 64x128
-# spills 120 B even at 1 stage, 64x64 104-168 B, and 4 warps spill more (FA3 keeps dQ's tile in
+# transposed P / dP tiles all live in registers. On sm_90 (D128, 8 warps), 32x128 spills 56 B
+# on Triton 3.6 even without software pipelining (2 stages spill on 3.9 too); 64x128 spills
+# 120 B even at 1 stage, 64x64 104-168 B, and 4 warps spill more (FA3 keeps dQ's tile in
 # shared memory, which Triton does not let us choose).
 BWD_FUSED = _configs({
-    ("sm90", "narrow"): [(32, 128, 8, 1), (16, 128, 8, 2), (32, 64, 8, 2)],
+    ("sm90", "narrow"): [(16, 128, 8, 2), (32, 64, 8, 2)],
     ("sm90", "wide"): [(16, 32, 8, 2)],
     ("sm90", "fp32"): [(16, 16, 8, 1)],
     ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
@@ -65,9 +69,10 @@ BWD_FUSED = _configs({
     ("sm80", "fp32"): [(16, 16, 8, 2)],
     **_INTERP_KV,
 })
-# Deterministic backward, dK/dV kernel: BLOCK_N keys stay resident, BLOCK_M query rows stream.
+# Deterministic backward, dK/dV kernel: BLOCK_N keys stay resident, BLOCK_M query rows stream
+# (16x128 with 3 stages spills 8 B on Triton 3.6).
 BWD_DKDV = _configs({
-    ("sm90", "narrow"): [(16, 128, 8, 2), (16, 128, 8, 3)],
+    ("sm90", "narrow"): [(16, 128, 8, 2)],
     ("sm90", "wide"): [(16, 32, 8, 2)],
     ("sm90", "fp32"): [(16, 16, 8, 1)],
     ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
@@ -75,10 +80,11 @@ BWD_DKDV = _configs({
     ("sm80", "fp32"): [(16, 16, 8, 2)],
     **_INTERP_KV,
 })
-# Deterministic backward, dQ kernel: BLOCK_M query rows stay resident, BLOCK_N keys stream.
+# Deterministic backward, dQ kernel: BLOCK_M query rows stay resident, BLOCK_N keys stream
+# (D256 64x16 spills 120 B on Triton 3.6).
 BWD_DQ = _configs({
     ("sm90", "narrow"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
-    ("sm90", "wide"): [(32, 32, 4, 2), (64, 16, 4, 2)],
+    ("sm90", "wide"): [(32, 32, 4, 2)],
     ("sm90", "fp32"): [(16, 16, 4, 2)],
     ("sm80", "narrow"): [(64, 32, 4, 2)],
     ("sm80", "wide"): [(32, 32, 4, 2)],
@@ -99,6 +105,12 @@ def arch(device_index):
 def tag(q, block_d):
     width = "fp32" if q.element_size() == 4 else "wide" if block_d > 128 else "narrow"
     return arch(q.device.index if q.is_cuda else -1), width
+
+
+def rows(table, arch_name, width, causal):
+    """The configs of `table` for one launch: (arch, width, "causal") first if causal."""
+    causal_rows = table.get((arch_name, width, "causal")) if causal else None
+    return causal_rows if causal_rows is not None else table.get((arch_name, width), [])
 
 
 def _bucket(n):
@@ -135,7 +147,7 @@ def autotune(table, tensor_arg="Q", reset_to_zero=None):
     must be named in reset_to_zero, so the launch that counts starts from zero again."""
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}
-        mine = {id(c) for c in table[tag(args[tensor_arg], args["BLOCK_D"])]}
+        mine = {id(c) for c in rows(table, *tag(args[tensor_arg], args["BLOCK_D"]), args["CAUSAL"])}
         return [c for c in configs if id(c) in mine]
 
     union = [c for rows in table.values() for c in rows]
@@ -175,7 +187,7 @@ _SHAPES = {"narrow": [(128, 128, "bf16")], "wide": [(256, 256, "bf16")], "fp32":
 
 def _table_specs(name, kernel, table, arch_name, causal=True, **extra):
     for width, shapes in _SHAPES.items():
-        for config in table.get((arch_name, width), []):
+        for config in rows(table, arch_name, width, causal):
             for d, block_d, dtype in shapes:
                 meta = dict(HEAD_D=d, BLOCK_D=block_d, CAUSAL=causal, IS_VARLEN=width == "narrow",
                             DOT_PREC="ieee" if dtype == "fp32" else "tf32", **config.kwargs, **extra)

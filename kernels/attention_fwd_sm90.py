@@ -29,10 +29,12 @@ source giving different results from run to run: the pass is not deterministic o
   - a select on V by key index only 6/6 and stand-ins with constant bounds 6/6: reading V in
     registers is accepted, as long as the P V operand's tile has one use;
   - a separate diagonal loop after the specialised one (round one): rejected for varlen and D256.
-What ships: stand-ins with constant bounds for the P V operand, and the tracking on a second
-load through a half-height descriptor (two tiles per block, which the compiler cannot merge with
-the operand's): 4/4 for every shipped causal config, dense and varlen (D64 3/3), and
-tests/test_compile_facts.py compiles the causal configs on every run. Its price, unmeasured here:
+What ships: compare-free stand-ins for the P V operand (first min/max with constant bounds,
+now integer bit operations: _finite_stand_ins, the same on the GPU and in Triton 3.6's interpreter,
+whose NaN-dropping max propagates NaN), and the tracking on a second load through a half-height
+descriptor (two tiles per block, which the compiler cannot merge with the operand's): 4/4 for
+every shipped causal config, dense and varlen (D64 3/3), and tests/test_compile_facts.py compiles
+the causal configs on every run, on Triton 3.6 and 3.9. Its price, unmeasured here:
 V is read twice from L2 per block and each consumer reduces a [BLOCK_N, BLOCK_D] tile per block.
 
 Every block rescales the accumulator: skipping it when no row's max grew needs a branch on the
