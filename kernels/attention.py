@@ -1,7 +1,7 @@
 """Triton attention launchers: fused forward/backward (dense and packed varlen) and flash-decoding.
 
 Kernels, one idea per file: attention_fwd (FlashAttention-2, pointer loads), attention_fwd_sm90
-(Hopper: TMA + warp specialisation, persistent), attention_bwd (fused 5-GEMM with
+(Hopper: TMA, 128x128 tiles, masks on edge blocks only, persistent), attention_bwd (fused 5-GEMM with
 atomic dQ; deterministic split kernels), attention_decode (flash-decoding), attention_configs
 (per-architecture tiles, autotune key), attention_common (shared device and host helpers).
 
@@ -29,7 +29,7 @@ Outputs are allocated with torch.empty: every element is written by a kernel.
 Non-finite inputs (the ops contract): NaN in a visible score or value propagates as in SDPA's
 math path; keys a row cannot see never reach its result: keys past a sequence's end are loaded
 as 0 and causally hidden scores are replaced by -inf; hidden values in a diagonal block are
-kept out of the P V product (_causal_safe_values; on sm_90 _finite_stand_ins, see attention_fwd_sm90).
+kept out of the P V product (_causal_safe_values; the sm_90 kernel's _edge_blocks).
 """
 import itertools
 import warnings
@@ -54,7 +54,7 @@ from .attention_common import (
     last_dim_contiguous,
     num_sms,
 )
-from .attention_configs import FWD_SM90, arch, rows, tag, tune_buckets
+from .attention_configs import FWD_SM90, arch, delta_block_m, rows, tag, tune_buckets
 from .attention_decode import decode_attention
 from .attention_fwd import _attn_fwd_kernel
 
@@ -72,7 +72,7 @@ def _on_hopper(q):
 
 
 def _use_sm90_forward(q, k, v, out, causal, softmax_scale):
-    """The TMA + warp-specialised forward runs on Hopper for 16-bit inputs whose strides suit TMA,
+    """The TMA forward runs on Hopper for 16-bit inputs (head_dim <= 128) whose strides suit TMA,
     when the installed Triton has the features; everything else takes the pointer-load kernel."""
     return (_on_hopper(q) and q.element_size() == 2 and block_d_for(q.shape[-1]) <= 128  # see FWD_SM90
             and softmax_scale > 0 and fwd_sm90.available() and fwd_sm90.tma_compatible(q, k, v, out))
@@ -245,9 +245,11 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, n_seq, max_q, max_k, causal, 
 
     ls = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     meta = _common_meta(q, causal)
-    _bwd_delta_kernel[(triton.cdiv(max_q, 64), n_seq * hq)](
+    delta_rows = delta_block_m(meta["BLOCK_D"])
+    _bwd_delta_kernel[(triton.cdiv(max_q, delta_rows), n_seq * hq)](
         out, dout, delta, dq_acc, cu_q, *strides(out), *strides(dout), *ls, *strides(dq_acc), max_q, hq,
-        HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=64, ZERO_DQ=not deterministic,
+        HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=delta_rows,
+        ZERO_DQ=not deterministic,
     )
     args = (*strides(q), *strides(k), *strides(v), *strides(dout))
     scale2 = softmax_scale * LOG2E

@@ -109,23 +109,6 @@ def _causal_safe_values(v, cols, offs_m, causal_off):
     return tl.where(tl.abs(v) < float("inf"), v, 0.0), seen_bad
 
 
-@triton.jit
-def _finite_stand_ins(v):
-    """v (fp16 or bf16) with every NaN and +-inf replaced by a finite value and every finite value
-    unchanged, without a compare or a NaN-dropping max (whose NaN handling differs between the
-    GPU and Triton 3.6's interpreter): in bits, an exponent of all ones (the non-finite values)
-    plus its lowest bit carries into bit 15, and that carry clears the exponent's top bit."""
-    if v.dtype == tl.float16:
-        exponent: tl.constexpr = 0x7C00
-        lowest: tl.constexpr = 0x0400
-    else:
-        exponent: tl.constexpr = 0x7F80
-        lowest: tl.constexpr = 0x0080
-    bits = v.to(tl.uint16, bitcast=True)
-    all_ones = ((bits & exponent) + lowest) >> 15
-    return (bits ^ (all_ones << 14)).to(v.dtype, bitcast=True)
-
-
 # --------------------------------------------------------------------------------------------
 # Host-side helpers of the launchers
 # --------------------------------------------------------------------------------------------

@@ -44,16 +44,13 @@ FWD = _configs({
     ("sm80", "fp32"): [(16, 16, 8, 2)],
     **_INTERP,
 })
-# sm_90 forward (TMA + warp specialisation), 16-bit only: num_warps=4 is one consumer
-# warpgroup; Triton adds a second one and a producer when it specialises the loop (12 warps). 64-row
-# tiles serve SigLIP's 576 tokens without a half block; 3 stages of 64x256 tiles overflow H100.
-# Causal holds more live state (mask, contract 1's bookkeeping): 64-key blocks spill 16-32 B on
-# Triton 3.6. D > 128 takes the pointer kernel: 64x32 spills 136-184 B on 3.6 causal, and every
-# narrower tile either spills or loses warp specialisation.
+# sm_90 forward (TMA, kernels/attention_fwd_sm90.py), 16-bit head_dim <= 128: one config, no
+# autotuning. 128x128 tiles on 8 warps (two warpgroups of 64 rows), two TMA stages; the edge
+# blocks go 64 keys at a time (BLOCK_N // 2). The interpreter's 32x32 keeps its edge steps >= 16
+# keys (tl.dot's minimum). D > 128 takes the pointer kernel (the previous TMA kernel spilled there).
 FWD_SM90 = _configs({
-    ("sm90", "narrow"): [(128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2)],
-    ("sm90", "narrow", "causal"): [(128, 32, 4, 2), (128, 32, 4, 3), (64, 32, 4, 2)],
-    **_INTERP,
+    ("sm90", "narrow"): [(128, 128, 8, 2)],
+    **{("interp", w): [(32, 32, 4, 1)] for w in ("narrow", "wide", "fp32")},
 })
 # Fused (5-GEMM) backward: BLOCK_N keys stay resident, BLOCK_M query rows stream. dK, dV and the
 # transposed P / dP tiles all live in registers. On sm_90 (D128, 8 warps), 32x128 spills 56 B
@@ -63,7 +60,7 @@ FWD_SM90 = _configs({
 BWD_FUSED = _configs({
     ("sm90", "narrow"): [(16, 128, 8, 2), (32, 64, 8, 2)],
     ("sm90", "wide"): [(16, 32, 8, 2)],
-    ("sm90", "fp32"): [(16, 16, 8, 1)],
+    ("sm90", "fp32"): [(16, 16, 8, 3)],  # 1-2 stages: 8-32 B of local memory on Triton 3.6 or 3.9, D128 or 256
     ("sm80", "narrow"): [(32, 64, 8, 2), (16, 64, 8, 2)],
     ("sm80", "wide"): [(16, 32, 8, 2)],
     ("sm80", "fp32"): [(16, 16, 8, 2)],
@@ -111,6 +108,12 @@ def rows(table, arch_name, width, causal):
     """The configs of `table` for one launch: (arch, width, "causal") first if causal."""
     causal_rows = table.get((arch_name, width, "causal")) if causal else None
     return causal_rows if causal_rows is not None else table.get((arch_name, width), [])
+
+
+def delta_block_m(block_d):
+    """Rows per program of the backward's delta kernel: two [rows, BLOCK_D] fp32 tiles on 4 warps
+    (64 x 256 spills 8 B on Triton 3.6)."""
+    return 64 if block_d <= 128 else 32
 
 
 def _bucket(n):
@@ -210,9 +213,11 @@ def shipped_compile_specs(arch_name, full=True):
     yield from _table_specs("bwd_fused", bwd._attn_bwd_fused_kernel, BWD_FUSED, arch_name, ATOMIC_DQ=True)
     yield from _table_specs("bwd_dkdv", bwd._attn_bwd_dkdv_kernel, BWD_DKDV, arch_name, ATOMIC_DQ=False)
     yield from _table_specs("bwd_dq", bwd._attn_bwd_dq_kernel, BWD_DQ, arch_name)
-    yield CompileSpec("bwd_delta", bwd._bwd_delta_kernel,
-                      dict(HEAD_D=96, BLOCK_D=128, IS_VARLEN=True, BLOCK_M=64, ZERO_DQ=True),
-                      dict(num_warps=4, num_stages=1))
+    for d in (96, 256):
+        block_d = 128 if d <= 128 else 256
+        yield CompileSpec("bwd_delta", bwd._bwd_delta_kernel,
+                          dict(HEAD_D=d, BLOCK_D=block_d, IS_VARLEN=True, BLOCK_M=delta_block_m(block_d), ZERO_DQ=True),
+                          dict(num_warps=4, num_stages=3))
     yield CompileSpec("bwd_dq_convert", bwd._bwd_dq_convert_kernel, dict(BLOCK=1024), dict(num_warps=4, num_stages=1))
     for d, dtype in ((128, "bf16"), (256, "bf16"), (128, "fp32")) if full else ((128, "bf16"),):
         yield from dec.compile_specs(arch_name, d, dtype, full)

@@ -9,8 +9,8 @@ GPU launch compiles, e.g. a GQA group of 1 becomes a constant). The test asserts
 and can be checked on a CPU:
   - no register spills: the cubin's resource usage has no local memory and no stack frame;
   - shared memory within the architecture's per-block limit (A100 163 KiB, H100 227 KiB);
-  - on sm_90, the IR features of the Hopper paths (TMA loads, warp specialisation, the 5-GEMM
-    backward's structure).
+  - on sm_90, the IR features of the Hopper paths (TMA loads, warpgroup MMAs, the forward's
+    plain and edge key loops and 128-key tiles, the 5-GEMM backward's structure).
 A regression in any of them fails here, long before a benchmark on a GPU would show it.
 
 `python -m tests.test_compile_facts [80|90]` (from the repository root) prints the table
@@ -65,8 +65,30 @@ def _resource_usage(cubin: bytes) -> dict:
     return {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", line)}
 
 
+def _dot_loops(ttir: str) -> list[list[int]]:
+    """[tt.dot count, 2-D selects] of each innermost scf.for that holds a dot, in source order:
+    a loop of plain blocks has no 2-D select (no mask, no bookkeeping)."""
+    loops, stack = [], []  # stack: [indent, body, holds a loop]
+    for line in ttir.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if stack and indent <= stack[-1][0] and line.strip().startswith("}"):
+            _, body, nested = stack.pop()
+            if not nested and "tt.dot " in body:
+                loops.append([body.count("tt.dot "), len(re.findall(r"arith\.select .*tensor<\d+x\d+x", body))])
+            if stack:
+                stack[-1][1] += body
+        elif "scf.for" in line and line.rstrip().endswith("{"):
+            if stack:
+                stack[-1][2] = True
+            stack.append([indent, "", False])
+        elif stack:
+            stack[-1][1] += line + "\n"
+    return loops
+
+
 def _features(ttir: str, ttgir: str, ptx: str) -> dict:
     return {
+        "dot_loops": _dot_loops(ttir),
         "gemms": len(re.findall(r"= tt\.dot ", ttir)),  # in the source, before pipelining splits them
         "wgmma": len(re.findall(r"ttng\.warp_group_dot ", ttgir)),
         "tma_loads": ttgir.count("ttng.async_tma_copy_global_to_local"),
@@ -320,16 +342,22 @@ def test_backward_structure(facts):
     assert all(r["gemms"] == 2 * 3 and r["atomics"] == 0 for r in rows if r["name"] == "bwd_dq")
 
 
-def test_sm90_forward_uses_tma_and_warp_specialisation(facts):
+def test_sm90_forward_structure(facts):
+    """The Hopper forward: TMA loads, warpgroup MMAs, 128-key tiles at head_dim 128, and two key
+    loops: the plain one (full blocks: no mask, no contract-1 bookkeeping, so no 2-D select) and
+    the edge one (diagonal and ragged blocks), compiled causal and not."""
     cap, rows = facts
     if cap != 90:
-        pytest.skip("TMA and warp specialisation are sm_90 features")
+        pytest.skip("TMA and warpgroup MMAs are sm_90 features")
     hopper = [r for r in rows if r["name"] == "fwd_sm90"]
     if not hopper:
-        pytest.skip("this Triton lacks tensor descriptors or warp_specialize: the launcher uses the fallback")
-    assert all(r["tma_loads"] >= 1 and r["warp_specialize"] and r["wgmma"] >= 2 for r in hopper), hopper
-    # causal too: the mask and contract 1's stand-ins live in the one specialised loop
+        pytest.skip("this Triton lacks tensor descriptors: the launcher uses the pointer-load kernel")
+    assert all(r["tma_loads"] >= 1 and r["wgmma"] >= 4 for r in hopper), hopper
+    assert all(len(r["dot_loops"]) == 2 and r["dot_loops"][0] == [2, 0] and r["dot_loops"][1][1] >= 1
+               for r in hopper), [(r["config"], r["dot_loops"]) for r in hopper]
     assert {r["config"].endswith("causal") for r in hopper} == {False, True}, hopper
+    tiles = {int(m.group(1)) for r in hopper if (m := re.search(r"\bD128 bf16 \d+x(\d+) ", r["config"]))}
+    assert tiles and min(tiles) >= 128, tiles
     # the LLM's tiles (head_dim 128, 16-bit) run on Hopper's warpgroup MMA
     assert all(r["wgmma"] >= 1 for r in rows if r["name"] in ("fwd", "bwd_fused", "bwd_dkdv", "bwd_dq")
                and re.search(r"\bD128 bf16", r["config"]))
@@ -343,4 +371,4 @@ if __name__ == "__main__":
             print(f"  {r['name']:<14} {r['config']:<52} regs {r['regs']:>3}  spill {r['spill_bytes']:>4} B  "
                   f"smem {r['shared'] / 1024:6.1f} KiB  tma {r['tma_loads']:>2}  ws {int(r['warp_specialize'])}  "
                   f"gemms {r['gemms']}  wgmma {r['wgmma']:>2}  mma.sync {r['mma_sync']:>3}  "
-                  f"wait_group {r['wait_groups']}  atomics {r['atomics']}")
+                  f"wait_group {r['wait_groups']}  atomics {r['atomics']}  loops {r['dot_loops']}")
