@@ -97,7 +97,7 @@ def _forward_launch(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_sc
 
 
 def _run_pointer_forward(args, n_seq, max_q, meta):
-    hq = args[-3]
+    hq = args[-3]  # args end with (..., hq, group, qk_scale): _forward_launch
     _attn_fwd_kernel[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_seq * hq)](*args, **meta)
 
 
@@ -133,8 +133,9 @@ def _sm90_forward(args, n_seq, max_q, meta):
     """Run the sm_90 forward when it is trusted for this kind of call; False when the caller must
     run the pointer kernel (which overwrites whatever this one wrote).
 
-    Warp specialisation is a young compiler pass whose output changes between Triton releases
-    (the GPU machines run 3.6, CI compiles with 3.9) and wrong code is worse than slow code: the
+    Device-side TMA descriptors and Hopper's pipelining are young compiler paths whose output
+    changes between Triton releases (the GPU machines run 3.6, CI compiles with 3.9) and wrong
+    code is worse than slow code: the
     first launch of each kind and autotuning key in a process is followed by a self-check against
     the pointer kernel (_sm90_self_check, one host sync); a disagreement or a failure to compile
     warns once and hands that kind to the pointer kernel for good. A CUDA out-of-memory error

@@ -21,6 +21,7 @@ compiles QUICK_LAUNCH_CASES, the full tier (JANUS_FAST_FULL_TESTS=1) every case.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -232,6 +233,19 @@ def _launch_case(K, kind="dense", shape=(), d=0, causal=False, backward=False, *
         backward_fn(torch.empty_like(q), q, k, v, out, lse, *lengths, causal, scale, deterministic)
 
 
+@contextlib.contextmanager
+def _patched(*changes):
+    """Set (object, attribute, value) for the duration; restored after."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
+    try:
+        for obj, name, value in changes:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
 def recorded_launches(cap: int, cases=None) -> list[tuple]:
     """(case, kernel name, JITFunction, args, kwargs) of every launch the launchers make for
     LAUNCH_CASES on sm_<cap>, an autotuned kernel once per config its pruning keeps. Nothing runs:
@@ -242,28 +256,30 @@ def recorded_launches(cap: int, cases=None) -> list[tuple]:
     from janus_fast.kernels import attention as K
     from janus_fast.kernels import attention_common, attention_configs, attention_decode
 
-    arch_name = f"sm{cap}"
-    attention_configs.arch = attention_decode.arch = lambda index: arch_name
-    for module in (K, attention_common, attention_decode):
-        module.num_sms = lambda index: 132 if cap == 90 else 108
-    K._sm90_self_check = lambda *args: None
-    log = []
+    log, case_now = [], {}
+    changes = [(attention_configs, "arch", lambda index: f"sm{cap}"), (attention_decode, "arch", lambda index: f"sm{cap}"),
+               (K, "_sm90_self_check", lambda *args: None),
+               (K, "_on_hopper", lambda q: cap == 90 and case_now.get("hopper_path", True))]
+    changes += [(module, "num_sms", lambda index: 132 if cap == 90 else 108)
+                for module in (K, attention_common, attention_decode)]
     for module in (K, K.fwd_sm90, attention_decode):  # the launchers' kernels, not the device helpers
         for name, value in list(vars(module).items()):
             if name.endswith("_kernel") and isinstance(value, (triton.runtime.Autotuner, triton.runtime.JITFunction)):
-                setattr(module, name, _Recorder(name, value, log))
+                changes.append((module, name, _Recorder(name, value, log)))
     launches = []
-    for case, call in (cases or LAUNCH_CASES).items():
-        log.clear()
-        K._on_hopper = lambda q: cap == 90 and call.get("hopper_path", True)
-        _launch_case(K, **call)
-        for name, kernel, args, kwargs in log:
-            if isinstance(kernel, triton.runtime.Autotuner):
-                kernel.nargs = dict(zip(kernel.arg_names, args))
-                for config in kernel.prune_configs(kwargs):
-                    launches.append((case, name, kernel.fn, args, {**kwargs, **config.all_kwargs()}))
-            else:
-                launches.append((case, name, kernel, args, kwargs))
+    with _patched(*changes):
+        for case, call in (cases or LAUNCH_CASES).items():
+            log.clear()
+            case_now.clear()
+            case_now.update(call)
+            _launch_case(K, **call)
+            for name, kernel, args, kwargs in log:
+                if isinstance(kernel, triton.runtime.Autotuner):
+                    kernel.nargs = dict(zip(kernel.arg_names, args))
+                    for config in kernel.prune_configs(kwargs):
+                        launches.append((case, name, kernel.fn, args, {**kwargs, **config.all_kwargs()}))
+                else:
+                    launches.append((case, name, kernel, args, kwargs))
     return launches
 
 
