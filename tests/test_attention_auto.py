@@ -28,10 +28,11 @@ class Lab:
         self.timings, self.honours, self.measured, self.probed = dict(timings), honours or {}, [], []
         monkeypatch.setenv(A.CACHE_ENV, str(tmp_path))
         monkeypatch.delenv(A.FORCE_ENV, raising=False)
-        monkeypatch.setattr(A, "platform", lambda: dict(where))
+        monkeypatch.setattr(A, "platform", lambda device_index: dict(where))
         monkeypatch.setattr(A, "time_candidates", self.time)
         monkeypatch.setattr(A, "sdpa_honours_causal_contract", self.probe)
         A._remembered.cache_clear()
+        A._platform_file.cache_clear()
 
     def time(self, candidates, q, k, v, causal, scale, backward):
         self.measured.append(tuple(candidates))
@@ -75,6 +76,7 @@ def test_remembered_on_disk_per_gpu_and_versions(monkeypatch, tmp_path):
     saved = json.loads(file.read_text())
     assert saved["platform"] == H100 and saved["kinds"][A.kind_of(*_qkv()[:2], False, False).key]["winner"] == "sdpa-flash"
     A._remembered.cache_clear()  # a new process reads the file instead of measuring
+    A._platform_file.cache_clear()
     lab.timings["triton"] = 0.1
     assert _choose(*_qkv()) == "sdpa-flash" and len(lab.measured) == 1
     other = Lab(monkeypatch, tmp_path, {**FAST_FLASH, "triton": 0.1}, where={**H100, "triton": "3.9.0"})

@@ -99,13 +99,13 @@ def _sdpa_may_serve(q, k, causal: bool, backward: bool, deterministic: bool) -> 
 # --------------------------------------------------------------------------- the platform and its file
 
 
-def platform() -> dict:
+def platform(device_index: int) -> dict:
     """The GPU and the versions a measurement holds for."""
     import triton
 
     import janus_fast
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    return {"gpu": torch.cuda.get_device_name(device_index), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "janus_fast": janus_fast.__version__}
 
 
@@ -139,6 +139,13 @@ def _write(path: Path, where: dict, kinds: dict) -> None:
 def _remembered(path: Path) -> dict:
     """This process's records for one platform file, loaded from disk once."""
     return _read(path)
+
+
+@functools.cache
+def _platform_file(device_index: int) -> tuple[dict, Path]:
+    """(platform, its cache file) of a device, worked out once per process (every call asks)."""
+    where = platform(device_index)
+    return where, cache_file(where)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -239,8 +246,7 @@ def choose(q, k, v, causal: bool, scale: float, backward: bool, deterministic: b
     if forced == OURS or not _sdpa_may_serve(q, k, causal, backward, deterministic):
         return OURS
     kind = kind_of(q, k, causal, backward)
-    where = platform()
-    path = cache_file(where)
+    where, path = _platform_file(q.device.index or 0)
     records = _remembered(path)
     record = records.get(kind.key)
     if record is None:
