@@ -126,7 +126,7 @@ def test_sdpa_only_where_it_honours_the_contracts(monkeypatch, tmp_path):
 
 
 def test_gqa_backend_that_cannot_run_is_dropped(monkeypatch, tmp_path):
-    lab = Lab(monkeypatch, tmp_path, {"triton": 2.0, "sdpa-cudnn": 1.0})  # flash, efficient reject GQA here
+    Lab(monkeypatch, tmp_path, {"triton": 2.0, "sdpa-cudnn": 1.0})  # flash, efficient reject GQA here
     assert _choose(*_qkv(hq=8, hkv=2)) == "sdpa-cudnn"
     assert A.kind_of(*_qkv(hq=8, hkv=2)[:2], False, False).gqa
 

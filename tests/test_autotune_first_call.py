@@ -29,7 +29,6 @@ import janus_fast.kernels.attention as K
 import janus_fast.kernels.attention_fwd_sm90 as K90
 from janus_fast import ops
 from janus_fast.ops import reference
-from tests.helpers import DEVICE
 from tests.test_attention import _check_all, _cu, _grads, _leaf, _randn, _torch_attention, _torch_varlen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
