@@ -261,7 +261,7 @@ def recorded_launches(cap: int, cases=None) -> list[tuple]:
                (K, "_sm90_self_check", lambda *args: None),
                (K, "_on_hopper", lambda q: cap == 90 and case_now.get("hopper_path", True))]
     changes += [(module, "num_sms", lambda index: 132 if cap == 90 else 108)
-                for module in (K, attention_common, attention_decode)]
+                for module in (K, attention_common)]  # (decode splits are fixed: no SM count)
     for module in (K, K.fwd_sm90, attention_decode):  # the launchers' kernels, not the device helpers
         for name, value in list(vars(module).items()):
             if name.endswith("_kernel") and isinstance(value, (triton.runtime.Autotuner, triton.runtime.JITFunction)):
