@@ -4,12 +4,15 @@ Every op takes backend="auto"|"reference"|"triton"|"cuda"; "auto" picks the fast
 available for the tensors' device and the plain-PyTorch reference on the CPU.
 """
 
-from ._backend import backends
+from ._backend import backends, prefer_backend
 from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
-from .decode_layer import rms_norm, rope_kv_write, silu_mul
+from .decode_layer import rope_kv_write
+from .rms_norm import rms_norm, rms_norm_backward
+from .rope import rope_qkv
 from .sampling import cfg_sample, new_rng_state
+from .silu_mul import silu_mul, silu_mul_backward
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
@@ -20,9 +23,13 @@ __all__ = [
     "linear_cross_entropy",
     "new_rng_state",
     "no_value_checks",
+    "prefer_backend",
     "rms_norm",
+    "rms_norm_backward",
     "rope_kv_write",
+    "rope_qkv",
     "silu_mul",
+    "silu_mul_backward",
     "varlen_attention",
     "vq_lookup",
     "vq_quantize",
