@@ -17,13 +17,16 @@ SHAPES = grid([(5, 4, 2, 16, 9), (1, 2, 2, 64, 1), (0, 2, 1, 8, 4), (7, 3, 1, 6,
               [(33, 16, 16, 128, 40), (17, 8, 1, 96, 17), (9, 32, 32, 128, 4096)])
 
 
-def rope_inputs(t, hq, hkv, d, s, dtype, position_dtype=torch.int64):
-    """qkv as a row-strided view of a wider projection, positions below s, the tables of
-    rope_cos_sin over 0..s-1 (fp32)."""
+def rope_inputs(t, hq, hkv, d, s, dtype, position_dtype=torch.int64, tables="random"):
+    """qkv as a row-strided view of a wider projection, positions below s, fp32 tables [s, d]:
+    random (so the two halves of a row differ, as the op allows) or rope_cos_sin's over 0..s-1."""
     width = (hq + 2 * hkv) * d
     qkv = torch.randn(t, width + 8, dtype=dtype)[:, 4:4 + width]
     positions = torch.randint(0, s, (t,), dtype=position_dtype)
-    cos, sin = (x[:, 0] for x in rope_cos_sin(torch.arange(s), d, 10000.0, torch.float32))
+    if tables == "random":
+        cos, sin = torch.randn(s, d), torch.randn(s, d)
+    else:
+        cos, sin = (x[:, 0] for x in rope_cos_sin(torch.arange(s), d, 10000.0, torch.float32))
     return qkv, positions, cos, sin
 
 
@@ -32,7 +35,8 @@ def rope_inputs(t, hq, hkv, d, s, dtype, position_dtype=torch.int64):
 @pytest.mark.parametrize("t, hq, hkv, d, s", SHAPES)
 def test_rope_qkv(backend, dtype, t, hq, hkv, d, s):
     skip_interpreted_bf16(backend, dtype)
-    qkv, pos, cos, sin = rope_inputs(t, hq, hkv, d, s, dtype, torch.int32 if t % 2 else torch.int64)
+    qkv, pos, cos, sin = rope_inputs(t, hq, hkv, d, s, dtype, torch.int32 if t % 2 else torch.int64,
+                                     "rope" if hq == hkv else "random")
     exact = reference.rope_qkv(qkv.double(), pos, cos.double(), sin.double(), hq, hkv)
     base = reference.rope_qkv(qkv, pos, cos, sin, hq, hkv)
     with poisoned_empty():
@@ -85,7 +89,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.janus_fast.rope_qkv.default,
                           (qkv.contiguous().requires_grad_(), pos, cos, sin, 2, 1, "triton"))
     grads = (torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8))
-    torch.library.opcheck(torch.ops.janus_fast.rope_qkv_backward.default, (*grads, pos, cos, sin, "triton"))
+    torch.library.opcheck(torch.ops.janus_fast.rope_qkv_backward.default, (*grads, pos, cos, sin, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))  # only ever called from a backward
 
 
 def test_bad_inputs():

@@ -114,7 +114,7 @@ def test_bf16_compute_on_fp32_masters_within_the_rule():
 
 
 def test_checkpointing_modes_compute_the_same():
-    x, *packed = packed_inputs()
+    x, *packed = packed_inputs((3, 1, 2))
     grad = torch.randn(x.shape, dtype=torch.float64)
     results = [run(new_model(mode=mode), fused, x, packed, grad) for mode in MODES]
     for other in results[1:]:
@@ -137,6 +137,8 @@ def test_janus_pro_1b_activation_table():
     cfg = JanusProConfig.janus_pro_1b().language
     kib = {m: activation_bytes_per_token(cfg, m) / 1024 for m in MODES}
     assert (round(kib["none"], 1), round(kib["selective"], 1), kib["full"]) == (65.1, 46.1, 8.0)
+    gib = {m: kib[m] * 4 * 4096 * cfg.num_hidden_layers / 2**20 for m in MODES}  # 4 x 4096 tokens, 24 layers
+    assert [round(gib[m], 1) for m in ("none", "selective", "full")] == [24.4, 17.3, 3.0]
 
 
 def test_dispatched_ops_per_layer():
