@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -88,3 +91,19 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     stat = ((counts[keep].double() - expected) ** 2 / expected).sum()
     dof = max(int(keep.sum()) - 1, 1)
     return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
+
+
+def compile_facts_per_arch(module: str, caps=(80, 90)) -> dict:
+    """{cap: rows, or the error text}: `module`.compile_facts(cap) for each architecture, in
+    parallel processes with Triton's interpreter off (conftest switched it on in this one)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    jobs = {cap: subprocess.Popen([sys.executable, "-c", f"import json, {module} as t; "
+                                                         f"print(json.dumps(t.compile_facts({cap})))"],
+                                  cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for cap in caps}
+    results = {}
+    for cap, job in jobs.items():
+        out, err = job.communicate()
+        results[cap] = json.loads(out.strip().splitlines()[-1]) if job.returncode == 0 else err[-4000:]
+    return results

@@ -14,16 +14,13 @@ tests/test_compile_facts.py reads it). Run it on both Tritons:
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import DEVICE, FULL
+from tests.helpers import DEVICE, FULL, compile_facts_per_arch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (hidden, intermediate, heads = kv heads): Janus-Pro-1B, and 7B in the full tier
 SIZES = [(2048, 5632, 16)] + ([(4096, 11008, 32)] if FULL else [])
 HEAD_DIM = 128
@@ -94,22 +91,9 @@ def compile_facts(cap: int) -> list[dict]:
     return facts
 
 
-def _env():
-    return {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-
-
 @pytest.fixture(scope="module")
 def _all_facts():
-    """Both architectures compile at once (two processes: CI has two cores)."""
-    jobs = {cap: subprocess.Popen(
-        [sys.executable, "-c", f"import json, tests.test_layer_compile_facts as t; "
-                               f"print(json.dumps(t.compile_facts({cap})))"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in (80, 90)}
-    results = {}
-    for cap, job in jobs.items():
-        out, err = job.communicate()
-        results[cap] = json.loads(out.strip().splitlines()[-1]) if job.returncode == 0 else err[-4000:]
-    return results
+    return compile_facts_per_arch("tests.test_layer_compile_facts")
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile and run the kernels")
@@ -117,13 +101,13 @@ def _all_facts():
 def test_layer_kernels_compile_without_spills(cap, _all_facts):
     rows = _all_facts[cap]
     assert not isinstance(rows, str), f"compiling the layer kernels for sm_{cap} failed:\n{rows}"
-    assert len(rows) == len(_specs())
+    assert [r["name"] for r in rows] == [spec[0] for spec in _specs()]
     spilling = [(r["name"], r["regs"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
-    assert not spilling, f"sm_{cap}: configs spill registers (name, regs, bytes): {spilling}"
+    assert not spilling, f"sm_{cap}: the layer kernels spill registers (name, regs, bytes): {spilling}"
 
 
 if __name__ == "__main__":
-    os.environ.update(_env())
+    os.environ.update(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     for cap in [int(a) for a in sys.argv[1:]] or [80, 90]:
         print(f"sm_{cap}")
         for r in compile_facts(cap):

@@ -51,12 +51,7 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, backend: st
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(2) != 1 or t.stride(1) != d:
             raise ValueError(f"{name} must have contiguous heads and dims (strides (*, {d}, 1)), got {t.stride()}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        _checks.tensor(name, t, ndim=2, dtypes=dtypes, device=q.device)
-        if t.shape[1] != d or t.stride(1) != 1:
-            raise ValueError(f"{name} must be [S, {d}] with contiguous rows, got shape {tuple(t.shape)}")
-    _checks.same("cos and sin shapes", cos=tuple(cos.shape), sin=tuple(sin.shape))
-    _checks.same("cos and sin strides", cos=cos.stride(), sin=sin.stride())
+    _checks.rope_tables(cos, sin, d, q.device, dtypes)
     _checks.tensor("positions", positions, ndim=1, dtypes=(torch.int32,), device=q.device)
     _checks.same("batch sizes of q and positions", q=b, positions=positions.shape[0])
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):

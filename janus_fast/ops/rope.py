@@ -80,12 +80,7 @@ def rope_qkv(qkv, positions, cos, sin, *, num_heads: int, num_kv_heads: int, bac
     _checks.last_dim_contiguous("qkv", qkv)
     _checks.tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64), device=qkv.device)
     _checks.same("tokens of qkv and positions", qkv=qkv.shape[0], positions=positions.shape[0])
-    for name, t in (("cos", cos), ("sin", sin)):
-        _checks.tensor(name, t, ndim=2, dtypes=_DTYPES, device=qkv.device)
-        if t.shape[1] != d or t.stride(1) != 1:
-            raise ValueError(f"{name} must be [S, {d}] with contiguous rows, got shape {tuple(t.shape)}")
-    _checks.same("cos and sin shapes", cos=tuple(cos.shape), sin=tuple(sin.shape))
-    _checks.same("cos and sin strides", cos=cos.stride(), sin=sin.stride())
+    _checks.rope_tables(cos, sin, d, qkv.device, _DTYPES)
     _checks.index_range("positions", positions, cos.shape[0])
     chosen = _backend.resolve_float("rope_qkv", backend, qkv, FAST)
     return _rope_qkv(qkv, positions, cos, sin, hq, hkv, chosen)
