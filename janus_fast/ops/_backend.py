@@ -8,19 +8,18 @@ on with TRITON_INTERPRET=1 before triton was imported.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import importlib.util
 import os
+import threading
 
 import torch
 
 from ._checks import FLOAT_DTYPES
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-_PREFERRED: contextvars.ContextVar[tuple[str, frozenset[str] | None] | None] = contextvars.ContextVar(
-    "janus_fast_preferred_backend", default=None)
+_state = threading.local()  # .preferred: (backend, op names or None) inside prefer_backend
 
 
 @functools.cache
@@ -82,7 +81,7 @@ def resolve(op: str, requested: str, device: torch.device, fast: tuple[str, ...]
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
         return requested
-    preferred = _PREFERRED.get()
+    preferred = getattr(_state, "preferred", None)
     if requested == "auto" and preferred is not None and fast_inputs:
         name, only = preferred
         if name in fast and (only is None or op in only) and _usable(name, op, device) is None:
@@ -108,11 +107,12 @@ def prefer_backend(name: str, ops=None):
     tensors in the interpreter, to count or debug them."""
     if name not in BACKENDS[2:]:
         raise ValueError(f"prefer_backend takes one of {BACKENDS[2:]}, got {name!r}")
-    token = _PREFERRED.set((name, None if ops is None else frozenset(ops)))
+    previous = getattr(_state, "preferred", None)
+    _state.preferred = (name, None if ops is None else frozenset(ops))
     try:
         yield
     finally:
-        _PREFERRED.reset(token)
+        _state.preferred = previous
 
 
 def resolve_float(op: str, requested: str, t: torch.Tensor, fast: tuple[str, ...]) -> str:
