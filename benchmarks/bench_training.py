@@ -183,7 +183,7 @@ def cpu_proxies() -> dict:
 
 
 @pytest.mark.parametrize("peer", LLM_PEERS)
-def test_llm_step(benchmark, peer, tmp_path):
+def test_llm_step(benchmark, peer, tmp_path, request):
     cfg = llm_config()
     case = f"{'1B' if not harness.TINY else 'tiny'} LLM, {ROWS} x {ROW_TOKENS} tokens, optimizer step"
     harness.declare(case, peer)
@@ -193,6 +193,7 @@ def test_llm_step(benchmark, peer, tmp_path):
         mode = "full" if peer == OURS_FULL else "selective"
         run = harness.available(lambda: trainer(data, tmp_path, stage=2, activation_checkpointing=mode), peer,
                                 errors=(ImportError,))
+        request.addfinalizer(run.loader.close)  # its worker processes
         step = run.train_step
         info = cpu_proxies() if peer == OURS else {}
     else:
@@ -208,9 +209,10 @@ def test_llm_step(benchmark, peer, tmp_path):
 def synthetic_multitask_batch(config, image_id: int, pad_id: int, rows: int = ROWS, row_tokens: int = ROW_TOKENS,
                               seed: int = 0):
     """A packed batch of random understanding, text-to-image and text samples (5 : 4 : 1 by count,
-    the stage III mix), built by the real packer from synthetic encoded samples."""
+    the stage III mix), built by the real packer from synthetic encoded samples: the fullest
+    best-fit micro-batch of up to rows x row_tokens tokens (one flat sequence, no pads)."""
     from janus_fast.training.data import GEN_IMAGE, TEXT, UND_IMAGE, EncodedSample
-    from janus_fast.training.packing import PackedLoader
+    from janus_fast.training.packing import best_fit, collate, unconditional
 
     rng = random.Random(seed)
     vocab, n_img, n_gen = config.language.vocab_size, config.vision.num_tokens, config.vq.num_tokens
@@ -232,12 +234,12 @@ def synthetic_multitask_batch(config, image_id: int, pad_id: int, rows: int = RO
                else rng.randrange(vocab) for k in kinds]
         samples.append(EncodedSample(i, f"synthetic:{i} ({kind})", ids, kinds, targets, prompt, image))
     size = config.vision.image_size
-    loader = PackedLoader(samples, row_tokens=row_tokens, rows_per_batch=rows, pad_id=pad_id, image_size=size,
-                          images=lambda s: torch.randn(3, size, size), uncond_prob=0.1, seed=seed)
-    return loader.collate(loader.next_rows())
+    fullest = max(best_fit([len(s) for s in samples], rows * row_tokens), key=lambda b: sum(len(samples[i]) for i in b))
+    return collate([samples[i] for i in fullest], [unconditional(seed, 0, i, 0.1) for i in fullest], pad_id, size,
+                   images=lambda s: torch.randn(3, size, size))
 
 
-def test_multitask_step(tmp_path):
+def test_multitask_step(tmp_path, request):
     """Trainer.train_step on the multi-task mix; tokens/s of real tokens as the trainer reports."""
     from examples.make_dataset import make_dataset
     from janus_fast.models.random_model import random_config
@@ -252,6 +254,7 @@ def test_multitask_step(tmp_path):
                         image_size=image_size)
     run = harness.available(lambda: trainer(data, tmp_path, 3, rows=rows, row_tokens=row_tokens), OURS,
                             errors=(ImportError,))
+    request.addfinalizer(run.loader.close)  # its worker processes
     records, seconds = [], []
 
     def step():

@@ -24,11 +24,15 @@ def row_config(n: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def backward_programs(m: int, device: torch.device) -> int:
     """Programs of the backward: two per SM on a GPU (each keeps one fp32 partial dw row), a few
     in the interpreter."""
-    per_device = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(min(m, per_device), 1)
+    sms = _sm_count(device)
+    return max(min(m, 2 * sms if sms else 4), 1)
 
 
 @triton.jit

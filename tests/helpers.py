@@ -93,15 +93,13 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
 
 
-def compile_facts_per_arch(module: str, caps=(80, 90)) -> dict:
-    """{cap: rows, or the error text}: `module`.compile_facts(cap) for each architecture, in
-    parallel processes with Triton's interpreter off (conftest switched it on in this one)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+def compile_facts_per_arch(module: str, env: dict, caps=(80, 90)) -> dict:
+    """{cap: `module`.compile_facts(cap)'s rows, or the error text}: each architecture compiled in
+    its own process, all at once (CI has two cores; compiling needs the interpreter off: `env`)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    jobs = {cap: subprocess.Popen([sys.executable, "-c", f"import json, {module} as t; "
-                                                         f"print(json.dumps(t.compile_facts({cap})))"],
-                                  cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for cap in caps}
+    jobs = {cap: subprocess.Popen(
+        [sys.executable, "-c", f"import json, {module} as t; print(json.dumps(t.compile_facts({cap})))"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in caps}
     results = {}
     for cap, job in jobs.items():
         out, err = job.communicate()

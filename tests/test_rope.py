@@ -8,11 +8,22 @@ import torch
 from janus_fast import ops
 from janus_fast.models.llama import rope_cos_sin
 from janus_fast.ops import reference
+from janus_fast.ops.rope import FAST
 
-from .helpers import FAST_BACKENDS, assert_close_to_reference, grads_of, grid, poisoned_empty, skip_interpreted_bf16
+from .helpers import DEVICE, assert_close_to_reference, grads_of, grid, poisoned_empty, skip_interpreted_bf16
 
+FAST_BACKENDS = list(FAST)  # (Triton only: janus_fast._C has none of these ops)
 BACKENDS = ["reference"] + FAST_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Every tensor these tests make is on DEVICE: with a GPU the kernels run natively, bf16 too."""
+    with torch.device(DEVICE):
+        yield
+
+
 SHAPES = grid([(5, 4, 2, 16, 9), (1, 2, 2, 64, 1), (0, 2, 1, 8, 4), (7, 3, 1, 6, 12)],
               [(33, 16, 16, 128, 40), (17, 8, 1, 96, 17), (9, 32, 32, 128, 4096)])
 

@@ -16,7 +16,7 @@ from janus_fast.training.distributed import Topology, checkpoint_layers
 from janus_fast.training.precision import compute_dtype
 from janus_fast.training.profile import layer_op_counts, layer_saved_bytes, tiny_llm_config
 
-from .helpers import assert_close_to_reference
+from .helpers import DEVICE, assert_close_to_reference
 
 MODES = ("selective", "full", "none")
 LENGTHS = (5, 1, 9, 2)  # a sequence of one token included
@@ -24,14 +24,15 @@ CFG = LlamaConfig(48, 80, 2, 4, 2, 64, max_position_embeddings=32)  # GQA: 4 que
 
 
 def packed_inputs(lengths=LENGTHS, hidden=CFG.hidden_size):
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return torch.randn(sum(lengths), hidden), positions, cu, max(lengths)
+    """Packed sequences of `lengths` on DEVICE (natively on a GPU, the interpreter here)."""
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return torch.randn(sum(lengths), hidden, device=DEVICE), positions, cu, max(lengths)
 
 
 def new_model(cfg=CFG, dtype=torch.float32, mode="none", seed=0):
     torch.manual_seed(seed)
-    model = LlamaModel(cfg).to(dtype)
+    model = LlamaModel(cfg).to(DEVICE, dtype)
     for p in model.parameters():
         torch.nn.init.normal_(p, 0.0, 0.1)
     checkpoint_layers(model.layers, mode)
@@ -61,7 +62,7 @@ def fused(model, x, positions, cu, max_seqlen):
 def run(model, forward, x, packed, grad, autocast=None):
     """(output, gradient of x, {parameter: gradient}) of Σ forward(...) · grad."""
     x = x.detach().clone().requires_grad_()
-    with ops.no_value_checks(), (autocast or torch.autocast("cpu", enabled=False)):
+    with ops.no_value_checks(), (autocast or torch.autocast(x.device.type, enabled=False)):
         out = forward(model, x, *packed)
     (out.double() * grad).sum().backward()
     return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -70,7 +71,7 @@ def run(model, forward, x, packed, grad, autocast=None):
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_layer_equals_the_unfused_layer_in_float64(mode):
     x, *packed = packed_inputs()
-    grad = torch.randn(x.shape, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
     want = run(new_model(dtype=torch.float64), eager, x.double(), packed, grad)
     got = run(new_model(dtype=torch.float64, mode=mode), fused, x.double(), packed, grad)
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
@@ -93,7 +94,7 @@ def test_fused_layer_on_the_triton_kernels_fp32():
     have their own tests): against float64, the error rule with the unfused fp32 layer as the
     baseline."""
     x, *packed = packed_inputs((3, 1, 2))
-    grad = torch.randn(x.shape, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
     exact = run(new_model(dtype=torch.float64), eager, x.double(), packed, grad)
     base = run(new_model(), eager, x, packed, grad)
     with ops.prefer_backend("triton", ops=("rms_norm", "rope_qkv", "silu_mul")):
@@ -105,17 +106,17 @@ def test_bf16_compute_on_fp32_masters_within_the_rule():
     """bf16 compute with fp32 master weights (autocast: the trainer's one-process mixed precision)
     against float64; baseline: the unfused layer in plain bf16 (bf16 weights and activations)."""
     x, *packed = packed_inputs()
-    grad = torch.randn(x.shape, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
     exact = run(new_model(dtype=torch.float64), eager, x.double(), packed, grad)
     base = run(new_model(dtype=torch.bfloat16), eager, x.bfloat16(), packed, grad)
-    got = run(new_model(mode="selective"), fused, x, packed, grad, torch.autocast("cpu", dtype=torch.bfloat16))
+    got = run(new_model(mode="selective"), fused, x, packed, grad, torch.autocast(DEVICE, dtype=torch.bfloat16))
     assert got[0].dtype == torch.bfloat16  # the residual stream in bf16
     within_rule(got, base, exact, factor=3.0)
 
 
 def test_checkpointing_modes_compute_the_same():
     x, *packed = packed_inputs((3, 1, 2))
-    grad = torch.randn(x.shape, dtype=torch.float64)
+    grad = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
     results = [run(new_model(mode=mode), fused, x, packed, grad) for mode in MODES]
     for other in results[1:]:
         assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
@@ -162,7 +163,7 @@ def test_parameters_and_keys_stay_as_they_are():
     x, *packed = packed_inputs()
     with torch.inference_mode():
         before = fused(model, x, *packed)
-    run(model, fused, x, packed, torch.ones(x.shape, dtype=torch.float64))
+    run(model, fused, x, packed, torch.ones(x.shape, dtype=torch.float64, device=DEVICE))
     optimizer.step()
     assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
     with torch.inference_mode():

@@ -14,7 +14,8 @@ launch: fp32 master weights to bf16 on one process, FSDP2's gathered bf16 parame
 buffer under torchrun), so FSDP2's per-layer units and the official parameters stay as they are.
 The backward makes the copy again rather than keeping it (no second copy of the model lives
 through the backward), and the weights' gradients come back in one launch into one flat buffer in
-the parameters' dtype. Under inference mode (prefill) the cached `fused_weight` tensors are read.
+the parameters' dtype. Under inference mode (prefill) the layer runs the decode path's GEMMs: the
+cached `fused_weight` tensors, or a QuantizedLinear's quantized weights (models/quant.py).
 
 Activation memory: what the backward keeps per token per layer, E bytes per element of the compute
 dtype (2 for bf16), H hidden, KV = Hkv·D, I intermediate, Hq query heads (lse is fp32):
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .quant import QuantizedLinear
 
 QKV = ("q_proj", "k_proj", "v_proj")  # fused_weight's row blocks
 GATE_UP = ("gate_proj", "up_proj")
@@ -147,24 +149,32 @@ class _FlatWeights(torch.autograd.Function):
 
 
 class LayerWeights:
-    """What the GEMMs of one layer read: qkv, o, gate_up, down in the compute dtype, and the
-    WeightSource their backwards fetch them from again (None in inference mode)."""
+    """What the four GEMMs of one layer compute with. Training: the weights qkv, o, gate_up, down
+    in the compute dtype (`tensors`, the autograd inputs of the GEMMs) and the WeightSource their
+    backwards fetch them from again. Inference mode (prefill), or quantized layers (inference
+    only): the decode path's GEMMs, which read the cached `fused_weight` tensors, or a
+    QuantizedLinear's quantized ones."""
 
     def __init__(self, layer, dtype: torch.dtype):
-        from .llama import fused_weight
+        from .llama import fused_linear
 
         attn, mlp = layer.self_attn, layer.mlp
-        if torch.is_inference_mode_enabled() and attn.o_proj.weight.dtype == dtype:
-            self.qkv, self.o = fused_weight(attn, QKV), attn.o_proj.weight
-            self.gate_up, self.down = fused_weight(mlp, GATE_UP), mlp.down_proj.weight
-            self.source = None
+        self.source, self.tensors = None, (None,) * 4
+        if torch.is_inference_mode_enabled() or isinstance(attn.q_proj, QuantizedLinear):
+            self.modules = (lambda x: fused_linear(attn, QKV, x), attn.o_proj,
+                            lambda x: fused_linear(mlp, GATE_UP, x), mlp.down_proj)
             return
+        self.modules = None
         params = _gemm_params(layer)
         self.source = WeightSource(params, dtype)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            self.qkv, self.o, self.gate_up, self.down = _FlatWeights.apply(self.source, *params)
+            self.tensors = _FlatWeights.apply(self.source, *params)
         else:
-            self.qkv, self.o, self.gate_up, self.down = self.source.make()
+            self.tensors = self.source.make()
+
+    def linear(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """x through GEMM `slot` (0 qkv, 1 o, 2 gate_up, 3 down)."""
+        return self.modules[slot](x) if self.modules is not None else F.linear(x, self.tensors[slot])
 
 
 # --------------------------------------------------------------------------- GEMMs with their prologue
@@ -182,15 +192,15 @@ class _NormLinear(torch.autograd.Function):
     (one launch), and the norm's backward adds the gradient reaching h in the same launch."""
 
     @staticmethod
-    def forward(ctx, x, residual, norm_weight, weight, source, slot: int, eps: float, keep: bool):
+    def forward(ctx, x, residual, norm_weight, weight, w: LayerWeights, slot: int, eps: float, keep: bool):
         if residual is None:
             y, h = ops.rms_norm(x, norm_weight, eps=eps), x
         else:
             y, h = ops.rms_norm(x, norm_weight, eps=eps, residual=residual)
-        ctx.source, ctx.slot, ctx.eps, ctx.fused = source, slot, eps, residual is not None
+        ctx.source, ctx.slot, ctx.eps, ctx.fused = w.source, slot, eps, residual is not None
         ctx.save_for_backward(h, norm_weight, *([y] if keep else []))
         ctx.set_materialize_grads(False)
-        out = F.linear(y, weight)
+        out = w.linear(slot, y)
         return (out, h) if residual is not None else out
 
     @staticmethod
@@ -208,11 +218,11 @@ class _SiluMulLinear(torch.autograd.Function):
     recomputed in the backward (one launch)."""
 
     @staticmethod
-    def forward(ctx, gate_up, weight, source, slot: int, keep: bool):
+    def forward(ctx, gate_up, weight, w: LayerWeights, slot: int, keep: bool):
         a = ops.silu_mul(gate_up)
-        ctx.source, ctx.slot = source, slot
+        ctx.source, ctx.slot = w.source, slot
         ctx.save_for_backward(gate_up, *([a] if keep else []))
-        return F.linear(a, weight)
+        return w.linear(slot, a)
 
     @staticmethod
     def backward(ctx, dout):
@@ -226,10 +236,10 @@ class _Linear(torch.autograd.Function):
     """out = x · Wᵀ, W fetched again in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, source, slot: int):
-        ctx.source, ctx.slot = source, slot
+    def forward(ctx, x, weight, w: LayerWeights, slot: int):
+        ctx.source, ctx.slot = w.source, slot
         ctx.save_for_backward(x)
-        return F.linear(x, weight)
+        return w.linear(slot, x)
 
     @staticmethod
     def backward(ctx, dout):
@@ -248,15 +258,15 @@ def packed_layer(layer, residual: torch.Tensor, delta: torch.Tensor | None, seqs
     w = LayerWeights(layer, seqs.dtype)
     keep = not layer.recompute_elementwise
     if delta is None:
-        qkv, h1 = _NormLinear.apply(residual, None, norm1.weight, w.qkv, w.source, 0, norm1.eps, keep), residual
+        qkv, h1 = _NormLinear.apply(residual, None, norm1.weight, w.tensors[0], w, 0, norm1.eps, keep), residual
     else:
-        qkv, h1 = _NormLinear.apply(delta, residual, norm1.weight, w.qkv, w.source, 0, norm1.eps, keep)
+        qkv, h1 = _NormLinear.apply(delta, residual, norm1.weight, w.tensors[0], w, 0, norm1.eps, keep)
     q, k, v = ops.rope_qkv(qkv, seqs.positions, seqs.cos, seqs.sin, num_heads=attn.num_heads,
                            num_kv_heads=attn.num_kv_heads)
     if seqs.keep_kv is not None:
         seqs.keep_kv(k, v)
     out = ops.varlen_attention(q, k, v, seqs.cu_seqlens, seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen,
                                causal=True)
-    o = _Linear.apply(out.view(out.shape[0], -1), w.o, w.source, 1)
-    gate_up, h2 = _NormLinear.apply(o, h1, norm2.weight, w.gate_up, w.source, 2, norm2.eps, keep)
-    return h2, _SiluMulLinear.apply(gate_up, w.down, w.source, 3, keep)
+    o = _Linear.apply(out.view(out.shape[0], -1), w.tensors[1], w, 1)
+    gate_up, h2 = _NormLinear.apply(o, h1, norm2.weight, w.tensors[2], w, 2, norm2.eps, keep)
+    return h2, _SiluMulLinear.apply(gate_up, w.tensors[3], w, 3, keep)

@@ -9,9 +9,10 @@ from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rope_kv_write
+from .quant import quantize_rows, quantized_linear
 from .rms_norm import rms_norm, rms_norm_backward
 from .rope import rope_qkv
-from .sampling import cfg_sample, new_rng_state
+from .sampling import cfg_sample, new_rng_state, new_sampling_workspace
 from .silu_mul import silu_mul, silu_mul_backward
 from .vq import vq_lookup, vq_quantize
 
@@ -22,8 +23,11 @@ __all__ = [
     "flash_attention",
     "linear_cross_entropy",
     "new_rng_state",
+    "new_sampling_workspace",
     "no_value_checks",
     "prefer_backend",
+    "quantize_rows",
+    "quantized_linear",
     "rms_norm",
     "rms_norm_backward",
     "rope_kv_write",

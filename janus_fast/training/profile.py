@@ -97,15 +97,16 @@ def _training_forward(cfg: LlamaConfig, mode: str, dtype: torch.dtype, lengths, 
     and the loss of one forward over packed sequences of `lengths` (autocast to dtype, the
     trainer's one-process mixed precision) through a linear cross-entropy."""
     torch.manual_seed(seed)
-    model = LlamaModel(cfg)
+    cpu = torch.device("cpu")  # a CPU measure, whatever the default device
+    with cpu:
+        model = LlamaModel(cfg)
     for p in model.parameters():
         torch.nn.init.normal_(p, 0.0, 0.05)
     checkpoint_layers(model.layers, mode)
-    head = torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.05
-    total = sum(lengths)
-    ids = torch.randint(0, cfg.vocab_size, (total,))
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    head = torch.randn(cfg.vocab_size, cfg.hidden_size, device=cpu) * 0.05
+    ids = torch.randint(0, cfg.vocab_size, (sum(lengths),), device=cpu)
+    positions = torch.cat([torch.arange(n, device=cpu) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=cpu)
     autocast = (torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
 
     def forward():
