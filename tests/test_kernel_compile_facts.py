@@ -151,21 +151,22 @@ def _model_launches(cap: int, model: str) -> None:
     DL.rope_kv_write(q, k, v, table, table, torch.empty(rows, dtype=torch.int32, **meta), cache, cache)
     gate_up = torch.empty(rows, 2 * lm.intermediate_size, **bf16)
     SM.silu_mul(gate_up[:, :lm.intermediate_size], gate_up[:, lm.intermediate_size:])
-    # the training layer on a micro-batch of 4 x 4096 tokens (models/packed_layer.py): the norms
-    # with fp32 master weights (forward with and without the residual, the backward with and
-    # without the residual's own gradient, or frozen), RoPE of the fused QKV rows at packed
-    # positions and its backward, SiLU·mul of the fused gate/up rows and its backward
+    # the training layer on a micro-batch of 4 x 4096 tokens (models/packed_layer.py): the norm
+    # with fp32 master weights and its backward (the full tier adds the first layer's norm without
+    # the residual, its backward without the residual's gradient, and a frozen norm's), RoPE of
+    # the fused QKV rows at packed positions and its backward, SiLU·mul's backward on the fused
+    # gate/up rows
     t, inter = 4 * 4096, lm.intermediate_size
     x, w32 = torch.empty(t, lm.hidden_size, **bf16), torch.empty(lm.hidden_size, dtype=torch.float32, **meta)
     RN.rms_norm(x, w32, 1e-6, residual=torch.empty_like(x))
-    RN.rms_norm(x, w32, 1e-6)
-    for dh_in, weight_grad in ((True, True), (False, True), (True, False)):
+    for dh_in, weight_grad in ((True, True),) + (((False, True), (True, False)) if FULL else ()):
         RN.rms_norm_backward(x, x, w32, 1e-6, torch.empty_like(x) if dh_in else None, weight_grad)
+    if FULL:
+        RN.rms_norm(x, w32, 1e-6)
     table, positions = torch.empty(4096, d, dtype=torch.float32, **meta), torch.empty(t, dtype=torch.int64, **meta)
     q, k, v = RO.rope_qkv(torch.empty(t, (hq + 2 * hkv) * d, **bf16), positions, table, table, hq, hkv)
     RO.rope_qkv_backward(q, k, v, positions, table, table)
     gate_up = torch.empty(t, 2 * inter, **bf16)
-    SM.silu_mul(gate_up[:, :inter], gate_up[:, inter:])
     SM.silu_mul_backward(torch.empty(t, inter, **bf16), gate_up[:, :inter], gate_up[:, inter:], fused=True)
 
 
