@@ -349,7 +349,7 @@ class LlamaModel(nn.Module):
         """Bytes of K and V per token per cache row over all layers, scales included, for a cache
         of `kv_dtype`: a torch dtype (a plain cache; torch.int8 / float8_e4m3fn mean the quantized
         formats), "int8" / "fp8" (one byte per value plus one fp32 scale per head), or None: the
-        caches `new_cache` makes."""
+        caches `new_cache` makes. Memory plans multiply it by rows x capacity."""
         cfg = self.config
         if kv_dtype is None:
             kv_dtype = self.kv_cache_dtype or self.embed_tokens.weight.dtype
@@ -479,10 +479,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_class = LlamaModel  # the engine's subclass runs the token-by-token loop on captured steps
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = self.model_class(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -510,13 +512,14 @@ class LlamaForCausalLM(nn.Module):
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  pad_token_id=None, bos_token_id=None, eos_token_id=None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
         """Text generation as transformers' `generate` for a left-padded batch: returns the new
         token ids [B, n <= max_new_tokens] (after input_ids when those were given instead of
         embeddings); rows that produced EOS are padded with pad_token_id (default: EOS); stops
         when every row is done. bos_token_id and use_cache are accepted for compatibility. The
         prompt plus max_new_tokens must fit the context (max_position_embeddings); the sampling
-        arguments are checked as `models.arguments.sampling` states, before anything runs."""
+        arguments are checked as `models.arguments.sampling` states, before anything runs.
+        progress(step, max_new_tokens), if given, is called as each new token is done."""
         del bos_token_id, use_cache
         max_new_tokens = arguments.max_new_tokens(max_new_tokens)
         if do_sample:
@@ -530,11 +533,12 @@ class LlamaForCausalLM(nn.Module):
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         new = self.generate_new_tokens(inputs_embeds, attention_mask, max_new_tokens, do_sample, temperature,
-                                       top_k, top_p, tuple(eos), pad, generator)
+                                       top_k, top_p, tuple(eos), pad, generator, progress)
         return torch.cat([input_ids, new], 1) if input_ids is not None else new
 
     def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
-                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
+                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator,
+                            progress=None) -> torch.Tensor:
         """The decoding loop of `generate`, eager over a growing cache (the engine replaces it):
         left-padded embeds [B, T, H] (attention_mask [B, T] or None) -> new ids [B, n]; raises
         ValueError for a mask that is not left padding."""
@@ -553,6 +557,8 @@ class LlamaForCausalLM(nn.Module):
             tokens.append(nxt)
             drawn.append(sampled)
             done |= torch.isin(nxt, eos_t)
+            if progress is not None:
+                progress(step + 1, max_new_tokens)
             if step == max_new_tokens - 1 or (eos and bool(done.all())):
                 break
             cache.reserve(1)

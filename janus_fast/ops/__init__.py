@@ -13,12 +13,14 @@ from .quant import quantize_rows, quantized_linear
 from .rms_norm import rms_norm, rms_norm_backward
 from .rope import rope_qkv
 from .sampling import cfg_sample, new_rng_state, new_sampling_workspace
+from .sampling_device import cfg_sample_settings, sampling_settings
 from .silu_mul import silu_mul, silu_mul_backward
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
     "backends",
     "cfg_sample",
+    "cfg_sample_settings",
     "decode_attention",
     "flash_attention",
     "linear_cross_entropy",
@@ -32,6 +34,7 @@ __all__ = [
     "rms_norm_backward",
     "rope_kv_write",
     "rope_qkv",
+    "sampling_settings",
     "silu_mul",
     "silu_mul_backward",
     "varlen_attention",
