@@ -30,6 +30,14 @@ def nan_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
 
+@pytest.fixture
+def on_device():
+    """Every tensor a test makes is on DEVICE: with a GPU the kernels run natively, bf16 too. (A
+    test module uses it with `pytestmark = pytest.mark.usefixtures("on_device")`.)"""
+    with torch.device(DEVICE):
+        yield
+
+
 def exact_and_baseline(fn, *tensors):
     """fn on float64 copies (the exact result) and on the inputs as given (plain torch at the
     same precision, the baseline)."""

@@ -9,19 +9,13 @@ from janus_fast import ops
 from janus_fast.ops import reference
 from janus_fast.ops.rms_norm import FAST
 
-from .helpers import (DEVICE, assert_close_to_reference, exact_and_baseline, grads_of, grid, poisoned_empty,
-                      skip_interpreted_bf16)
+from .helpers import (assert_close_to_reference, exact_and_baseline, grads_of, grid, on_device,  # noqa: F401
+                      poisoned_empty, skip_interpreted_bf16)
 
 FAST_BACKENDS = list(FAST)  # (Triton only: janus_fast._C has none of these ops)
 BACKENDS = ["reference"] + FAST_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _on_device():
-    """Every tensor these tests make is on DEVICE: with a GPU the kernels run natively, bf16 too."""
-    with torch.device(DEVICE):
-        yield
+pytestmark = pytest.mark.usefixtures("on_device")  # (tests.helpers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
