@@ -321,12 +321,10 @@ def test_text_rejects_a_mask_that_is_not_left_padding(engine):
             engine.language_model.generate(input_ids=ids, attention_mask=torch.tensor(mask))
 
 
-def test_decode_step_on_the_triton_kernels(plain, monkeypatch):
+def test_decode_step_on_the_triton_kernels(plain):
     """The model's fused decode step with the layer ops forced onto the Triton kernels (the
     interpreter here) equals the reference step: the views of the fused projections, the cache
     slots and the RoPE table reach the kernels as the reference reads them."""
-    from janus_fast.ops import decode_layer
-
     lm = plain.language_model.model
     prefix = torch.randn(3, 5, 64)
 
@@ -339,8 +337,8 @@ def test_decode_step_on_the_triton_kernels(plain, monkeypatch):
         return out, cache
 
     want, want_cache = step()
-    monkeypatch.setattr(decode_layer, "_resolve", lambda op, backend, t: "triton")
-    got, got_cache = step()
+    with ops.prefer_backend("triton", ops=("rms_norm", "rope_kv_write", "silu_mul")):
+        got, got_cache = step()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
