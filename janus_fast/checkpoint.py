@@ -18,11 +18,12 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .files import atomic_write, atomic_write_text  # noqa: F401  (re-exported: the layers above import them here)
+from .files import _umask, atomic_write, atomic_write_text  # noqa: F401  (re-exported: the layers above import them here)
 from .models.config import JanusProConfig, LlamaConfig, VisionConfig, VQConfig
 
 CONFIG_NAME = "config.json"
@@ -307,24 +308,32 @@ def write_weights(state: dict[str, torch.Tensor], directory, *, safe: bool = Tru
                   max_shard_size: int | str = "5GB") -> list[str]:
     """Write a state dict in the release layout: one file, or shards + index json above
     max_shard_size. safe=False writes torch pickles (pytorch_model*.bin). Returns file names."""
+    sizes = {k: t.numel() * t.element_size() for k, t in state.items()}
+    return write_weight_shards(sizes, lambda keys: {k: state[k] for k in keys}, directory, safe=safe,
+                               max_shard_size=max_shard_size)
+
+
+def write_weight_shards(sizes: dict[str, int], read: Callable[[list[str]], dict[str, torch.Tensor]], directory, *,
+                        safe: bool = True, max_shard_size: int | str = "5GB") -> list[str]:
+    """write_weights with the tensors fetched one shard at a time: `sizes` gives each key's bytes
+    (in file order) and `read(keys)` the tensors of one shard, so at most one shard is in memory."""
     directory = Path(directory)
     limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
+    for key, nbytes in sizes.items():
         if shards[-1] and size + nbytes > limit:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = t
+        shards[-1].append(key)
         size += nbytes
     stem, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
     names = [f"{stem}.{ext}"] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
     seen: set[int] = set()
-    for name, shard in zip(names, shards):
+    for name, keys in zip(names, shards):
         cpu = {}
-        for k, v in shard.items():
+        for k, v in read(keys).items():
             v = v.detach().to("cpu").contiguous()
             if v.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
                 v = v.clone()
@@ -336,9 +345,10 @@ def write_weights(state: dict[str, torch.Tensor], directory, *, safe: bool = Tru
             save_file(cpu, str(directory / name), metadata={"format": "pt"})
         else:
             torch.save(cpu, directory / name)
+        del cpu
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
         (directory / f"{names[0].split('-')[0]}.{ext}.index.json").write_text(json.dumps(index, indent=2))
     return names
 
@@ -371,19 +381,6 @@ def _fsync_dir(directory: Path) -> None:
 def _fsync_file(file: Path) -> None:
     with open(file, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    try:  # Linux reports it; os.umask would change it, briefly, for every thread
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _plain_name(name) -> bool:
@@ -466,16 +463,26 @@ def save_model(model, path, max_shard_size: int | str = "5GB") -> None:
     `path` (through a symlink, created if missing), crash-safely: see the comment above.
     Only the files written and the previous checkpoint's weight files are replaced; other
     files and subdirectories stay as they are. Modes follow the umask."""
-    target = _prepare_target(Path(path))
-    staging = target / f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-    os.mkdir(staging)
-    try:
+
+    def fill(staging: Path) -> None:
         config = model.config.to_dict()
         config["torch_dtype"] = str(model.dtype).replace("torch.", "")
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         write_weights(model.state_dict(), staging, safe=True, max_shard_size=max_shard_size)
         if getattr(model, "processor", None) is not None:
             model.processor.save_pretrained(staging)
+
+    save_files(path, fill)
+
+
+def save_files(path, fill: Callable[[Path], None]) -> None:
+    """save_model's crash-safe commit of whatever `fill(staging)` writes into a staging folder
+    (a config.json, weights, tokenizer files) into the directory `path`."""
+    target = _prepare_target(Path(path))
+    staging = target / f"{STAGING_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    os.mkdir(staging)
+    try:
+        fill(staging)
         files = sorted(os.listdir(staging))
         mode = 0o666 & ~_umask()
         for name in files:

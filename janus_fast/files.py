@@ -11,12 +11,14 @@ from typing import Callable
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
     """A file written whole or not at all: `write(tmp)` fills a temporary file beside `path`,
-    which is then renamed over it; on any error the temporary file goes and `path` is untouched."""
+    which is then renamed over it; on any error the temporary file goes and `path` is untouched.
+    Its mode follows the umask (0644 under umask 022), as a plain open() would give."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -26,3 +28,16 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+    try:  # Linux reports it; os.umask would change it, briefly, for every thread
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -273,7 +273,7 @@ def test_a_changed_dataset_or_setting_is_named_on_resume(model, tmp_path):
 def test_a_resumed_trainer_refuses_a_changed_dataset(tmp_path):
     data = make_dataset(tmp_path / "d", n_text=2, n_understanding=0, n_generation=0, seed=2)
     config = TrainConfig(data=str(data), output_dir=str(tmp_path / "run"), steps=2, row_tokens=300, progress=False,
-                         mixed_precision="fp32", activation_checkpointing=False, loader_workers=0)
+                         mixed_precision="fp32", activation_checkpointing="none", loader_workers=0)
     Trainer(config).fit(max_steps=1)
     data.write_text(data.read_text().replace("sum", "Sum"))  # same length, other contents
     with pytest.raises(DatasetChangedError, match=r"dataset or packing settings changed .* train.jsonl: contents"):

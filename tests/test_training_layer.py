@@ -203,7 +203,7 @@ def test_model_bf16_matches_fp32():
 
 def test_config_errors_name_the_field(tmp_path, monkeypatch):
     base = dict(data="d.jsonl", output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="activation_checkpointing must be one of 'selective', 'full', 'none'"):
+    with pytest.raises(ValueError, match='activation_checkpointing must be one of "selective", "full", "none"'):
         TrainConfig(**base, activation_checkpointing="partial")
     assert TrainConfig(**base).activation_checkpointing == "selective"
     assert TrainConfig(**base, activation_checkpointing=True).activation_checkpointing == "full"

@@ -1,5 +1,9 @@
 """The training configuration (a JSON file, or YAML when PyYAML is installed) and the three
-stages' freezing recipes (the Janus / Janus-Pro reports)."""
+stages' freezing recipes (the Janus / Janus-Pro reports).
+
+Every field carries its rule (type and range) beside it; a config is checked whole when it is
+built, before anything loads, and a bad one raises one ValueError line naming each bad field
+and its rule."""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .dataset import data_files
 from .distributed import ACTIVATION_CHECKPOINTING
+from .rules import Betas, Bool, Choice, DataFiles, Device, Float, Int, Text, setting, shown
 
 # Stage I trains the adaptors and the image head; stage II everything but the two visual
 # encoders; stage III (SFT) also the SigLIP encoder. The VQ tokenizer is always frozen.
@@ -23,84 +27,107 @@ FROZEN_PREFIXES = {
 TRAINED_IN_STAGE_1 = ("aligner.", "gen_aligner.", "gen_head.")
 
 
-def is_trained(name: str, stage: int) -> bool:
-    """Whether parameter `name` (a JanusPro state-dict key) is trained in `stage`."""
+def is_trained(name: str, stage: int, stage1_gen_embed: bool = False) -> bool:
+    """Whether parameter `name` (a JanusPro state-dict key) is trained in `stage`. The Janus-Pro
+    report's stage I trains "the adaptors and the image head"; whether the generation embedding
+    (gen_embed) counts among them is not said: `stage1_gen_embed` picks (off by default)."""
     if stage == 1:
-        return name.startswith(TRAINED_IN_STAGE_1)
+        return name.startswith(TRAINED_IN_STAGE_1 + (("gen_embed.",) if stage1_gen_embed else ()))
     return not name.startswith(FROZEN_PREFIXES[stage])
 
 
-def apply_stage(model: nn.Module, stage: int) -> list[str]:
+def apply_stage(model: nn.Module, stage: int, stage1_gen_embed: bool = False) -> list[str]:
     """Set requires_grad per the stage's recipe; returns the trained parameter names."""
     if stage not in FROZEN_PREFIXES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     trained = []
     for name, p in model.named_parameters():
-        p.requires_grad_(is_trained(name, stage))
+        p.requires_grad_(is_trained(name, stage, stage1_gen_embed))
         if p.requires_grad:
             trained.append(name)
     return trained
 
 
+MODEL_SPEC = r"random:(tiny|1b|7b)|(?!random:).+"
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class TrainConfig:
-    data: str | list  # JSONL file(s), optionally weighted (see janus_fast.training.dataset.data_files)
-    output_dir: str
-    model: str = "random:tiny"  # a release directory, or random:tiny|1b|7b (random weights)
-    stage: int = 3
-    steps: int = 100
-    row_tokens: int = 4096  # the longest sample, in tokens
-    rows_per_batch: int = 1  # a micro-batch holds up to rows_per_batch x row_tokens tokens (per rank)
-    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple = (0.9, 0.95)
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    mixed_precision: str = "bf16"  # "bf16" (fp32 master weights, bf16 compute; the device must have bf16) or "fp32"
+    # JSONL file(s), optionally weighted (see janus_fast.training.dataset.data_files)
+    data: str | list = setting(None, DataFiles())
+    output_dir: str = setting(None, Text(words="a directory path"))
+    # a release directory, or random:tiny|1b|7b (random weights)
+    model: str = setting("random:tiny", Text(pattern=MODEL_SPEC, words="a release directory or random:tiny|1b|7b"))
+    stage: int = setting(3, Choice((1, 2, 3)))
+    stage1_gen_embed: bool = setting(False, Bool())  # stage 1 also trains gen_embed (see is_trained)
+    steps: int = setting(100, Int(1))  # optimizer steps of the whole run
+    row_tokens: int = setting(4096, Int(1, 1 << 20))  # the longest sample, in tokens
+    # a micro-batch holds up to rows_per_batch x row_tokens tokens (per rank)
+    rows_per_batch: int = setting(1, Int(1, 1 << 16))
+    grad_accum: int = setting(1, Int(1, 1 << 16))  # micro-batches per optimizer step (per rank)
+    lr: float = setting(1e-4, Float(positive=True))
+    min_lr_ratio: float = setting(0.1, Float(0, 1))  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = setting(0, Int(0))
+    weight_decay: float = setting(0.0, Float(0))
+    betas: tuple = setting((0.9, 0.95), Betas())
+    max_grad_norm: float = setting(1.0, Float(0))  # 0 turns clipping off
+    # "bf16" (fp32 master weights, bf16 compute) or "fp32"
+    mixed_precision: str = setting("bf16", Choice(("bf16", "fp32")))
     # "selective" (keep GEMM and attention outputs, recompute norms and SiLU·mul), "full" (keep each
     # layer's inputs, recompute the layer) or "none"; true/false are the former "full"/"none"
-    activation_checkpointing: str = "selective"
-    uncond_prob: float = 0.1  # text-to-image prompts replaced by the unconditional prompt
-    image_loss_weight: float = 1.0
-    seed: int = 0
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    vq_cache_dir: str | None = None  # default: <output_dir>/vq_cache
-    device: str | None = None  # default: cuda (this rank's) if available, else cpu
-    progress: bool = True
+    activation_checkpointing: str = setting("selective", Choice(ACTIVATION_CHECKPOINTING,
+                                                                aliases=((True, "full"), (False, "none"))))
+    uncond_prob: float = setting(0.1, Float(0, 1))  # text-to-image prompts replaced by the unconditional prompt
+    image_loss_weight: float = setting(1.0, Float(0))
+    seed: int = setting(0, Int(0, MAX_SEED))
+    save_every: int = setting(0, Int(0))  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = setting(2, Int(1))  # the newest N checkpoints are kept
+    # default: <output_dir>/vq_cache
+    vq_cache_dir: str | None = setting(None, Text(optional=True, words="a directory path"))
+    device: str | None = setting(None, Device())  # default: cuda (this rank's) if available, else cpu
+    progress: bool = setting(True, Bool())
     # Data loading (janus_fast.training.loader)
-    pack_window: int = 1024  # samples packed together (best-fit), >= 1
-    packing: str = "best_fit"  # "best_fit" or "next_fit" (in stream order; for comparison)
-    gen_image_fit: str = "crop"  # non-square text-to-image targets: centre "crop" or "letterbox"
-    loader_workers: int = 2  # worker processes, >= 0 (0: in a background thread of the trainer)
-    loader_timeout: float = 300.0  # seconds (> 0) a worker may hold a task before the run stops, naming it
-    prefetch_steps: int = 2  # optimizer steps prepared ahead, >= 1
+    pack_window: int = setting(1024, Int(1))  # samples packed together (best-fit)
+    # "best_fit" or "next_fit" (in stream order; for comparison)
+    packing: str = setting("best_fit", Choice(("best_fit", "next_fit")))
+    # non-square text-to-image targets: centre "crop" or "letterbox"
+    gen_image_fit: str = setting("crop", Choice(("crop", "letterbox")))
+    loader_workers: int = setting(2, Int(0))  # worker processes (0: in a background thread of the trainer)
+    # seconds a worker may hold a task before the run stops, naming it
+    loader_timeout: float = setting(300.0, Float(positive=True))
+    prefetch_steps: int = setting(2, Int(1))  # optimizer steps prepared ahead
+    # FSDP2 (under torchrun). Gradients are reduce-scattered after every micro-batch, so a rank
+    # only ever holds its shard of the accumulated gradient; defer_grad_reduce keeps full-size
+    # unsharded gradients over the step's micro-batches and reduces once (less traffic, more memory).
+    defer_grad_reduce: bool = setting(False, Bool())
+    # Free each unit's gathered parameters after its forward (and gather them again for the
+    # backward); false keeps them until the backward: one all-gather fewer per unit, more memory.
+    reshard_after_forward: bool = setting(True, Bool())
+    # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host memory,
+    # the optimizer step on the CPU. Needs torchrun.
+    cpu_offload: bool = setting(False, Bool())
+    # Seconds a collective may wait for the other ranks before the run fails with an error
+    # naming it (a rank that died or stalls). It also bounds the start-up barrier while rank 0
+    # fills the VQ-id cache: raise it for a large uncached dataset.
+    collective_timeout: float = setting(600.0, Float(positive=True))
+    # 0: a non-finite loss or gradient norm stops the run (exit status 2, naming the step). N > 0:
+    # such a step is skipped (no update) and the run stops at the (N+1)-th such step in a row.
+    skip_nonfinite_steps: int = setting(0, Int(0))
 
     def __post_init__(self):
-        checks = dict(steps=self.steps >= 1, row_tokens=self.row_tokens >= 1, rows_per_batch=self.rows_per_batch >= 1,
-                      grad_accum=self.grad_accum >= 1, lr=self.lr > 0, warmup_steps=self.warmup_steps >= 0,
-                      uncond_prob=0 <= self.uncond_prob <= 1, save_every=self.save_every >= 0,
-                      keep_checkpoints=self.keep_checkpoints >= 1, max_grad_norm=self.max_grad_norm >= 0,
-                      min_lr_ratio=0 <= self.min_lr_ratio <= 1, pack_window=self.pack_window >= 1,
-                      packing=self.packing in ("best_fit", "next_fit"), gen_image_fit=self.gen_image_fit in ("crop", "letterbox"),
-                      loader_workers=self.loader_workers >= 0, loader_timeout=self.loader_timeout > 0,
-                      prefetch_steps=self.prefetch_steps >= 1)
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid training config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
-        data_files(self.data)  # the data entries' shapes and weights (ValueError naming them)
-        if self.stage not in FROZEN_PREFIXES:
-            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
-        if self.mixed_precision not in ("bf16", "fp32"):
-            raise ValueError(f"mixed_precision must be 'bf16' or 'fp32', got {self.mixed_precision!r}")
-        if isinstance(self.activation_checkpointing, bool):
-            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
-        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}, "
-                             f"got {self.activation_checkpointing!r}")
-        self.betas = tuple(self.betas)
+        problems = []
+        for f in dataclasses.fields(self):
+            rule = f.metadata.get("rule")
+            if rule is None:
+                continue
+            value = getattr(self, f.name)
+            try:
+                setattr(self, f.name, rule(value))
+            except ValueError as e:
+                problems.append(f"{f.name} {e} (got {shown(value)})")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, d: dict, base: Path | None = None) -> "TrainConfig":
@@ -119,7 +146,8 @@ class TrainConfig:
         if base is not None:
             for key in ("data", "output_dir", "vq_cache_dir", "model"):
                 value = d.get(key)
-                if isinstance(value, str) and not value.startswith("random:") and not Path(value).is_absolute():
+                relative = isinstance(value, str) and value and not Path(value).is_absolute()
+                if relative and not value.startswith("random:"):
                     d[key] = str(base / value)
             if isinstance(d["data"], list):  # several files: each path read from `base` too
                 d["data"] = [{**x, "path": str(base / x["path"])} if isinstance(x, dict) and isinstance(x.get("path"), str)
@@ -149,3 +177,4 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+

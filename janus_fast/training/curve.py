@@ -10,6 +10,10 @@ from ..checkpoint import atomic_write
 SERIES = (("loss", (20, 20, 20)), ("text_loss", (40, 90, 220)), ("image_loss", (220, 60, 40)))
 
 
+def _finite(value) -> bool:  # metrics.jsonl stores a non-finite value as null
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def draw_loss_curve(history: list[dict], path, size=(800, 480)) -> Path | None:
     """Lines of loss, text_loss and image_loss against step; None when there is nothing to draw."""
     from PIL import Image, ImageDraw
@@ -18,7 +22,9 @@ def draw_loss_curve(history: list[dict], path, size=(800, 480)) -> Path | None:
         return None
     w, h = size
     left, right, top, bottom = 60, 20, 20, 40
-    values = [r[k] for r in history for k, _ in SERIES if k in r and math.isfinite(r[k])]
+    values = [r[k] for r in history for k, _ in SERIES if _finite(r.get(k))]
+    if not values:
+        return None
     lo, hi = min(values), max(values)
     hi = hi if hi > lo else lo + 1.0
     first, last = history[0]["step"], max(history[-1]["step"], history[0]["step"] + 1)
@@ -36,7 +42,7 @@ def draw_loss_curve(history: list[dict], path, size=(800, 480)) -> Path | None:
     d.text((left, h - bottom + 8), f"step {first}", fill=(90, 90, 90))
     d.text((w - right - 80, h - bottom + 8), f"step {last}", fill=(90, 90, 90))
     for n, (key, colour) in enumerate(SERIES):
-        points = [xy(r["step"], r[key]) for r in history if key in r and math.isfinite(r[key])]
+        points = [xy(r["step"], r[key]) for r in history if _finite(r.get(key))]
         if len(points) > 1:
             d.line(points, fill=colour, width=2)
         elif points:

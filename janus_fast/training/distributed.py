@@ -1,9 +1,11 @@
 """Process setup under torchrun, FSDP2 sharding and per-layer activation checkpointing.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`): one unit per LLM decoder layer (and per SigLIP
-block), the rest of the model in the root unit; parameters stay fp32 (sharded master weights) and are all-gathered in the
-compute dtype of the MixedPrecisionPolicy, gradients reduced in fp32. Without torchrun
-(WORLD_SIZE unset or 1) nothing is distributed.
+block), the rest of the model in the root unit; parameters stay fp32 (sharded master weights)
+and are all-gathered in the compute dtype of the MixedPrecisionPolicy, gradients reduced in fp32.
+Gradients are reduce-scattered after every micro-batch's backward by default and accumulate in
+the rank's fp32 shard (`defer_grad_reduce` keeps them unsharded until the step's last
+micro-batch). Without torchrun (WORLD_SIZE unset or 1) nothing is distributed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,30 @@ class Topology:
         if self.distributed:
             dist.barrier()
 
+    def from_main(self, fn):
+        """fn() run by rank 0 alone (reading shared files, taking the run's lock); its result,
+        or the exception it raised, reaches every rank: all ranks go on, or all raise it."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as e:  # handed to every rank, raised below
+                error = e
+        if self.distributed:
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """Whether a boolean tensor holds on every rank (a host sync)."""
+        flag = flag.to(device=self.device, dtype=torch.int32).reshape(1)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def close(self) -> None:
         """Leave the process group, all ranks together: a rank that exits while the gloo threads
         still talk to a peer dies in std::terminate (SIGABRT) after training finished."""
@@ -43,15 +70,17 @@ class Topology:
             dist.destroy_process_group()
 
 
-def init_distributed(device: str | None = None) -> Topology:
-    """The process group from torchrun's environment (nccl on CUDA, gloo on the CPU) and this
-    rank's device; a single process when WORLD_SIZE is unset or 1."""
+def init_distributed(device: str | None = None, timeout: float = 600.0) -> Topology:
+    """The process group from torchrun's environment (NCCL for CUDA tensors, gloo for CPU ones)
+    and this rank's device; a single process when WORLD_SIZE is unset or 1. A collective that
+    waits more than `timeout` seconds for the other ranks fails instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if world == 1:
         return Topology(0, 1, torch.device(device or ("cuda" if use_cuda else "cpu")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # CPU tensors (cpu_offload's shards and gradient norm) take gloo beside NCCL
+        dist.init_process_group("cuda:nccl,cpu:gloo" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
     rank = dist.get_rank()
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,18 +107,24 @@ def checkpoint_layers(layers, mode: str = "full") -> None:
             layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def shard_model(model, topology: Topology, compute_dtype: torch.dtype):
+def shard_model(model, topology: Topology, compute_dtype: torch.dtype, *, reshard_after_forward: bool = True,
+                cpu_offload: bool = False):
     """FSDP2 over all ranks: each LLM decoder layer and each SigLIP block a unit, the VQ model a
-    unit of its own (training never calls it, so it is never gathered), the rest the root."""
+    unit of its own (training never calls it, so it is never gathered), the rest the root.
+    Parameters are gathered in `compute_dtype` and gradients reduced in fp32 into fp32 shards
+    (MixedPrecisionPolicy); cpu_offload keeps the shards, their gradients and the optimizer
+    state in host memory (CPUOffloadPolicy: the optimizer step runs on the CPU)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(topology.device.type, (topology.world,))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),
+                   offload_policy=CPUOffloadPolicy(pin_memory=topology.device.type == "cuda") if cpu_offload
+                   else OffloadPolicy(), reshard_after_forward=reshard_after_forward)
     units = [*model.language_model.model.layers, *model.vision_model.vision_tower.blocks, model.gen_vision_model]
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(unit, **options)
+    fully_shard(model, **options)  # the root's parameters are kept through the backward anyway
     return model
 
 
