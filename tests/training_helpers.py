@@ -113,6 +113,8 @@ class Torchrun:
         end = time.monotonic() + 30
         while any(_running(pid) for pid in pids) and time.monotonic() < end:
             time.sleep(0.05)
+        stuck = [pid for pid in pids if _running(pid)]
+        assert not stuck, f"processes {stuck} still alive 30 s after kill -9"
 
     def wait_for(self, condition, timeout: float = 240, interval: float = 0.2) -> None:
         end = time.monotonic() + timeout
@@ -137,11 +139,16 @@ class Torchrun:
 
 
 def _running(pid: int) -> bool:
-    """Alive and not yet a zombie (a zombie has closed its files)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    """Any of the process's threads alive and not yet a zombie. (A killed multi-threaded process's
+    leader turns zombie before its other threads have exited, and its files, locks included,
+    close with the last of them.)"""
+    def alive(stat: Path) -> bool:
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    return any(alive(task / "stat") for task in Path(f"/proc/{pid}/task").glob("*"))
 
 
 def _descendants(pid: int) -> list[int]:
