@@ -7,6 +7,7 @@ available for the tensors' device and the plain-PyTorch reference on the CPU.
 from ._backend import backends
 from ._checks import no_value_checks
 from .attention import decode_attention, flash_attention, varlen_attention
+from .attention_verify import verify_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .sampling import cfg_sample, new_rng_state
@@ -24,6 +25,7 @@ __all__ = [
     "rope_kv_write",
     "silu_mul",
     "varlen_attention",
+    "verify_attention",
     "vq_lookup",
     "vq_quantize",
 ]

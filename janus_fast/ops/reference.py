@@ -18,6 +18,7 @@ __all__ = [
     "varlen_attention",
     "varlen_attention_backward",
     "decode_attention",
+    "verify_attention",
     "l2_normalize",
     "vq_quantize",
     "vq_lookup",
@@ -25,6 +26,8 @@ __all__ = [
     "unusable_rows",
     "sampling_probs",
     "cfg_sample",
+    "sjd_init_position",
+    "sjd_verify",
     "rms_norm",
     "rope_kv_write",
     "silu_mul",
@@ -156,12 +159,21 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     """One query per sequence against its cache prefix: q [B, Hq, D], caches [B, S_max, Hkv, D],
     cache_seqlens [B]; positions >= cache_seqlens[b] are never read into the result (they may
     hold garbage); length 0 gives 0. Non-finite values as in `attention`."""
+    return verify_attention(q[:, None], k_cache, v_cache, cache_seqlens, softmax_scale)[:, 0]
+
+
+def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
+    """W query tokens per sequence, the last W of its cache: q [B, W, Hq, D], caches
+    [B, S_max, Hkv, D], cache_seqlens [B] counting the window's own keys; query j sees the keys at
+    positions < cache_seqlens[b] - (W - 1 - j) (causal inside the window, bottom-right aligned;
+    none, giving 0, when that is <= 0). W = 1 is `decode_attention`. -> [B, W, Hq, D]."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    visible = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
-    visible = visible[:, None, None, :]  # [B, 1, 1, S_max]
-    p, _ = _softmax_rows(_scores(q[:, None], k_cache, visible, scale))
-    out = _weighted_values(p, _heads_first(v_cache, q.shape[1] // k_cache.shape[2]), visible)
-    return out[:, :, 0].to(q.dtype).contiguous()
+    w = q.shape[1]
+    seen = cache_seqlens[:, None].long() - (w - 1) + torch.arange(w, device=q.device)  # [B, W]
+    visible = (torch.arange(k_cache.shape[1], device=q.device) < seen[:, :, None])[:, None]  # [B, 1, W, S_max]
+    p, _ = _softmax_rows(_scores(q, k_cache, visible, scale))
+    out = _weighted_values(p, _heads_first(v_cache, q.shape[2] // k_cache.shape[2]), visible)
+    return out.transpose(1, 2).to(q.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- VQ
@@ -271,6 +283,69 @@ def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generato
     p = p.masked_fill(bad[:, None], 1.0)
     tokens = p.argmax(-1) if temperature == 0 else torch.multinomial(p, 1, generator=generator)[:, 0]
     return tokens.masked_fill(bad, -1)
+
+
+def sjd_init_position(tokens, positions, window_end, grid_width):
+    """Speculative Jacobi decoding's draft for a position entering the window (a point mass):
+    the token grid_width positions back (the one above it in the image's raster) when that
+    position lies before window_end (held a token before this commit), else the token at
+    window_end - 1, the window's last. tokens [B, T], positions [B, K], window_end [B] -> [B, K]."""
+    above = positions - grid_width
+    use_above = (grid_width > 0) & (above >= 0) & (above < window_end[:, None])
+    last = tokens.gather(1, (window_end - 1)[:, None])
+    return torch.where(use_above, tokens.gather(1, above.clamp(0, tokens.shape[1] - 1)), last)
+
+
+def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight, temperature=1.0, top_k=0,
+               top_p=1.0, generator=None, grid_width=0):
+    """One verification of speculative Jacobi decoding, in place; the maths and the proof are in
+    janus_fast/ops/sampling_verify.py. B images of N tokens, window W, V tokens:
+    logits [2B, W, V] (interleaved pairs: row 2b conditional, 2b + 1 unconditional; column j
+    predicts position n_b + j), tokens int64 [B, N + W] (committed [0, n_b), drafts
+    [n_b, n_b + W)), point int8 [B, N + W] (1: the draft's q is the point mass on it), q float32
+    [B, W, V] (q of position i in slot i % W where point is 0), progress int64 [B, 2] (n_b, passes),
+    lengths int32 [2B] (the pair's cache lengths), next_ids int64 [2B, W] (written: the next
+    pass's input ids). -> accepted bool [B, W]. Images with n_b == N are left as they are."""
+    two_b, w, v = logits.shape
+    b, n_total = two_b // 2, tokens.shape[1] - w
+    device = logits.device
+    j = torch.arange(w, device=device)
+    n = progress[:, 0]
+    active = n < n_total
+    pos = torch.minimum(n, torch.full_like(n, n_total))[:, None] + j  # [B, W]
+    p = sampling_probs(logits.transpose(0, 1).reshape(w * two_b, v), cfg_weight, temperature, top_k, top_p)
+    p = p.float().view(w, b, v).transpose(0, 1)  # [B, W, V]: the distribution each draft is tested against
+    bad = p.isnan().any(-1)
+    draft = tokens.gather(1, pos)
+    safe = draft.clamp(0, v - 1)
+    onehot = F.one_hot(safe, v).float()
+    slot = (pos % w)[:, :, None].expand(b, w, v)
+    stored = q.gather(1, slot)
+    q_full = torch.where(point.gather(1, pos).bool()[:, :, None], onehot, stored)
+    p_d = p.gather(2, safe[:, :, None])[:, :, 0]
+    q_d = q_full.gather(2, safe[:, :, None])[:, :, 0]
+    u = torch.rand(b, w, generator=generator, device=device)
+    accepted = (u * q_d < p_d) & ~bad & active[:, None]
+    residual = (p - q_full).clamp(min=0).nan_to_num(0.0)
+    residual = torch.where((residual.sum(-1) > 0)[:, :, None], residual, onehot)  # (no mass: keep the draft)
+    drawn = torch.multinomial(residual.reshape(b * w, v), 1, generator=generator).view(b, w)
+    out = torch.where(bad, -1, torch.where(accepted, draft, drawn))
+    keep = active[:, None]
+    tokens.scatter_(1, pos, torch.where(keep, out, draft))
+    point.scatter_(1, pos, torch.where(keep, torch.zeros_like(draft, dtype=point.dtype), point.gather(1, pos)))
+    q.scatter_(1, slot, torch.where(keep[:, :, None], p, stored))
+    first_rejected = torch.where(accepted, w, j).amin(1)
+    count = torch.minimum(torch.clamp(first_rejected + 1, max=w), n_total - n).clamp(min=0)
+    new = n[:, None] + w + j  # positions entering the window
+    rows, cols = torch.nonzero(j < count[:, None], as_tuple=True)
+    fresh = sjd_init_position(tokens, new, n + w, grid_width)
+    tokens[rows, new[rows, cols]] = fresh[rows, cols]
+    point[rows, new[rows, cols]] = 1
+    progress[:, 0] += count
+    progress[:, 1] += active.long()
+    lengths += count.repeat_interleave(2).to(lengths.dtype)
+    next_ids.copy_(tokens.gather(1, (n + count - 1)[:, None] + j).repeat_interleave(2, dim=0))
+    return accepted
 
 
 # --------------------------------------------------------------------------- decode layer
