@@ -45,12 +45,14 @@ def rms_norm(x, weight, eps, residual=None):
 
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr,
-                    stride_q, stride_k, stride_v, stride_tab, stride_cb, stride_cs,
+                    stride_q, stride_k, stride_v, stride_tab, stride_cb, stride_cs, per_row,
                     HQ, HKV, D: tl.constexpr, HALF: tl.constexpr):
-    """Program (b, h): h < HQ rotates query head h into out[b, h]; otherwise it rotates key head
-    h - HQ into k_cache[b, pos] and copies value head h - HQ into v_cache[b, pos], pos =
-    positions[b]. Rotation x·cos + rotate_half(x)·sin in fp32, rounded once."""
+    """Program (b, h): h < HQ rotates query head h of token b into out[b, h]; otherwise it rotates
+    key head h - HQ into k_cache[c, pos] and copies value head h - HQ into v_cache[c, pos], pos =
+    positions[b], c = b // per_row (per_row consecutive tokens share a cache row). Rotation
+    x·cos + rotate_half(x)·sin in fp32, rounded once."""
     b = tl.program_id(0).to(tl.int64)
+    row = b // per_row
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
     mask = i < D // 2
@@ -65,10 +67,10 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
     else:
         kh = h - HQ
         src = k_ptr + b * stride_k + kh * D
-        dst = kc_ptr + b * stride_cb + pos * stride_cs + kh * D
+        dst = kc_ptr + row * stride_cb + pos * stride_cs + kh * D
         v1 = tl.load(v_ptr + b * stride_v + kh * D + i, mask=mask)
         v2 = tl.load(v_ptr + b * stride_v + kh * D + D // 2 + i, mask=mask)
-        vdst = vc_ptr + b * stride_cb + pos * stride_cs + kh * D
+        vdst = vc_ptr + row * stride_cb + pos * stride_cs + kh * D
         tl.store(vdst + i, v1.to(vc_ptr.dtype.element_ty), mask=mask)
         tl.store(vdst + D // 2 + i, v2.to(vc_ptr.dtype.element_ty), mask=mask)
     x1 = tl.load(src + i, mask=mask).to(tl.float32)
@@ -81,15 +83,16 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
 
 
 def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
-    """q [B, Hq, D], k/v [B, Hkv, D] (heads and dims contiguous, rows strided), cos/sin [S, D],
-    positions int32 [B], caches [B, S_max, Hkv, D] contiguous in (Hkv, D). -> rotated q."""
+    """q [M, Hq, D], k/v [M, Hkv, D] (heads and dims contiguous, rows strided), cos/sin [S, D],
+    positions int32 [M], caches [B, S_max, Hkv, D] contiguous in (Hkv, D), M a multiple of B:
+    token m goes to cache row m // (M // B). -> rotated q."""
     b, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
     if b:
         _rope_kv_kernel[(b, hq + hkv)](q, k, v, cos, sin, positions, k_cache, v_cache, out,
                                        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
-                                       k_cache.stride(0), k_cache.stride(1), hq, hkv, D=d,
+                                       k_cache.stride(0), k_cache.stride(1), b // k_cache.shape[0], hq, hkv, D=d,
                                        HALF=triton.next_power_of_2(d // 2), num_warps=1)
     return out
 

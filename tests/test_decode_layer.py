@@ -31,6 +31,25 @@ def exact_and_baseline(fn, *tensors):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_kv_write_window(backend):
+    """M = B x W tokens (a speculative window per row): token m lands in cache row m // W at its
+    own position, as W single-token writes would put it."""
+    b, w, hq, hkv, d, s_max = 3, 4, 4, 2, 16, 12
+    q, k, v, cos, sin, _, kc, vc = rope_inputs(b * w, hq, hkv, d, s_max, torch.float32)
+    kc, vc = kc[:b].contiguous(), vc[:b].contiguous()
+    pos = (torch.tensor([0, 5, 8])[:, None] + torch.arange(w)).flatten().to(torch.int32)
+    kc_one, vc_one = kc.clone(), vc.clone()
+    expected = torch.stack([reference.rope_kv_write(q[j::w], k[j::w], v[j::w], cos, sin, pos[j::w], kc_one, vc_one)
+                            for j in range(w)], 1).flatten(0, 1)
+    out = ops.rope_kv_write(q, k, v, cos, sin, pos, kc, vc, backend=backend)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(kc, kc_one, equal_nan=True)
+    assert torch.equal(vc.isnan(), vc_one.isnan()) and torch.equal(vc[~vc.isnan()], vc_one[~vc_one.isnan()])
+    with pytest.raises(ValueError, match="k_cache must be"):
+        ops.rope_kv_write(q[:-1], k[:-1], v[:-1], cos, sin, pos[:-1], kc, vc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, n", grid([(1, 64), (5, 100), (0, 32)], [(7, 1000), (3, 4096)]))
 def test_rms_norm(backend, dtype, m, n):

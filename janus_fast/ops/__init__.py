@@ -11,6 +11,7 @@ from .attention_verify import verify_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
 from .sampling import cfg_sample, new_rng_state
+from .sampling_verify import sjd_verify
 from .vq import vq_lookup, vq_quantize
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "rms_norm",
     "rope_kv_write",
     "silu_mul",
+    "sjd_verify",
     "varlen_attention",
     "verify_attention",
     "vq_lookup",

@@ -305,12 +305,13 @@ def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight
     [n_b, n_b + W)), point int8 [B, N + W] (1: the draft's q is the point mass on it), q float32
     [B, W, V] (q of position i in slot i % W where point is 0), progress int64 [B, 2] (n_b, passes),
     lengths int32 [2B] (the pair's cache lengths), next_ids int64 [2B, W] (written: the next
-    pass's input ids). -> accepted bool [B, W]. Images with n_b == N are left as they are."""
+    pass's input ids). -> accepted bool [B, W]. Images with n_b == N are left as they are; at
+    temperature 0 q is neither read nor written (every draft is a point mass on its token)."""
     two_b, w, v = logits.shape
     b, n_total = two_b // 2, tokens.shape[1] - w
     device = logits.device
     j = torch.arange(w, device=device)
-    n = progress[:, 0]
+    n = progress[:, 0].clone()
     active = n < n_total
     pos = torch.minimum(n, torch.full_like(n, n_total))[:, None] + j  # [B, W]
     p = sampling_probs(logits.transpose(0, 1).reshape(w * two_b, v), cfg_weight, temperature, top_k, top_p)
@@ -321,7 +322,7 @@ def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight
     onehot = F.one_hot(safe, v).float()
     slot = (pos % w)[:, :, None].expand(b, w, v)
     stored = q.gather(1, slot)
-    q_full = torch.where(point.gather(1, pos).bool()[:, :, None], onehot, stored)
+    q_full = torch.where(point.gather(1, pos).bool()[:, :, None] | (temperature == 0), onehot, stored)
     p_d = p.gather(2, safe[:, :, None])[:, :, 0]
     q_d = q_full.gather(2, safe[:, :, None])[:, :, 0]
     u = torch.rand(b, w, generator=generator, device=device)
@@ -333,7 +334,8 @@ def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight
     keep = active[:, None]
     tokens.scatter_(1, pos, torch.where(keep, out, draft))
     point.scatter_(1, pos, torch.where(keep, torch.zeros_like(draft, dtype=point.dtype), point.gather(1, pos)))
-    q.scatter_(1, slot, torch.where(keep[:, :, None], p, stored))
+    if temperature != 0:  # (at temperature 0 every q is a point mass: the ring is not used)
+        q.scatter_(1, slot, torch.where(keep[:, :, None], p, stored))
     first_rejected = torch.where(accepted, w, j).amin(1)
     count = torch.minimum(torch.clamp(first_rejected + 1, max=w), n_total - n).clamp(min=0)
     new = n[:, None] + w + j  # positions entering the window
@@ -367,9 +369,10 @@ def _rotate_half(x):
 
 
 def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
-    """Rotate-half RoPE of q [B, Hq, D] and k [B, Hkv, D] at position positions[b] (rows of the
+    """Rotate-half RoPE of q [M, Hq, D] and k [M, Hkv, D] at position positions[m] (rows of the
     cos/sin tables [S, D]), in the compute dtype; the rotated k and the unchanged v are written to
-    k_cache/v_cache [B, S_max, Hkv, D] at slot positions[b] (in place). -> rotated q in q.dtype."""
+    k_cache/v_cache [B, S_max, Hkv, D] at row m // (M // B), slot positions[m] (in place; M a
+    multiple of B: M // B consecutive tokens per cache row). -> rotated q in q.dtype."""
     ct = _compute_dtype(q)
     pos = positions.long()
     c, s = cos[pos].to(ct)[:, None, :], sin[pos].to(ct)[:, None, :]
@@ -378,7 +381,7 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
         x = x.to(ct)
         return x * c + _rotate_half(x) * s
 
-    rows = torch.arange(q.shape[0], device=q.device)
+    rows = torch.arange(q.shape[0], device=q.device) // max(q.shape[0] // max(k_cache.shape[0], 1), 1)
     k_cache[rows, pos] = rotate(k).to(k_cache.dtype)
     v_cache[rows, pos] = v.to(v_cache.dtype)
     return rotate(q).to(q.dtype).contiguous()
