@@ -1,7 +1,7 @@
 """The `janus-fast` command: generate images, chat about an image, or run a self-contained demo.
 
   janus-fast demo [--keep DIR]        random-weight model -> real checkpoint -> load -> generate + answer
-  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR
+  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0 --decoding sjd] --out DIR
   janus-fast chat --model DIR --image FILE "question"
   janus-fast train --config FILE      packed multi-task training (under torchrun: FSDP2)
 
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .models.janus_pro import DECODINGS, DEFAULT_WINDOW
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -138,7 +140,8 @@ def cmd_generate(args) -> None:
     model = _load(args, model_dir)
     t = time.perf_counter()
     images = model.generate_images(args.prompt, parallel_size=args.n, cfg_weight=args.cfg,
-                                   temperature=args.temperature, seed=args.seed, progress=ProgressBar("generating"))
+                                   temperature=args.temperature, seed=args.seed, progress=ProgressBar("generating"),
+                                   decoding=args.decoding, window=args.window)
     dt = time.perf_counter() - t
     grid = save_images(images, out)
     print(f"{len(images)} images in {dt:.1f}s ({len(images) / dt:.2f} images/s); wrote {out / 'img_*.png'} and {grid}")
@@ -256,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_finite(0.0), default=1.0, help="sampling temperature (0: argmax)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--out", required=True, help="output directory (created; img_NNN.png and grid.png)")
+    g.add_argument("--decoding", choices=DECODINGS, default="token",
+                   help="token by token, or speculative Jacobi decoding (fewer forward passes, the same distribution)")
+    g.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, help="tokens drafted per pass with --decoding sjd")
     g.set_defaults(func=cmd_generate)
 
     c = command("chat", "image + question -> answer")

@@ -9,6 +9,7 @@ from ..models.llama import BadLogitsError
 from .images import ImageSettings, generate_image_tokens
 from .model import JanusPro, LlamaForCausalLM
 from .prefill import prefill
+from .sjd import SjdResult, generate_image_tokens_sjd
 from .profile import decode_launches_per_layer, decode_op_counts, image_step_launches
 from .step import Buckets, Step, graphs_usable
 from .text import TextSettings, generate_tokens
@@ -19,11 +20,13 @@ __all__ = [
     "ImageSettings",
     "JanusPro",
     "LlamaForCausalLM",
+    "SjdResult",
     "Step",
     "TextSettings",
     "decode_launches_per_layer",
     "decode_op_counts",
     "generate_image_tokens",
+    "generate_image_tokens_sjd",
     "generate_tokens",
     "graphs_usable",
     "image_step_launches",

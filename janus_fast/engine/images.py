@@ -88,6 +88,21 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
     return codes.clone()  # a normal tensor outside inference mode
 
 
+def prefill_prompts(model: JanusPro, prompts: list[list[int]], pad_id: int, parallel_size: int, cache) -> torch.Tensor:
+    """One prefill per prompt for its conditional and its unconditional row (the prompt's first
+    and last tokens around pads, as the official script builds it), shared by the copies: the
+    cache rows in the interleaved layout, -> each row's last hidden state [rows, H]."""
+    sequences, rows_of = [], []
+    for r, ids in enumerate(prompts):
+        first = r * parallel_size
+        sequences += [ids, unconditional_prompt(ids, pad_id)]
+        rows_of += [[2 * (first + i) for i in range(parallel_size)],
+                    [2 * (first + i) + 1 for i in range(parallel_size)]]
+    lm = model.language_model
+    packed = torch.tensor([t for s in sequences for t in s], dtype=torch.long).to(model.device, non_blocking=True)
+    return prefill(lm.model, lm.get_input_embeddings()(packed), [len(s) for s in sequences], cache, rows_of)
+
+
 def _generate_image_tokens(model, prompts, pad_id, parallel_size, settings, seeds, buckets, progress, use_graphs):
     n_tokens, device = model.config.vq.num_tokens, model.device
     rows = 2 * len(prompts) * parallel_size
@@ -97,18 +112,7 @@ def _generate_image_tokens(model, prompts, pad_id, parallel_size, settings, seed
                          lambda: ImageBucket(model, rows, capacity, settings, capture))
     buf = bucket.buffers
     buf.reset(seeds)
-    # One prefill per prompt for its conditional and its unconditional row (the prompt's first
-    # and last tokens around pads, as the official script builds it), shared by the copies.
-    sequences, rows_of = [], []
-    for r, ids in enumerate(prompts):
-        first = r * parallel_size
-        sequences += [ids, unconditional_prompt(ids, pad_id)]
-        rows_of += [[2 * (first + i) for i in range(parallel_size)],
-                    [2 * (first + i) + 1 for i in range(parallel_size)]]
-    lm = model.language_model
-    packed = torch.tensor([t for s in sequences for t in s], dtype=torch.long).to(device, non_blocking=True)
-    buf.hidden.copy_(prefill(lm.model, lm.get_input_embeddings()(packed), [len(s) for s in sequences],
-                             buf.cache, rows_of))
+    buf.hidden.copy_(prefill_prompts(model, prompts, pad_id, parallel_size, buf.cache))
     with ops.no_value_checks():
         for i in range(n_tokens):
             bucket.step()

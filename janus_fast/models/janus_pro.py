@@ -16,6 +16,22 @@ from .siglip import CLIPVisionTower, MlpProjector
 from .vq import VQModel
 
 
+DECODINGS = ("token", "sjd")  # token by token; speculative Jacobi decoding (on the engine)
+DEFAULT_WINDOW = 16
+
+
+def check_decoding(decoding, window, num_tokens: int) -> None:
+    """ValueError/TypeError for an unknown decoding or an SJD window outside [1, num_tokens]."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+    if decoding == "token":
+        return
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    if not 1 <= window <= num_tokens:
+        raise ValueError(f"window must be in [1, {num_tokens}] (the tokens of an image), got {window}")
+
+
 def unconditional_prompt(ids: list[int], pad_id: int) -> list[int]:
     """The unconditional partner of a generation prompt, as the official script builds it: its
     first and last tokens around pads."""
@@ -216,14 +232,19 @@ class JanusPro(nn.Module):
     def generate_images(self, prompt: str | Sequence[str], parallel_size: int = 16, cfg_weight: float = 5.0,
                         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                         seed: int | Sequence[int] | None = None, processor=None,
-                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                        progress: Callable[[int, int], None] | None = None, decoding: str = "token",
+                        window: int = DEFAULT_WINDOW) -> torch.Tensor:
         """Text -> images as the official generation script does, for one prompt or several
         (of any lengths) in one batch: uint8 [len(prompts) * parallel_size, S, S, 3] on the CPU,
         prompt by prompt. Classifier-free guidance pairs each prompt row with an unconditional
         row (the prompt's first and last tokens around pads, pads attended). `seed` (one for all
         prompts, or one per prompt) makes the result reproducible: a prompt's images depend on its
         text, seed and settings only, not on the other prompts of the batch. `progress(step,
-        total)` is called after each image token."""
+        total)` is called after each image token. decoding="sjd" decodes by speculative Jacobi
+        decoding with a window of `window` tokens (janus_fast.JanusPro, on the engine): fewer
+        forward passes, the same distribution as token by token (janus_fast.ops.sjd_verify);
+        the same seed gives the same images for the same settings and window."""
+        check_decoding(decoding, window, self.config.vq.num_tokens)
         proc = self._processor(processor)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or isinstance(parallel_size, bool) or not isinstance(parallel_size, int) or parallel_size < 1:
@@ -238,17 +259,22 @@ class JanusPro(nn.Module):
             if len(seeds) != len(prompts):
                 raise ValueError(f"seed must be one int or one per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
         ids = [self._generation_prompt_ids(proc, text) for text in prompts]
+        sjd = {} if decoding == "token" else {"decoding": decoding, "window": window}
         codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k or 0,
-                                           1.0 if top_p is None else top_p, seeds, progress)
+                                           1.0 if top_p is None else top_p, seeds, progress, **sjd)
         return self.decode_images(codes)
 
     def generate_image_tokens(self, prompts: list[list[int]], pad_id: int, parallel_size: int, cfg_weight: float,
                               temperature: float, top_k: int, top_p: float, seeds: list[int],
-                              progress=None) -> torch.Tensor:
+                              progress=None, decoding: str = "token", window: int = DEFAULT_WINDOW) -> torch.Tensor:
         """The image-token loop of `generate_images`, eager over a growing cache (the engine
         replaces it): prompt token ids -> codes [len(prompts) * parallel_size, num_tokens].
         Request r samples its rows in its own cfg_sample launch from the random state
-        new_rng_state(seeds[r]), so its draws do not depend on the other requests."""
+        new_rng_state(seeds[r]), so its draws do not depend on the other requests. Token by
+        token only: speculative Jacobi decoding needs the engine's static buffers."""
+        if decoding != "token":
+            raise ValueError(f"decoding={decoding!r} runs on the engine: use janus_fast.JanusPro "
+                             f"({type(self).__name__} decodes token by token)")
         rows = []
         for ids in prompts:
             rows += [ids, unconditional_prompt(ids, pad_id)] * parallel_size

@@ -27,6 +27,7 @@ __all__ = [
     "sampling_probs",
     "cfg_sample",
     "sjd_init_position",
+    "sjd_residual",
     "sjd_verify",
     "rms_norm",
     "rope_kv_write",
@@ -169,6 +170,8 @@ def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
     none, giving 0, when that is <= 0). W = 1 is `decode_attention`. -> [B, W, Hq, D]."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     w = q.shape[1]
+    used = int(cache_seqlens.max()) if cache_seqlens.numel() else 0  # (slots past every length: never read)
+    k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     seen = cache_seqlens[:, None].long() - (w - 1) + torch.arange(w, device=q.device)  # [B, W]
     visible = (torch.arange(k_cache.shape[1], device=q.device) < seen[:, :, None])[:, None]  # [B, 1, W, S_max]
     p, _ = _softmax_rows(_scores(q, k_cache, visible, scale))
@@ -296,6 +299,11 @@ def sjd_init_position(tokens, positions, window_end, grid_width):
     return torch.where(use_above, tokens.gather(1, above.clamp(0, tokens.shape[1] - 1)), last)
 
 
+def sjd_residual(p, q):
+    """Where a rejected draft is redrawn from: max(p - q, 0) (normalised by the draw)."""
+    return (p - q).clamp(min=0)
+
+
 def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight, temperature=1.0, top_k=0,
                top_p=1.0, generator=None, grid_width=0):
     """One verification of speculative Jacobi decoding, in place; the maths and the proof are in
@@ -327,7 +335,7 @@ def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight
     q_d = q_full.gather(2, safe[:, :, None])[:, :, 0]
     u = torch.rand(b, w, generator=generator, device=device)
     accepted = (u * q_d < p_d) & ~bad & active[:, None]
-    residual = (p - q_full).clamp(min=0).nan_to_num(0.0)
+    residual = sjd_residual(p, q_full).nan_to_num(0.0)
     residual = torch.where((residual.sum(-1) > 0)[:, :, None], residual, onehot)  # (no mass: keep the draft)
     drawn = torch.multinomial(residual.reshape(b * w, v), 1, generator=generator).view(b, w)
     out = torch.where(bad, -1, torch.where(accepted, draft, drawn))

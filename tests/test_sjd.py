@@ -1,0 +1,287 @@
+"""Speculative Jacobi decoding on the engine (janus_fast.engine.sjd), on tiny random models.
+
+The proofs of janus_fast/ops/sampling_verify.py, checked end to end:
+  - temperature 0: SJD commits exactly the token-by-token tokens (any window);
+  - sampling: SJD draws from the token-by-token distribution. On a tiny model with 2 x 2-token
+    images and top-k 3, the exact law of a whole image (81 outcomes) is enumerated from the model
+    and thousands of SJD images are tested against it (chi-square on the joint: every marginal
+    and pair statistic at once); the same test rejects a deliberately wrong rule (a rejected
+    draft redrawn from p instead of max(p - q, 0)) by a wide margin. The full tier adds the
+    16-token tiny model: per-position marginals and horizontal / vertical pair statistics of SJD
+    against token-by-token images. Fixed seeds: deterministic, not flaky.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from janus_fast import cli, ops
+from janus_fast.engine import BadLogitsError, ImageSettings, JanusPro, generate_image_tokens_sjd
+from janus_fast.engine.step import Buckets
+from janus_fast.models import JanusPro as EagerJanusPro
+from janus_fast.models.janus_pro import unconditional_prompt
+from janus_fast.ops import reference
+from tests.helpers import FULL, chi_square_pvalue, grid
+from tests.test_engine import engine_copy
+from tests.tiny_janus import tiny_model
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def engine(plain):
+    return engine_copy(plain)
+
+
+def prompt_ids(model, *texts):
+    return [model._generation_prompt_ids(model.processor, t) for t in texts]
+
+
+def sjd(model, ids, parallel_size, seeds, window, **settings):
+    s = dict(cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0) | settings
+    image = ImageSettings(s["cfg_weight"], s["temperature"], s["top_k"], s["top_p"], (parallel_size,) * len(ids))
+    return generate_image_tokens_sjd(model, ids, model.processor.pad_id, parallel_size, image, seeds, Buckets(),
+                                     window=window)
+
+
+# ---------------------------------------------------------------------------- the verification pass
+
+
+def test_verify_step_is_w_decode_steps(plain):
+    """W tokens through verify_step give the hidden states and cache entries of W decode steps,
+    and leave the lengths to the caller."""
+    lm = plain.language_model.model
+    b, w, prompt = 3, 4, 5
+    x = torch.randn(b, prompt + w, lm.config.hidden_size)
+    with torch.no_grad():
+        caches = [lm.new_cache(b, prompt + w + 2) for _ in range(2)]
+        for cache in caches:
+            lm(inputs_embeds=x[:, :prompt], past_key_values=cache, use_cache=True)
+        one_by_one = torch.stack([lm.decode_step(x[:, prompt + j], caches[0]) for j in range(w)], 1)
+        window = lm.verify_step(x[:, prompt:], caches[1])
+    torch.testing.assert_close(window, one_by_one, atol=1e-5, rtol=1e-5)
+    assert caches[1].seqlens.tolist() == [prompt] * b and caches[0].seqlens.tolist() == [prompt + w] * b
+    for layer in range(len(lm.layers)):
+        torch.testing.assert_close(caches[1].k[layer][:, :prompt + w], caches[0].k[layer][:, :prompt + w])
+
+
+# ---------------------------------------------------------------------------- greedy: the same tokens
+
+
+@pytest.mark.parametrize("window", grid([3, 16], [1, 2, 5]))
+def test_greedy_sjd_gives_the_token_by_token_tokens(plain, engine, window):
+    ids = prompt_ids(plain, "fox", "a much longer prompt about a fox in the snow")  # different lengths
+    want = plain.generate_image_tokens(ids, plain.processor.pad_id, 2, 5.0, 0.0, 0, 1.0, [5, 6])
+    got = sjd(engine, ids, 2, [5, 6], window, temperature=0.0)
+    assert torch.equal(got.codes, want)
+    assert (got.passes >= 1).all() and (got.passes <= 15).all()
+
+
+def test_window_of_one_takes_one_pass_per_token(engine):
+    got = sjd(engine, prompt_ids(engine, "fox"), 3, [1], 1, top_k=5)
+    assert got.passes.tolist() == [15, 15, 15] and got.steps == 15
+
+
+# ---------------------------------------------------------------------------- sampling: the same law
+
+
+def short_image_model(plain) -> JanusPro:
+    """The tiny model's weights with 32 x 32 images: 2 x 2 = 4 tokens per image."""
+    config = dataclasses.replace(plain.config, vq=dataclasses.replace(plain.config.vq, image_size=32))
+    model = JanusPro(config).eval()
+    model.load_state_dict(plain.state_dict())
+    model.processor = plain.processor
+    return model
+
+
+@torch.no_grad()
+def exact_image_law(model, ids, cfg_weight, temperature, top_k, top_p):
+    """Every image the sampler can draw and its probability (float64), enumerated token by token
+    from the model's guided filtered distributions (reference.sampling_probs), batching the
+    prefixes of one length in one dense forward."""
+    lm, n_tokens, hidden = model.language_model, model.config.vq.num_tokens, model.config.language.hidden_size
+    prompts = [lm.get_input_embeddings()(torch.tensor(p)) for p in (ids, unconditional_prompt(ids, model.processor.pad_id))]
+    images, probs = torch.zeros(1, 0, dtype=torch.long), torch.ones(1, dtype=torch.float64)
+    for t in range(n_tokens):
+        drawn = model.prepare_gen_img_embeds(images.reshape(-1)).view(len(images), t, hidden)
+        rows = torch.stack([torch.cat([p.expand(len(images), -1, -1), drawn], 1) for p in prompts], 1).flatten(0, 1)
+        logits = model.gen_head(lm.model(inputs_embeds=rows).last_hidden_state[:, -1])
+        p = reference.sampling_probs(logits.double(), cfg_weight, temperature, top_k, top_p)
+        prefix, token = torch.nonzero(p > 0, as_tuple=True)
+        images = torch.cat([images[prefix], token[:, None]], 1)
+        probs = probs[prefix] * p[prefix, token]
+    return images, probs
+
+
+def joint_pvalue(codes, images, probs):
+    """(p-value of the drawn images' counts against the exact law, images outside its support)."""
+    index = {tuple(x): i for i, x in enumerate(images.tolist())}
+    found = [index.get(tuple(x), -1) for x in codes.tolist()]
+    counts = torch.bincount(torch.tensor([i for i in found if i >= 0]), minlength=len(images)).double()
+    return chi_square_pvalue(counts, probs), found.count(-1)
+
+
+@pytest.fixture(scope="module")
+def short(plain):
+    model = short_image_model(plain)
+    return model, prompt_ids(model, "a red square")[0]
+
+
+SAMPLING = grid([(2, dict(temperature=1.0, top_k=3))],
+                [(3, dict(temperature=0.7, top_k=3)), (4, dict(temperature=1.0, top_k=4, top_p=0.8)),
+                 (1, dict(temperature=1.3, top_k=3))])
+
+
+@pytest.mark.parametrize("window, settings", SAMPLING)
+def test_sjd_images_have_the_exact_token_by_token_law(short, window, settings):
+    model, ids = short
+    s = dict(cfg_weight=5.0, top_p=1.0) | settings
+    images, probs = exact_image_law(model, ids, s["cfg_weight"], s["temperature"], s["top_k"], s["top_p"])
+    assert len(images) > 20 and abs(float(probs.sum()) - 1) < 1e-9
+    n = 8000 if FULL else 2500
+    codes = sjd(model, [ids], n, [7], window, **settings).codes
+    pvalue, outside = joint_pvalue(codes, images, probs)
+    assert outside == 0 and pvalue > 1e-4, (pvalue, outside)
+
+
+def test_the_law_test_rejects_a_wrong_rule(short, monkeypatch):
+    """Redrawing a rejected draft from p (a classic bug) instead of max(p - q, 0) over-weights the
+    drafts: the same test as above fails by dozens of orders of magnitude."""
+    model, ids = short
+    images, probs = exact_image_law(model, ids, 5.0, 1.0, 3, 1.0)
+    monkeypatch.setattr(reference, "sjd_residual", lambda p, q: p)
+    codes = sjd(model, [ids], 1500, [7], 2, top_k=3).codes
+    pvalue, outside = joint_pvalue(codes, images, probs)
+    assert outside == 0 and pvalue < 1e-10, pvalue
+
+
+@pytest.mark.skipif(not FULL, reason="full tier: the enumeration checked against the token-by-token sampler")
+def test_token_by_token_images_have_the_enumerated_law(short):
+    model, ids = short
+    images, probs = exact_image_law(model, ids, 5.0, 1.0, 3, 1.0)
+    codes = model.generate_image_tokens([ids], model.processor.pad_id, 8000, 5.0, 1.0, 3, 1.0, [3])
+    pvalue, outside = joint_pvalue(codes, images, probs)
+    assert outside == 0 and pvalue > 1e-4
+
+
+def two_sample_pvalue(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson's chi-square test that two samples of categories share one distribution."""
+    cats, inverse = torch.unique(torch.cat([a, b]), return_inverse=True)
+    counts = torch.stack([torch.bincount(inverse[:len(a)], minlength=len(cats)),
+                          torch.bincount(inverse[len(a):], minlength=len(cats))]).double()
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+    stat = ((counts - expected) ** 2 / expected).sum()
+    return torch.special.gammaincc(torch.tensor(max(len(cats) - 1, 1) / 2, dtype=torch.float64), stat / 2).item()
+
+
+def marginal_and_pair_pvalues(x, y, grid_width, vocab):
+    """Two-sample p-values of every position's token, and of every horizontal and vertical pair."""
+    n = x.shape[1]
+    tables = [(x[:, i], y[:, i]) for i in range(n)]
+    tables += [(x[:, i] * vocab + x[:, j], y[:, i] * vocab + y[:, j]) for i in range(n)
+               for j in (i + 1, i + grid_width) if j < n and (j != i + 1 or j % grid_width)]
+    return [two_sample_pvalue(a, b) for a, b in tables]
+
+
+@pytest.mark.skipif(not FULL, reason="full tier: thousands of 16-token images")
+@pytest.mark.parametrize("window", [16, 3])
+def test_sjd_marginals_and_pairs_match_token_by_token(engine, window):
+    ids = prompt_ids(engine, "a red square")
+    n, vq = 3000, engine.config.vq
+    base = engine.generate_image_tokens(ids, engine.processor.pad_id, n, 5.0, 1.0, 3, 1.0, [1])
+    codes = sjd(engine, ids, n, [2], window, top_k=3).codes
+    pvalues = marginal_and_pair_pvalues(base, codes, vq.grid, vq.codebook_size)
+    assert len(pvalues) == 16 + 24 and min(pvalues) > 1e-4 / len(pvalues), sorted(pvalues)[:3]
+
+
+# ---------------------------------------------------------------------------- seeds, requests, API
+
+
+def test_same_seed_same_images_and_requests_are_independent(engine):
+    ids = prompt_ids(engine, "a dog on a sofa", "a cat")
+    alone = sjd(engine, ids[1:], 3, [11], 4, top_k=8).codes
+    assert torch.equal(sjd(engine, ids[1:], 3, [11], 4, top_k=8).codes, alone)
+    batch = sjd(engine, ids, 3, [3, 11], 4, top_k=8).codes
+    assert torch.equal(batch[3:], alone) and not torch.equal(batch[:3], alone)
+    assert not torch.equal(sjd(engine, ids[1:], 3, [12], 4, top_k=8).codes, alone)
+
+
+def test_generate_images_front_door(engine):
+    images = engine.generate_images("a fox", parallel_size=2, seed=3, top_k=10, decoding="sjd", window=5)
+    codes = engine.generate_image_tokens(prompt_ids(engine, "a fox"), engine.processor.pad_id, 2, 5.0, 1.0, 10, 1.0,
+                                         [3], decoding="sjd", window=5)
+    assert torch.equal(images, engine.decode_images(codes))
+
+
+def test_bad_logits_raise_with_their_token(engine):
+    calls = []
+
+    def poison(module, args, out):  # the 3rd gen_head call: the 2nd verification pass
+        calls.append(1)
+        return out.index_fill(1, torch.tensor([3]), float("nan")) if len(calls) == 3 else out
+
+    handle = engine.gen_head.register_forward_hook(poison)
+    try:
+        with pytest.raises(BadLogitsError, match="image token"):
+            sjd(engine, prompt_ids(engine, "a fox"), 2, [0], 2)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("decoding, window, error", [
+    ("jacobi", 16, ValueError), ("sjd", 0, ValueError), ("sjd", 17, ValueError), ("sjd", 2.0, TypeError),
+    ("sjd", True, TypeError)])
+def test_bad_decoding_arguments_fail_before_any_launch(engine, monkeypatch, decoding, window, error):
+    monkeypatch.setattr(ops, "varlen_attention", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(error, match="decoding" if decoding != "sjd" else "window"):
+        engine.generate_images("a fox", parallel_size=1, decoding=decoding, window=window)
+    with pytest.raises(error):
+        engine.generate_image_tokens(prompt_ids(engine, "a fox"), engine.processor.pad_id, 1, 5.0, 1.0, 0, 1.0,
+                                     [0], decoding=decoding, window=window)
+
+
+def test_eager_models_class_says_sjd_needs_the_engine(plain):
+    assert type(plain) is EagerJanusPro
+    with pytest.raises(ValueError, match="runs on the engine"):
+        plain.generate_images("a fox", parallel_size=1, decoding="sjd")
+
+
+def test_cli_passes_decoding_and_window(tmp_path, monkeypatch, engine):
+    seen = {}
+
+    def fake(self, prompt, **kw):
+        seen.update(kw)
+        return torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+
+    monkeypatch.setattr(JanusPro, "generate_images", fake)
+    monkeypatch.setattr(cli, "_load", lambda args, model_dir: engine)
+    monkeypatch.setattr(cli, "check_model_dir", lambda path: tmp_path)
+    cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--n", "1", "--out", str(tmp_path / "o"),
+              "--device", "cpu", "--decoding", "sjd", "--window", "8"])
+    assert seen["decoding"] == "sjd" and seen["window"] == 8
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--out", str(tmp_path / "o"),
+                  "--decoding", "fast"])
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(top_k=20, top_p=0.9)])
+def test_gpu_captured_sjd_equals_eager_steps(settings):
+    from janus_fast.models.random_model import random_model
+
+    model = random_model("tiny", device="cuda", dtype=torch.float16, model_class=JanusPro)
+    ids = prompt_ids(model, "a fox", "a much longer prompt about a fox")
+    image = ImageSettings(5.0, settings.get("temperature", 1.0), settings.get("top_k", 0), settings.get("top_p", 1.0),
+                          (2, 2))
+    runs = [generate_image_tokens_sjd(model, ids, model.processor.pad_id, 2, image, [1, 2], Buckets(), window=6,
+                                      use_graphs=capture) for capture in (False, True)]
+    assert torch.equal(runs[0].codes, runs[1].codes) and torch.equal(runs[0].passes, runs[1].passes)
