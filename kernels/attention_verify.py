@@ -80,14 +80,20 @@ def _verify_split_kernel(
 
 
 def tiles(arch_name, block_d, element_size, rows):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M covers the W * group rows up to 64 (at
-    least 16, tl.dot's minimum); 2 stages double-buffer the K/V tiles. Chosen by compile facts
-    (tests/test_verify_compile_facts.py): spill-free on sm_80 and sm_90."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for W * group = `rows` query rows: 16-bit tiles
+    up to head_dim 128 take BLOCK_M up to 64 (at least 16, tl.dot's minimum) and 64 keys; wider
+    heads and fp32 take smaller fixed tiles. 2 stages double-buffer the K/V tiles. Chosen by
+    compile facts (tests/test_verify_compile_facts.py): spill-free on sm_80 and sm_90 under
+    Triton 3.6 and 3.9, where larger tiles spill (fp32 with 32 keys, 16-bit 256-wide with 16 rows
+    on 3.6, 4 warps at 128 on 3.6's sm_80)."""
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     if arch_name == "interp":
         return block_m, 16, 4, 1
-    wide = block_d * element_size > 256
-    return block_m, (32 if wide else 64), (8 if wide or block_m == 64 else 4), 2
+    if element_size == 4:
+        return 16, 16, 4, 2
+    if block_d > 128:
+        return 32, 32, 8, 2
+    return block_m, 64, 8, 2
 
 
 def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):

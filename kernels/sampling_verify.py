@@ -182,32 +182,32 @@ def _sjd_verify_kernel(logits_ptr, stride_pair, stride_col, tokens_ptr, stride_t
     tl.debug_barrier()
     arrived = tl.atomic_add(seed_ptr + 2, 1)
     if arrived == tl.num_programs(0) - 1:
-        cols = tl.arange(0, WP)
+        win = tl.arange(0, WP)
         for b0 in range(0, B, COMMIT):
             bb = (b0 + tl.arange(0, COMMIT)).to(tl.int64)
             ok = bb < B
-            ok2 = ok[:, None] & (cols[None, :] < W)
-            n = tl.load(progress_ptr + 2 * bb, mask=ok, other=N, cache_modifier=".cg")
+            ok2 = ok[:, None] & (win[None, :] < W)
+            n_img = tl.load(progress_ptr + 2 * bb, mask=ok, other=N, cache_modifier=".cg")
             passes = tl.load(progress_ptr + 2 * bb + 1, mask=ok, other=0, cache_modifier=".cg")
-            acc = tl.load(accepted_ptr + bb[:, None] * W + cols[None, :], mask=ok2, other=0, cache_modifier=".cg")
-            first_rejected = tl.min(tl.where((acc != 0) | (cols[None, :] >= W), W, cols[None, :]), axis=1)
-            count = tl.minimum(tl.minimum(first_rejected + 1, W).to(tl.int64), N - n)
-            count = tl.where(ok & (n < N), count, 0)
-            row = tokens_ptr + bb * stride_tok
-            end = tl.minimum(n, N) + W  # positions < end hold a token
-            last = tl.load(row + end - 1, mask=ok, other=0, cache_modifier=".cg")
-            fresh = end[:, None] + cols[None, :]
-            tl.store(row[:, None] + fresh, _fresh_draft(row, fresh, end, last, grid_width, ok2),
-                     mask=ok2 & (cols[None, :] < count[:, None]))
+            acc = tl.load(accepted_ptr + bb[:, None] * W + win[None, :], mask=ok2, other=0, cache_modifier=".cg")
+            first_rejected = tl.min(tl.where((acc != 0) | (win[None, :] >= W), W, win[None, :]), axis=1)
+            count = tl.minimum(tl.minimum(first_rejected + 1, W).to(tl.int64), N - n_img)
+            count = tl.where(ok & (n_img < N), count, 0)
+            img_row = tokens_ptr + bb * stride_tok
+            end = tl.minimum(n_img, N) + W  # positions < end hold a token
+            last = tl.load(img_row + end - 1, mask=ok, other=0, cache_modifier=".cg")
+            fresh = end[:, None] + win[None, :]
+            tl.store(img_row[:, None] + fresh, _fresh_draft(img_row, fresh, end, last, grid_width, ok2),
+                     mask=ok2 & (win[None, :] < count[:, None]))
             tl.store(point_ptr + bb[:, None] * stride_point + fresh, tl.full([COMMIT, WP], 1, tl.int8),
-                     mask=ok2 & (cols[None, :] < count[:, None]))
-            nxt = (n + count - 1)[:, None] + cols[None, :]
+                     mask=ok2 & (win[None, :] < count[:, None]))
+            nxt = (n_img + count - 1)[:, None] + win[None, :]
             held = nxt < end[:, None]
-            ids = tl.where(held, tl.load(row[:, None] + nxt, mask=ok2 & held, other=0, cache_modifier=".cg"),
-                           _fresh_draft(row, nxt, end, last, grid_width, ok2 & ~held))
-            tl.store(next_ptr + (2 * bb)[:, None] * stride_next + cols[None, :], ids, mask=ok2)
-            tl.store(next_ptr + (2 * bb + 1)[:, None] * stride_next + cols[None, :], ids, mask=ok2)
-            tl.store(progress_ptr + 2 * bb, n + count, mask=ok)
+            ids = tl.where(held, tl.load(img_row[:, None] + nxt, mask=ok2 & held, other=0, cache_modifier=".cg"),
+                           _fresh_draft(img_row, nxt, end, last, grid_width, ok2 & ~held))
+            tl.store(next_ptr + (2 * bb)[:, None] * stride_next + win[None, :], ids, mask=ok2)
+            tl.store(next_ptr + (2 * bb + 1)[:, None] * stride_next + win[None, :], ids, mask=ok2)
+            tl.store(progress_ptr + 2 * bb, n_img + count, mask=ok)
             tl.store(progress_ptr + 2 * bb + 1, passes + (count > 0).to(tl.int64), mask=ok)
             for r in tl.static_range(2):
                 lengths = tl.load(lengths_ptr + 2 * bb + r, mask=ok, other=0, cache_modifier=".cg")
