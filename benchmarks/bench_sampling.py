@@ -82,10 +82,11 @@ def test_cfg_sample(benchmark, shape, rows, vocab, dtype, filt, impl):
         backend = impl.split()[-1]
         harness.require_backend("cfg_sample", backend, "sampling")
         state = ops.new_rng_state(0, device=harness.DEVICE)  # the engine's one-launch path
+        workspace = ops.new_sampling_workspace(rows // 2, device=harness.DEVICE)  # made before the capture, as the engine
 
         def fn():
             return ops.cfg_sample(logits, cfg_weight=CFG_WEIGHT, top_k=top_k, top_p=top_p, rng_state=state,
-                                  return_ids=True, backend=backend)
+                                  return_ids=True, workspace=workspace, backend=backend)
 
         harness.available(fn, impl, errors=(ImportError,))
     goal = target_us(shape, filt)

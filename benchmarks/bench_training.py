@@ -151,9 +151,10 @@ def test_llm_step(benchmark, peer):
 def synthetic_multitask_batch(config, image_id: int, pad_id: int, rows: int = ROWS, row_tokens: int = ROW_TOKENS,
                               seed: int = 0):
     """A packed batch of random understanding, text-to-image and text samples (5 : 4 : 1 by count,
-    the stage III mix), built by the real packer from synthetic encoded samples."""
+    the stage III mix), built by the real packer from synthetic encoded samples: the fullest
+    best-fit micro-batch of up to rows x row_tokens tokens (one flat sequence, no pads)."""
     from janus_fast.training.data import GEN_IMAGE, TEXT, UND_IMAGE, EncodedSample
-    from janus_fast.training.packing import PackedLoader
+    from janus_fast.training.packing import best_fit, collate, unconditional
 
     rng = random.Random(seed)
     vocab, n_img, n_gen = config.language.vocab_size, config.vision.num_tokens, config.vq.num_tokens
@@ -175,9 +176,9 @@ def synthetic_multitask_batch(config, image_id: int, pad_id: int, rows: int = RO
                else rng.randrange(vocab) for k in kinds]
         samples.append(EncodedSample(i, f"synthetic:{i} ({kind})", ids, kinds, targets, prompt, image))
     size = config.vision.image_size
-    loader = PackedLoader(samples, row_tokens=row_tokens, rows_per_batch=rows, pad_id=pad_id, image_size=size,
-                          images=lambda s: torch.randn(3, size, size), uncond_prob=0.1, seed=seed)
-    return loader.collate(loader.next_rows())
+    fullest = max(best_fit([len(s) for s in samples], rows * row_tokens), key=lambda b: sum(len(samples[i]) for i in b))
+    return collate([samples[i] for i in fullest], [unconditional(seed, 0, i, 0.1) for i in fullest], pad_id, size,
+                   images=lambda s: torch.randn(3, size, size))
 
 
 def test_multitask_step(benchmark):
@@ -207,7 +208,7 @@ def test_multitask_step(benchmark):
         step()
         info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     harness.record(benchmark, step, case=case, label=OURS, info=info,
-                   tokens_per_s=lambda ms: batch.num_real_tokens / ms * 1e3)
+                   tokens_per_s=lambda ms: batch.num_tokens / ms * 1e3)
 
 
 LOSS_PEERS = ["torch (full logits)", "Liger fused", "janus_fast triton"]

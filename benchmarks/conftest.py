@@ -30,6 +30,10 @@ def _family(item) -> str:
     return item.path.stem.removeprefix("bench_")
 
 
+def pytest_configure(config):
+    config.pluginmanager.import_plugin("tests.run_limits")  # JANUS_FAST_TEST_TIMEOUT: a hung case fails alone
+
+
 def pytest_runtest_setup(item):
     harness.begin_test(_family(item))
 
@@ -50,11 +54,12 @@ def _reason(report) -> str:
 
 
 def _write(family: str, lines: list[dict]) -> None:
-    out = os.environ.get("JANUS_FAST_BENCH_OUT")
-    if not out or not lines:
+    """Appends to JANUS_FAST_BENCH_FILE, or to <family>.jsonl in JANUS_FAST_BENCH_OUT."""
+    out, path = os.environ.get("JANUS_FAST_BENCH_OUT"), os.environ.get("JANUS_FAST_BENCH_FILE")
+    if not (out or path) or not lines:
         return
     # appended and synced per test; a line cut by a kill is skipped by render.py
-    with open(os.path.join(out, f"{family}.jsonl"), "a", encoding="utf-8") as f:
+    with open(path or os.path.join(out, f"{family}.jsonl"), "a", encoding="utf-8") as f:
         for line in lines:
             f.write(json.dumps(line, default=str) + "\n")
         f.flush()

@@ -17,6 +17,8 @@ nn.Linear / GELU / Embedding / convolutions, the same work as the official ones.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -215,14 +217,32 @@ def transformers_janus(model):
     return janus.to(model.dtype).eval()
 
 
+def _static_cache_call_is_broken(janus) -> bool:
+    """Whether this transformers' Janus generate() calls _prepare_static_cache without the
+    prefill_chunk_size argument it requires (transformers 5.17: a TypeError before the first
+    step). Such a version reads a StaticCache passed as past_key_values; later ones pass the
+    argument, and reject past_key_values."""
+    required = inspect.signature(janus._prepare_static_cache).parameters.get("prefill_chunk_size")
+    if required is None or required.default is not inspect.Parameter.empty:
+        return False
+    return "prefill_chunk_size" not in inspect.getsource(type(janus).generate)
+
+
 @torch.inference_mode()
 def transformers_janus_generate(janus, model, ids: list[int], parallel_size: int) -> np.ndarray:
-    """transformers' image generation: its CFG processor, static cache and torch.multinomial."""
+    """transformers' image generation: its CFG processor, static cache and torch.multinomial (the
+    StaticCache made here, as generate() makes it, where that version's own call is broken)."""
     input_ids = torch.tensor([ids], device=model.device)
     gen = janus.generation_config
     gen.bos_token_id, gen.pad_token_id = ids[0], model.processor.pad_id
     gen.generation_kwargs = {"boi_token_id": ids[-1]}
+    extra = {}
+    if _static_cache_call_is_broken(janus):
+        from transformers import StaticCache
+
+        extra["past_key_values"] = StaticCache(config=janus.config.get_text_config(decoder=True),
+                                               max_cache_len=len(ids) + model.config.vq.num_tokens)
     codes = janus.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_mode="image",
-                           do_sample=True, num_return_sequences=parallel_size, guidance_scale=CFG_WEIGHT)
+                           do_sample=True, num_return_sequences=parallel_size, guidance_scale=CFG_WEIGHT, **extra)
     images = janus.decode_image_tokens(codes)  # [N, S, S, 3] in [-1, 1]
     return np.clip((images.float().cpu().numpy() + 1) / 2 * 255, 0, 255).astype(np.uint8)

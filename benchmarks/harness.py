@@ -17,6 +17,7 @@ that proves the benchmark runs end to end, never how fast a kernel is.
 
 Environment (set by `python -m janus_fast.bench`):
     JANUS_FAST_BENCH_OUT       the directory whose <family>.jsonl cells are appended to
+    JANUS_FAST_BENCH_FILE      one file every family's cells are appended to instead
     JANUS_FAST_BENCH_TINY      1: tiny shapes (the default without CUDA)
     JANUS_FAST_BENCH_BUDGET    seconds per family, from its first case, after which its
                                remaining cases skip with the reason

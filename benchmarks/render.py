@@ -6,10 +6,10 @@ into one markdown report:
 - one table per family, a row per case, a column per contender, a footnote with the reason for
   every skipped or failed cell;
 - the runs: device, versions, commit, dirty flag, command;
-- a PNG chart per family next to the output (TFLOP/s, or time on a log scale), when matplotlib
-  is installed.
+- a PNG chart per family next to the output (TFLOP/s, or time on a log scale), or one for all
+  with --one-chart, when matplotlib is installed.
 
-    python benchmarks/render.py results/*.jsonl -o benchmarks/RESULTS.md
+    python benchmarks/render.py results/*.jsonl          # -> results/RESULTS.md (and charts) beside them
 
 When a cell appears in several lines (re-runs), the latest timed line wins, else the latest line.
 """
@@ -138,7 +138,9 @@ def summary_rows(tables: dict) -> list[str]:
             best_ours = min(ours.items(), key=lambda kv: kv[1]["kernel_ms"], default=None)
             best_peer = min(peers.items(), key=lambda kv: kv[1]["kernel_ms"], default=None)
             speedup = "—"
-            if best_ours and best_peer:
+            if best_ours and best_peer and (is_cpu(best_ours[1]) or is_cpu(best_peer[1])):
+                speedup = "not judged (CPU)"
+            elif best_ours and best_peer:
                 speedup = f"{num(best_peer[1]['kernel_ms'] / best_ours[1]['kernel_ms'])}×"
             name = target["metric"]
             bound = target.get("at_least", target.get("at_most"))
@@ -205,7 +207,7 @@ MEANING = """## What the numbers mean
   each followed by a device sync: they are not these numbers.
 
 To reproduce: `python -m janus_fast.bench --family FAMILY --out DIR` per family (the command in
-Runs), then `python benchmarks/render.py DIR/*.jsonl -o benchmarks/RESULTS.md`.
+Runs), then `python benchmarks/render.py DIR/*.jsonl` (writes DIR/RESULTS.md).
 """
 
 
@@ -224,10 +226,30 @@ def _bars(ax, ok: dict, value, ylabel: str, log: bool) -> None:
     ax.legend(fontsize=7)
 
 
-def make_chart(table: str, cells: dict, path: Path) -> bool:
-    """Bar charts of the table's timed cells, ours beside the peers: TFLOP/s for the cases that
-    have it, kernel time (log scale) for the rest. False when matplotlib is missing or nothing
-    was timed."""
+def _panels(cells: dict) -> list:
+    """(cells, value, y label, log scale) of a table's chart panels: TFLOP/s for the cases that
+    have it, kernel time (log scale) for the other timed cases."""
+    ok = {key: line for key, line in cells.items() if line.get("status") == "ok"}
+    flops_cases = {c for (c, _), line in ok.items() if line.get("tflops") is not None}
+    return [(p, v, y, log) for p, v, y, log in (
+        ({k: x for k, x in ok.items() if k[0] in flops_cases}, lambda x: x["tflops"], "TFLOP/s (higher is better)",
+         False),
+        ({k: x for k, x in ok.items() if k[0] not in flops_cases}, lambda x: x["kernel_ms"] * 1000,
+         "time, µs (the first figure of a cell; log, lower is better)", True)) if p]
+
+
+def _draw(fig, table: str, panels: list) -> None:
+    widths = [max(4.0, 0.35 * len(p)) for p, *_ in panels]
+    axes = fig.subplots(1, len(panels), width_ratios=widths, squeeze=False)
+    for ax, (part, value, ylabel, log) in zip(axes[0], panels):
+        _bars(ax, part, value, ylabel, log)
+    devices = ", ".join(ordered(line.get("context", {}).get("device", "?") for p, *_ in panels for line in p.values()))
+    fig.suptitle(f"{table}: {devices}" + (" (CPU: harness check, not kernel speed)" if devices == "cpu" else ""))
+
+
+def make_chart(tables: dict, path: Path) -> bool:
+    """Bar charts of the tables' timed cells, ours beside the peers, one row per table, in one
+    PNG. False when matplotlib is missing or nothing was timed."""
     try:
         import matplotlib
 
@@ -235,64 +257,69 @@ def make_chart(table: str, cells: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ok = {key: line for key, line in cells.items() if line.get("status") == "ok"}
-    flops_cases = {c for (c, _), line in ok.items() if line.get("tflops") is not None}
-    panels = [(p, v, y, log) for p, v, y, log in (
-        ({k: x for k, x in ok.items() if k[0] in flops_cases}, lambda x: x["tflops"], "TFLOP/s (higher is better)",
-         False),
-        ({k: x for k, x in ok.items() if k[0] not in flops_cases}, lambda x: x["kernel_ms"] * 1000,
-         "time, µs (the first figure of a cell; log, lower is better)", True)) if p]
-    if not panels:
+    rows = [(table, panels) for table, cells in tables.items() if (panels := _panels(cells))]
+    if not rows:
         return False
-    widths = [max(4.0, 0.35 * len(p)) for p, *_ in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1, 4.8), width_ratios=widths, squeeze=False)
-    for ax, (part, value, ylabel, log) in zip(axes[0], panels):
-        _bars(ax, part, value, ylabel, log)
-    devices = ", ".join(ordered(line.get("context", {}).get("device", "?") for line in ok.values()))
-    fig.suptitle(f"{table}: {devices}" + (" (CPU: harness check, not kernel speed)" if devices == "cpu" else ""))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    width = max(sum(max(4.0, 0.35 * len(p)) for p, *_ in panels) for _, panels in rows) + 1
+    try:  # (an older matplotlib may lack subfigures: the report is written without the chart)
+        fig = plt.figure(figsize=(width, 4.8 * len(rows)), layout="constrained")
+        for sub, (table, panels) in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
+            _draw(sub, table, panels)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    except (TypeError, AttributeError, ValueError) as e:
+        print(f"render: no chart {path.name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+    finally:
+        plt.close("all")
     return True
 
 
-def render(lines: list[dict], chart_dir: Path | None = None, chart_stem: str = "RESULTS") -> str:
+def render(lines: list[dict], chart_dir: Path | None = None, chart_stem: str = "RESULTS",
+           one_chart: bool = False) -> str:
+    """The report; with chart_dir, a PNG per table (<stem>-<table>.png) or, with one_chart, one
+    for all tables (<stem>.png) beside it."""
     tables = merge(lines)
     out = ["# Benchmark results", ""]
     if any(is_cpu(line) for line in lines):
         out += ["> **CPU results** (tiny shapes, host clock) are a check that the benchmarks run end to end. "
-                "They say nothing about kernel speed, and targets are not judged on them.", ""]
+                "They say nothing about kernel speed: no speed-up is computed from them, and targets are not "
+                "judged on them.", ""]
     if not any(line.get("context", {}).get("device", "n/a") not in ("cpu", "n/a") for line in lines):
         out += ["> **No GPU result** is in these files: the suite is unmeasured on a GPU.", ""]
     rows = summary_rows(tables)
     if rows:
         out += ["## Summary: ours against the best peer", "",
-                "| family | workload | ours (best) | best peer | speed-up | target | ours vs target |",
+                "Targets are the issues' H100 targets (an H200 is measured against them as is).", "",
+                "| family | workload | ours (best) | best peer | speed-up | H100 target | ours vs target |",
                 "|---|---|---|---|---|---|---|", *rows, ""]
+    if chart_dir is not None and one_chart and make_chart(tables, chart_dir / f"{chart_stem}.png"):
+        out += [f"![every table]({chart_stem}.png)", ""]
     for table, cells in tables.items():
         chart = None
-        if chart_dir is not None:
+        if chart_dir is not None and not one_chart:
             path = chart_dir / f"{chart_stem}-{table}.png"
-            chart = path.name if make_chart(table, cells, path) else None
+            chart = path.name if make_chart({table: cells}, path) else None
         out += family_table(table, cells, chart)
     out += runs_table(lines)
     out.append(MEANING)
     return "\n".join(out)
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/render.py", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", help="JSON-lines files from python -m janus_fast.bench")
-    parser.add_argument("-o", "--output", help="markdown file to write (charts beside it); default: stdout")
+    parser.add_argument("-o", "--output", help="markdown file to write (charts beside it; - for stdout); default: "
+                                               "RESULTS.md beside the first file")
+    parser.add_argument("--one-chart", action="store_true", help="one PNG for every table (<output stem>.png)")
     args = parser.parse_args(argv)
     lines = read_lines(args.files)
-    if args.output is None:
+    if args.output == "-":
         print(render(lines))
         return 0
-    output = Path(args.output)
-    atomic_write_text(output, render(lines, chart_dir=output.parent, chart_stem=output.stem))
+    output = Path(args.output) if args.output else Path(args.files[0]).parent / "RESULTS.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, render(lines, chart_dir=output.parent, chart_stem=output.stem,
+                                     one_chart=args.one_chart))
     print(f"render: {len(lines)} lines from {len(args.files)} files -> {output}")
     return 0
 

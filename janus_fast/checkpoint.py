@@ -3,8 +3,9 @@
 Reads an official release directory: config.json (`model_type: "multi_modality"`) and weights as
 model.safetensors / pytorch_model.bin, single or sharded with an index json. Also reads
 directories converted for transformers' JanusForConditionalGeneration (`model_type: "janus"`),
-mapping their keys to the official ones. Pickles are opened with torch.load(weights_only=True,
-mmap=True): no code execution, no full read into memory. The model is built on the meta device
+mapping their keys to the official ones. Pickles are opened with torch.load(weights_only=True): no
+code execution; zip-format files are memory-mapped, legacy (pre-zip) ones read whole. Shards named
+by an index json must lie inside the checkpoint folder. The model is built on the meta device
 and each tensor is assigned as it is read, so peak host memory stays near one copy of the model.
 Loading is strict: missing, unexpected and wrongly shaped keys raise errors that name them.
 """
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -143,7 +145,7 @@ def weight_files(path) -> list[Path]:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{path / index_name} has no 'weight_map' object")
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            files = [_shard_file(path, index_name, f) for f in dict.fromkeys(weight_map.values())]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"shards listed in {path / index_name} are missing: {missing}")
@@ -152,6 +154,25 @@ def weight_files(path) -> list[Path]:
             return [path / single_name]
     names = ", ".join(n for pair in WEIGHT_FILES for n in pair)
     raise FileNotFoundError(f"no weights in {path}: expected one of {names}")
+
+
+def _shard_file(path: Path, index_name: str, name) -> Path:
+    """A shard named by an index json: a file name inside the checkpoint folder, never a path
+    that leads out of it (absolute, `..`, or a symlink pointing elsewhere)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{path / index_name} names the shard {name!r}: shards must be files inside "
+                              f"the checkpoint folder {path}")
+    file = path / name
+    if file.exists() and not file.resolve().is_relative_to(path.resolve()):
+        raise CheckpointError(f"{path / index_name} names the shard {name!r}, which resolves to {file.resolve()}, "
+                              f"outside the checkpoint folder {path}")
+    return file
+
+
+def _torch_load(file: Path):
+    """torch.load(weights_only=True): no code runs. A zip-format file (torch >= 1.6's default)
+    is memory-mapped; a legacy (pre-zip) one cannot be, so it is read whole."""
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
 
 
 def iter_tensors(file: Path):
@@ -167,7 +188,7 @@ def iter_tensors(file: Path):
             raise CheckpointError(f"{file} is not a valid safetensors file: {e}") from None
         return
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load(file)
     except Exception as e:  # torch raises several types for corrupt or unsafe pickles
         raise CheckpointError(f"{file} could not be loaded with torch.load(weights_only=True): {e}") from None
     if not isinstance(state, dict):

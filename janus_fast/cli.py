@@ -1,8 +1,8 @@
 """The `janus-fast` command: generate images, chat about an image, or run a self-contained demo.
 
   janus-fast demo [--keep DIR]        random-weight model -> real checkpoint -> load -> generate + answer
-  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0 --decoding sjd] --out DIR
-  janus-fast chat --model DIR --image FILE "question"
+  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR [--quantize int8 --decoding sjd]
+  janus-fast chat --model DIR --image FILE "question" [--quantize int8 --kv-cache-dtype int8]
   janus-fast train --config FILE      packed multi-task training (under torchrun: FSDP2)
 
 Arguments are checked before anything loads; an error the user can fix prints one line
@@ -25,6 +25,7 @@ import torch
 from .models.janus_pro import DECODINGS, DEFAULT_WINDOW
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANT_FORMATS = ("int8", "fp8")  # janus_fast.ops.quant.FORMATS, without importing the ops here
 
 
 class UsageError(Exception):
@@ -129,8 +130,11 @@ def _load(args, model_dir: Path):
 
     device = _device(args.device)
     t = time.perf_counter()
-    model = JanusPro.from_pretrained(model_dir, dtype=_dtype(args.dtype, device), device=device)
-    print(f"loaded {model_dir} on {device} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    model = JanusPro.from_pretrained(model_dir, dtype=_dtype(args.dtype, device), device=device,
+                                     quantize=args.quantize, kv_cache_dtype=args.kv_cache_dtype)
+    quantized = "".join(f", {what} {fmt}" for what, fmt in (("weights", args.quantize),
+                                                               ("KV cache", args.kv_cache_dtype)) if fmt)
+    print(f"loaded {model_dir} on {device}{quantized} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     return model
 
 
@@ -157,7 +161,13 @@ def cmd_chat(args) -> None:
     print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens))
 
 
+DEMO_MARK = "made-by-janus-fast-demo.txt"  # in a --keep directory: a later demo may replace it
+DEMO_MARK_TEXT = ("This random-weight Janus-Pro checkpoint was made by `janus-fast demo --keep`; running that "
+                  "command again on this directory replaces it.\n")
+
+
 def cmd_demo(args) -> None:
+    from .checkpoint import atomic_write_text
     from .engine import JanusPro
     from .models.random_model import build_random_checkpoint
 
@@ -165,8 +175,9 @@ def cmd_demo(args) -> None:
     dtype = _dtype(args.dtype, device)
     out = check_out_dir(args.out)
     keep = Path(args.keep) if args.keep else None
-    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
-        raise UsageError(f"--keep {keep} must be a new or empty directory")
+    ours = keep is not None and (keep / DEMO_MARK).is_file()
+    if keep is not None and keep.exists() and not ours and (not keep.is_dir() or any(keep.iterdir())):
+        raise UsageError(f"--keep {keep} must be a new or empty directory, or one an earlier demo kept")
     n = args.n or (16 if device.startswith("cuda") else 4)
     print("janus-fast demo: RANDOM weights, so the images are noise and the answer is gibberish.\n"
           "It shows the whole path (build, save a real checkpoint, load, generate, answer) and its speed.\n"
@@ -177,9 +188,11 @@ def cmd_demo(args) -> None:
         ckpt = keep if keep is not None else Path(tmp) / "janus-pro-random"
         t = time.perf_counter()
         config = build_random_checkpoint(ckpt, "1b" if device.startswith("cuda") else "tiny", device, dtype)
+        if keep is not None:
+            atomic_write_text(keep / DEMO_MARK, DEMO_MARK_TEXT)
         size = "1B" if config.language.hidden_size == 2048 else "tiny"
-        print(f"[1/4] built a random {size} Janus-Pro on {device} ({dtype}) and saved it to {ckpt} "
-              f"in {time.perf_counter() - t:.1f}s")
+        print(f"[1/4] built a random {size} Janus-Pro on {device} ({dtype}) and saved it to {ckpt}"
+              f"{' (replacing the one an earlier demo kept there)' if ours else ''} in {time.perf_counter() - t:.1f}s")
         t = time.perf_counter()
         model = JanusPro.from_pretrained(ckpt, dtype=dtype, device=device)
         print(f"[2/4] loaded it back with JanusPro.from_pretrained in {time.perf_counter() - t:.1f}s")
@@ -223,6 +236,22 @@ def _finite(minimum: float | None = None):
     return parse
 
 
+def _seed(text: str) -> int:
+    from .models.arguments import seed_value
+
+    try:
+        return seed_value(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if text.lstrip("+-").isdigit() else f"must be an int, got {text}")
+_seed.__name__ = "seed"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" where a default is a value (not for required options, flags, or
     None, whose meaning the help text states)."""
@@ -247,6 +276,12 @@ def parser() -> argparse.ArgumentParser:
     def common(sp, model: bool = True):
         if model:
             sp.add_argument("--model", required=True, help="Janus-Pro release directory (config.json, weights, tokenizer)")
+            sp.add_argument("--quantize", choices=sorted(QUANT_FORMATS), default=None,
+                            help="store the LLM's and gen_head's weights in this format (one scale per output "
+                                 "channel): half the bytes of bf16; fp8 needs an sm_89+ GPU")
+            sp.add_argument("--kv-cache-dtype", choices=sorted(QUANT_FORMATS), default=None,
+                            help="store the KV cache in this format (one scale per head and token): about half "
+                                 "the memory of bf16; fp8 needs an sm_89+ GPU")
         sp.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
         sp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -255,9 +290,10 @@ def parser() -> argparse.ArgumentParser:
     common(g)
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--n", type=_positive_int, default=16, help="images per prompt (parallel_size)")
-    g.add_argument("--cfg", type=_finite(), default=5.0, help="classifier-free guidance weight")
+    g.add_argument("--cfg", type=_finite(0.0), default=5.0,
+                   help="classifier-free guidance weight (0: unconditional, 1: no guidance)")
     g.add_argument("--temperature", type=_finite(0.0), default=1.0, help="sampling temperature (0: argmax)")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**63)")
     g.add_argument("--out", required=True, help="output directory (created; img_NNN.png and grid.png)")
     g.add_argument("--decoding", choices=DECODINGS, default="token",
                    help="token by token, or speculative Jacobi decoding (fewer forward passes, the same distribution)")
@@ -275,10 +311,11 @@ def parser() -> argparse.ArgumentParser:
     common(d, model=False)
     d.add_argument("--out", default="janus-fast-demo", help="where the images and grid go")
     d.add_argument("--keep", default=None, metavar="DIR",
-                   help="keep the random checkpoint in DIR (new or empty) to try generate and chat on")
+                   help="keep the random checkpoint in DIR (new, empty, or kept by an earlier demo, which is "
+                        "replaced) to try generate and chat on")
     d.add_argument("--prompt", default="A close-up photo of a red fox in fresh snow.", help="what to draw")
     d.add_argument("--n", type=_positive_int, default=None, help="images (default: 16 on a GPU, 4 on the CPU)")
-    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**63)")
     d.add_argument("--max-new-tokens", type=_positive_int, default=16, help="longest answer, in tokens")
     d.set_defaults(func=cmd_demo)
 
@@ -294,15 +331,16 @@ def main(argv: list[str] | None = None) -> None:
     from .checkpoint import CheckpointError
 
     args = parser().parse_args(argv)
-    fixable = (UsageError, CheckpointError, OSError, ValueError, torch.OutOfMemoryError)
+    fixable = (UsageError, CheckpointError, OSError, ValueError, torch.OutOfMemoryError, MemoryError)
     try:
         args.func(args)
-    except fixable as e:
-        if args.debug:
+    except (*fixable, RuntimeError) as e:
+        if args.debug or not (isinstance(e, fixable) or _out_of_memory(e)):
             raise
-        hint = "; try a smaller --n or --dtype bfloat16" if isinstance(e, torch.OutOfMemoryError) else ""
-        print(f"janus-fast {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}",
-              file=sys.stderr)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if _out_of_memory(e):
+            message = f"out of memory ({message}); try a smaller --n or --dtype bfloat16"
+        print(f"janus-fast {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if args.debug:

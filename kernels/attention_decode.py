@@ -21,11 +21,12 @@ from .attention_configs import arch
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, OUT, PART_O, PART_LSE,
+    Q, K, V, SEQLENS, OUT, PART_O, PART_LSE, K_SCALE, V_SCALE,
     stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_ob, stride_oh,
+    stride_sb, stride_sn,
     n_heads_kv, group, split_len, n_splits, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, KV_QUANTIZED: tl.constexpr = False,
 ):
     """One (batch, kv head, split): the group's query heads against cache[split*split_len, ...).
 
@@ -36,6 +37,10 @@ def _decode_split_kernel(
     lse in log2 units (-inf if empty) for _decode_combine_kernel; otherwise (one split) the final
     output, with no combine launch. The loop bound comes from SEQLENS in device memory, so no
     recompilation or host sync; keys at or past it are never loaded (contract 1).
+    KV_QUANTIZED: the cache holds int8 / e4m3 heads with fp32 scales K_SCALE/V_SCALE [B, S, Hkv]
+    (ops.reference.quantize_rows): key and value tiles are converted to q's dtype exactly, the
+    key scales multiply the fp32 scores and the value scales the fp32 probabilities (rounded
+    once to q's dtype for the P·V dot).
     """
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -53,6 +58,7 @@ def _decode_split_kernel(
                    HEAD_D, BLOCK_D, True)
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
+    s_base = b64 * stride_sb + hk
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -61,13 +67,22 @@ def _decode_split_kernel(
         rows = cols[:, None].to(tl.int64)
         k = _load_tile(k_base + rows * stride_kn + offs_d[None, :], cols, hi, offs_d, HEAD_D, BLOCK_D, True)
         v = _load_tile(v_base + rows * stride_vn + offs_d[None, :], cols, hi, offs_d, HEAD_D, BLOCK_D, True)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if KV_QUANTIZED:
+            k_scale = tl.load(K_SCALE + s_base + cols * stride_sn, mask=cols < hi, other=0.0)
+            v_scale = tl.load(V_SCALE + s_base + cols * stride_sn, mask=cols < hi, other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * (k_scale * qk_scale)[None, :]
+            v = v.to(q.dtype)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         qk = tl.where((cols < hi)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite unless a score is NaN: each tile has a valid key
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        pv = p
+        if KV_QUANTIZED:
+            pv = p * v_scale[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -133,8 +148,9 @@ def _decode_plan(batch, n_heads_kv, s_max, block_n, device):
     return split_len, triton.cdiv(n_blocks * block_n, split_len)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, k_scale=None, v_scale=None):
     """One query token per sequence against a KV cache. q [B, Hq, D], caches [B, S_max, Hkv, D] -> out like q.
+    A quantized cache (int8 / float8_e4m3fn) comes with k_scale/v_scale fp32 [B, S_max, Hkv] (same strides).
 
     One launch when the plan has one split, else per-split partial softmax (fp32) then a
     log-sum-exp combine; no host sync. Not autotuned on purpose: benchmarking inside CUDA-graph
@@ -149,6 +165,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     group = hq // hkv
     block_d = block_d_for(d)
     block_n, num_warps, num_stages = _tiles(arch(q.device.index if q.is_cuda else -1), block_d, q.element_size())
+    quantized = k_scale is not None
     split_len, n_splits = _decode_plan(b, hkv, s_max, block_n, q.device)
     split = n_splits > 1
     if split:
@@ -158,10 +175,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):
         part_o = part_lse = out  # unused
     _decode_split_kernel[(b, hkv, n_splits)](
         q, k_cache, v_cache, cache_seqlens, out, part_o, part_lse,
+        *((k_scale, v_scale) if quantized else (out, out)),  # (unused without a quantized cache)
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
+        *(k_scale.stride()[:2] if quantized else (0, 0)),
         hkv, group, split_len, n_splits, float(softmax_scale) * LOG2E,
         HEAD_D=d, BLOCK_D=block_d, BLOCK_H=_block_h(group), BLOCK_N=block_n, SPLIT=split,
-        DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=dot_precision(q.dtype), KV_QUANTIZED=quantized, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _decode_combine_kernel[(b * hq,)](
@@ -186,7 +205,23 @@ def compile_specs(arch_name, head_dim, dtype, full=True):
     cases = [(1, False), (1, True), (32, False), (32, True)] if full else [(1, False), (1, True)]
     for group, split in cases:
         meta = dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_H=_block_h(group), BLOCK_N=block_n, SPLIT=split,
-                    DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+                    DOT_PREC="ieee" if dtype == "fp32" else "tf32", KV_QUANTIZED=False)
         yield CompileSpec("decode", _decode_split_kernel, meta, dict(num_warps=num_warps, num_stages=num_stages), dtype)
     yield CompileSpec("decode_combine", _decode_combine_kernel, dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_S=16),
                       dict(num_warps=4, num_stages=1), "fp32")
+
+
+def quantized_compile_specs(arch_name, full=True):
+    """The split kernel over a quantized cache as launched for Janus (MHA, head_dim 128, bf16
+    queries) with a combine, for tests/test_quant_compile_facts.py: int8 caches, and e4m3 ones on
+    sm_90 (sm_89+); full adds the one-split kernel and GQA groups of 32."""
+    block_d = block_d_for(128)
+    block_n, num_warps, num_stages = _tiles(arch_name, block_d, 2)
+    for cache in ["i8"] + (["fp8e4nv"] if arch_name == "sm90" else []):
+        for group, split in [(1, False), (1, True), (32, False), (32, True)] if full else [(1, True)]:
+            meta = dict(HEAD_D=128, BLOCK_D=block_d, BLOCK_H=_block_h(group), BLOCK_N=block_n, SPLIT=split,
+                        DOT_PREC="tf32", KV_QUANTIZED=True)
+            dtypes = {"Q": "bf16", "K": cache, "V": cache, "SEQLENS": "i32", "OUT": "bf16", "PART_O": "fp32",
+                      "PART_LSE": "fp32", "K_SCALE": "fp32", "V_SCALE": "fp32"}
+            yield (f"decode_attention {cache} cache group {group}{' split' if split else ''}", _decode_split_kernel,
+                   meta, dict(num_warps=num_warps, num_stages=num_stages), dtypes)

@@ -30,7 +30,7 @@ shortcut test and the 32 one-bit select steps per filter work on them. The two p
 need the Gumbel noise (the first pass, and the final argmax over the kept set) walk the row in
 PASS_BLOCK chunks, re-reading it (from L2) rather than holding the noise of the whole row beside
 s: that keeps every shipped config free of register spills on sm_80 and sm_90
-(tests/test_sampling_compile_facts.py). Longer rows are streamed in BLOCK chunks and each pass
+(tests/test_kernel_compile_facts.py). Longer rows are streamed in BLOCK chunks and each pass
 re-reads them (4-bit digits: 8 passes per filter). Unfiltered and greedy rows need only the
 first pass.
 
@@ -61,6 +61,10 @@ ON_CHIP_MAX = 16384  # elements of s kept in registers per program (32 per threa
 PASS_MAX = 4096  # tokens per chunk of the noisy passes (the Gumbel noise is computed per chunk)
 SPLIT_BLOCK = 4096  # columns per tile of a row split across programs (ops.sampling.row_splits)
 SPLIT_SELECT = 32  # tokens per step of a split row's histogram passes ([32, 256] digit one-hots)
+SPLIT_WARPS = 8
+# Registers per thread of a split program: two 8-warp programs per SM, as row_splits plans. Left
+# alone, ptxas (Triton 3.6) gives a phase 64 and spills (tests/test_kernel_compile_facts.py).
+SPLIT_MAX_REGISTERS = 65536 // (2 * 32 * SPLIT_WARPS)
 _EMPTY = tl.constexpr(-(2**63))  # an empty merge slot: below every packed (key, index)
 NO_FLOOR = tl.constexpr(0x7FFFFF)  # the ukey of -inf: a top-k floor that keeps every token
 # A split row's merge slots (ops.sampling.merge_slots), int64 per row: the header, then one
@@ -348,6 +352,17 @@ def _choose_digit(hist, above, target):
 
 
 @triton.jit
+def _merge_histogram(bins_ptr, hist, row_ok):
+    """Adds a tile's [1, 256] histogram into the row's merged bins at bins_ptr ([1] pointers).
+    The mask is built at the histogram's full shape, not broadcast from [1, 1]: Triton 3.6's
+    interpreter reads an atomic's mask and value as contiguous arrays, so a broadcast one is
+    garbage past its first element there (compiled code broadcasts in the IR and is unaffected;
+    tests/test_sampling.py runs under 3.6's interpreter in CI)."""
+    digits = tl.arange(0, 256)
+    tl.atomic_add(bins_ptr[:, None] + digits[None, :], hist, mask=row_ok[:, None] & (digits < 256)[None, :])
+
+
+@triton.jit
 def _split_thresholds(slot, top_k, top_p, PASS: tl.constexpr, K_PASSES: tl.constexpr):
     """Replays radix passes 0 .. PASS-1 of a split row from their merged histograms (every
     program gets the same digits): (t_k, prefix, above, target) of the select that pass PASS
@@ -462,7 +477,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
             tl.atomic_add(slot + 7, mass_above, mask=row_ok)
             tl.atomic_add(slot + 8, mass_ge, mask=row_ok)
             tl.atomic_add(slot + 9, total, mask=row_ok)
-            tl.atomic_add(slot[:, None] + SLOT_HEADER + tl.arange(0, 256)[None, :], hist, mask=row_ok[:, None])
+            _merge_histogram(slot + SLOT_HEADER, hist, row_ok)
         elif PHASE < FINAL:
             if tl.max(survives.to(tl.int32), axis=0) == 0:  # the winner was filtered out: one more digit
                 t_k, prefix, _above, _target = _split_thresholds(slot, top_k, top_p, PHASE - 1, K_PASSES)
@@ -475,8 +490,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
                     if MASS:
                         s = _masses(s, mask, t_k, m)
                     hist += _digit_histogram(s, mask, prefix, 24 - 8 * ((PHASE - 1) % 4), mass_scale, MASS)
-                tl.atomic_add(slot[:, None] + SLOT_HEADER + SLOT_BINS * (PHASE - 1) + tl.arange(0, 256)[None, :],
-                              hist, mask=row_ok[:, None])
+                _merge_histogram(slot + SLOT_HEADER + SLOT_BINS * (PHASE - 1), hist, row_ok)
         else:
             if tl.max(survives.to(tl.int32), axis=0) == 0:  # the Gumbel winner among the kept tokens
                 t_k, t_p, _above, _target = _split_thresholds(slot, top_k, top_p, FINAL - 1, K_PASSES)
@@ -707,7 +721,8 @@ def cfg_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, adva
                 INTERLEAVED=layout == "interleaved", GREEDY=greedy, SCALE=temperature != 1.0,
                 TOP_K=k_passes > 0, TOP_P=p_passes > 0, ADVANCE=bool(advance) and phase == final,
                 WRITE_IDS=bool(return_ids), PHASE=phase, K_PASSES=k_passes, P_PASSES=p_passes,
-                BLOCK=SPLIT_BLOCK, SELECT=select, num_warps=8, enable_fp_fusion=False)
+                BLOCK=SPLIT_BLOCK, SELECT=select, num_warps=SPLIT_WARPS, maxnreg=SPLIT_MAX_REGISTERS,
+                enable_fp_fusion=False)
         return tokens, ids
     rows, tiling = launch_config(b, v, logits.device.type == "cpu")
     _cfg_sample_kernel[(triton.cdiv(b, rows),)](

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile-check every CUDA kernel in csrc/ for sm_80 and sm_90 (kernels include CUDA headers
 # only, so this needs nvcc, not a CUDA build of torch), hold each kernel to its register budget
-# with no spill (ptxas -v), and syntax-check the torch bindings against torch's headers. Skips
-# with a message when nvcc is absent.
+# with no spill (ptxas -v), and syntax-check the torch bindings against the headers of the torch
+# janus_fast is installed with. Skips with a message when nvcc is absent, and the bindings' part
+# when that interpreter has no torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || true)}
@@ -49,15 +50,28 @@ while IFS= read -r -d '' cu; do
   count=$((count + 1))
 done < <(find csrc -name '*.cu' -print0 | sort -z)
 [ "$status" -eq 0 ] || { echo "check_cuda: a kernel spills or exceeds its register budget"; exit 1; }
+echo "check_cuda: $count CUDA sources compile for sm_80 and sm_90, every kernel within its register budget, no spills"
+# The bindings need torch's headers, from the interpreter janus_fast is installed in (the active
+# virtual environment, ./.venv, python3 or python: scripts/interpreter.sh).
+. scripts/interpreter.sh
+skip="the bindings (csrc/**/*.cpp) are not syntax-checked against torch's headers"
+if ! pick_python; then
+  echo "check_cuda: no python found; $skip"
+  exit 0
+elif ! "$py" -c "import torch.utils.cpp_extension" 2>/dev/null; then
+  echo "check_cuda: $py ($py_origin) has no torch; $skip"
+  exit 0
+fi
 # nvcc may be a wrapper script: ask it where its own headers are
 cuda_include=$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/.*INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
-torch_includes=$(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
-py_include=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+torch_includes=$("$py" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
+py_include=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 # Bindings: C++17 (older torch builds with it) and C++20 (torch 2.13's BuildExtension does).
+bindings=0
 while IFS= read -r -d '' cpp; do
   for std in c++17 c++20; do
     g++ -std=$std -fsyntax-only -Wno-c++20-extensions -Icsrc -I"$cuda_include" $torch_includes -I"$py_include" "$cpp"
   done
-  count=$((count + 1))
+  bindings=$((bindings + 1))
 done < <(find csrc -name '*.cpp' -print0 | sort -z)
-echo "check_cuda: $count CUDA/C++ sources compile for sm_80 and sm_90, every kernel within its register budget, no spills"
+echo "check_cuda: $bindings binding sources syntax-check against the torch headers of $py"

@@ -1,5 +1,6 @@
 """Test setup: without a GPU, Triton kernels run in the interpreter, which must be switched on
-before triton is imported anywhere."""
+before triton is imported anywhere. Per-test timeouts, a run's deadline and a log that survives a
+kill come from tests/run_limits.py (JANUS_FAST_TEST_TIMEOUT, _DEADLINE, _LOG, _RESUME)."""
 
 import os
 
@@ -12,6 +13,7 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.pluginmanager.import_plugin("tests.run_limits")
 
 
 def pytest_collection_modifyitems(config, items):

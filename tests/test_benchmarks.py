@@ -22,13 +22,21 @@ MISSING = [f for f in bench.FAMILIES if f not in PRESENT]
 DEVICE_NAME = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+# Two halves of about equal cost, run at once (CI has two cores); each as `python -m janus_fast.bench` runs
+HALVES = (("generation", "vq", "sampling"), ("attention", "flex", "training"))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """All families in one run (one pytest process), as `python -m janus_fast.bench` does."""
+    """Every family's tiny shapes through `python -m janus_fast.bench --tiny`, in two processes."""
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "janus_fast.bench", "--tiny", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(f for half in HALVES for f in half) == sorted(bench.FAMILIES)
+    jobs = [subprocess.Popen([sys.executable, "-m", "janus_fast.bench", "--tiny", "--out", str(out),
+                              *(arg for f in half for arg in ("--family", f))], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for half in HALVES]
+    for job in jobs:
+        output = job.communicate(timeout=900)[0]
+        assert job.returncode == 0, output[-6000:]
     return out
 
 
@@ -51,7 +59,8 @@ def test_family_runs_on_tiny_shapes(tiny_run, family):
         assert any(x["label"].startswith("janus_fast") for x in ok), f"{family}: ours was never timed"
     timed = {x["label"] for x in ok}
     if family == "generation":  # the peers that need nothing beyond the test extras
-        assert {"plain torch, one CUDA graph per step", "official loop (transformers Llama)"} <= timed
+        assert {"plain torch, one CUDA graph per step", "official loop (transformers Llama)",
+                "transformers Janus"} <= timed
     if family == "vq":
         assert {"bf16", "fp32"} <= {x["case"].split(", ")[-1].split()[0] for x in ok}
     if family == "attention":
@@ -76,12 +85,20 @@ def test_render_merges_every_family(tiny_run):
         assert f"## {'attention' if family == 'flex' else family}" in text
     assert "| flex |" in text.split("## attention")[1].splitlines()[4]  # flex's column joins the attention table
     assert "## Runs" in text and "python -m janus_fast.bench --tiny" in text
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert "| speed-up | H100 target |" in summary
+    if not torch.cuda.is_available():  # no ratio from host-clock timings of tiny shapes
+        assert "×" not in summary and "not judged (CPU)" in summary
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return
     for table in {"attention" if f == "flex" else f for f in PRESENT}:
         assert (tiny_run / f"RESULTS-{table}.png").stat().st_size > 1000
+    one = tiny_run / "one" / "RESULTS.md"
+    assert render.main([*files, "-o", str(one), "--one-chart"]) == 0
+    assert one.with_suffix(".png").stat().st_size > 1000 and "![every table](RESULTS.png)" in one.read_text()
+    assert sorted(p.name for p in one.parent.iterdir()) == ["RESULTS.md", "RESULTS.png"]
 
 
 GPU = {"device": "NVIDIA H100 80GB HBM3", "commit": "abc", "dirty": False, "command": "python -m janus_fast.bench"}
@@ -113,6 +130,49 @@ def test_render_summary_ratio_target_and_reasons(tmp_path):
     assert "200 µs · call 250 µs" in text and "failed [1]" in text and "1. boom" in text
     assert "400 µs [2]" in text and "2. eager calls (graph capture failed: sync)" in text
     assert "CPU results" not in text and "skipped" not in text
+
+
+def test_render_writes_beside_its_inputs_by_default(tmp_path):
+    # The README's Benchmarks commands never touch the committed benchmarks/RESULTS.md: without
+    # -o the report goes beside the first input file.
+    lines = tmp_path / "results" / "vq.jsonl"
+    lines.parent.mkdir()
+    lines.write_text(json.dumps(cell("S", "janus_fast triton", 0.5)) + "\n")
+    assert render.main([str(lines)]) == 0
+    assert "janus_fast triton" in (tmp_path / "results" / "RESULTS.md").read_text()
+    readme = (REPO / "README.md").read_text().split("## Benchmarks")[1].split("```bash")[1].split("```")[0]
+    assert "render.py" in readme and "benchmarks/RESULTS.md" not in readme
+
+
+def test_the_generation_headline_is_the_median_of_three_batches():
+    from benchmarks import bench_generation as g
+
+    assert g.timed_runs(g.OURS, "1b", 16, warm_up_s=30) >= 3 and g.timed_runs(g.OURS, "7b", 16, 30) >= 3
+    assert g.timed_runs(g.GRAPH_PEER, "1b", 16, warm_up_s=30) == 1 and g.timed_runs(g.OURS, "1b", 16, 1) == 3
+
+
+def test_bench_exits_non_zero_when_ours_cannot_run(monkeypatch, capsys):
+    import janus_fast
+
+    info = janus_fast.backends()
+    monkeypatch.setattr(janus_fast, "backends", lambda: {**info, "triton": None})
+    assert bench.main(["--family", "vq", "--out", "unused"]) == 2
+    assert "janus_fast's own contenders cannot run here: triton is not installed" in capsys.readouterr().err
+    monkeypatch.setattr(janus_fast, "backends", lambda: {**info, "cuda_extension": False, "triton_interpreter": False,
+                                                         "cuda_extension_error": "janus_fast._C is not built"})
+    assert "janus_fast._C is not built: build it with" in bench.ours_unusable(cuda=True)
+    assert bench.ours_unusable(cuda=False) is None  # without CUDA, the interpreter runs ours
+
+
+def test_a_family_where_ours_was_never_timed_is_named():
+    def line(family, label, status, reason=None):
+        return {"family": family, "label": label, "status": status, "reason": reason}
+    lines = [line("vq", "torch", "ok"), line("vq", "janus_fast triton", "skipped", "janus_fast triton backend "
+                                                                              "unavailable here: boom"),
+             line("sampling", "janus_fast triton", "ok"), line("flex", "flex", "ok"),
+             line("training", "janus_fast", "skipped", "the family's time budget (5 s, --budget) was used up")]
+    assert bench.ours_missing(["vq", "sampling", "flex", "training"], lines) == [
+        "vq: janus_fast triton backend unavailable here: boom"]
 
 
 def test_budget_skips_with_reason(monkeypatch):

@@ -242,3 +242,54 @@ def test_model_is_built_on_meta_then_filled(tmp_path, model, monkeypatch):
     assert devices == ["meta"]
     assert loads and all(k.get("weights_only") and k.get("mmap") for k in loads)
     assert not any(p.is_meta for p in loaded.parameters())
+
+
+# --------------------------------------------------------------------------- hostile or old files
+
+
+@pytest.mark.parametrize("shard", ["../other/x.safetensors", "/abs/x.safetensors", "sub/../../x.safetensors"])
+def test_shards_outside_the_checkpoint_are_refused(tmp_path, model, shard):
+    release = tmp_path / "release"
+    names = write_release(model, release, max_shard_size="1MB")
+    outside = tmp_path / "other"
+    outside.mkdir()
+    (outside / "x.safetensors").write_bytes((release / names[0]).read_bytes())
+    index_file = next(release.glob("*.index.json"))
+    index = json.loads(index_file.read_text())
+    key = next(k for k, v in index["weight_map"].items() if v == names[0])
+    index["weight_map"][key] = shard
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="shards must be files inside the checkpoint folder"):
+        JanusPro.from_pretrained(release, device="cpu")
+
+
+def test_a_symlinked_shard_leading_outside_is_refused(tmp_path, model):
+    release = tmp_path / "release"
+    names = write_release(model, release, max_shard_size="1MB")
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (release / names[0]).rename(elsewhere)
+    (release / names[0]).symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        JanusPro.from_pretrained(release, device="cpu")
+
+
+def test_legacy_pickle_bin_loads(tmp_path, model):
+    """A pre-zip `pytorch_model.bin` (torch.save(_use_new_zipfile_serialization=False)) cannot be
+    memory-mapped: it is read whole, still with weights_only=True."""
+    write_release(model, tmp_path, safe=False)
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert_same_weights(JanusPro.from_pretrained(tmp_path, dtype=None, device="cpu"), model)
+
+
+@pytest.mark.parametrize("section, field, value, match", [
+    ("language_config", "num_hidden_layers", 1_000_000, r"language_config.num_hidden_layers must be <= 1024"),
+    ("language_config", "vocab_size", 1 << 40, r"language_config.vocab_size must be <= "),
+    ("language_config", "hidden_size", 1 << 20, r"language_config.hidden_size must be <= "),
+])
+def test_absurd_sizes_fail_at_once(tmp_path, model, section, field, value, match):
+    config = model.config.to_dict()
+    config[section][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        checkpoint.read_config(tmp_path)

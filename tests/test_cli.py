@@ -4,6 +4,7 @@ checked before anything loads, and errors the user can fix print one line."""
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -12,6 +13,8 @@ from janus_fast import cli
 from janus_fast.models import JanusPro
 
 from .tiny_janus import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(argv, capsys):
@@ -54,6 +57,36 @@ def test_demo_without_keep_says_how_to_keep(tmp_path, capsys, monkeypatch):
     code, out, err = run(["demo", "--out", str(tmp_path), "--device", "cpu"], capsys)
     assert code == 0, err
     assert "--keep DIR" in out and not list(tmp_path.glob("janus-pro-random"))
+
+
+def test_the_quickstart_demo_runs_again_on_the_directory_it_kept(tmp_path, capsys, monkeypatch):
+    # `janus-fast demo --keep DIR` twice (the Quickstart re-run) replaces the checkpoint it kept;
+    # a directory holding anything else is still refused, untouched.
+    monkeypatch.setattr(JanusPro, "generate_images", lambda self, *a, **k: tiny_images(1))
+    monkeypatch.setattr(JanusPro, "answer", lambda self, *a, **k: "x")
+    keep = tmp_path / "janus-pro-random"
+    demo = ["demo", "--out", str(tmp_path / "out"), "--device", "cpu", "--keep", str(keep)]
+    assert run(demo, capsys)[0] == 0
+    code, out, err = run(demo, capsys)
+    assert code == 0, err
+    assert "replacing the one an earlier demo kept there" in out and (keep / "config.json").is_file()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, out, err = run(demo[:-1] + [str(other)], capsys)
+    assert code != 0 and "must be a new or empty directory" in err and sorted(other.iterdir()) == [other / "notes.txt"]
+
+
+def test_the_quickstart_checkpoint_is_ignored_by_git():
+    import re
+    import shutil
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("```")[1]
+    keep = re.search(r"--keep (\S+)", readme).group(1)
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert subprocess.run(["git", "check-ignore", "-q", f"{keep}/config.json"], cwd=ROOT).returncode == 0
 
 
 def tiny_images(n):

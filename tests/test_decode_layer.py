@@ -8,10 +8,20 @@ from janus_fast import ops
 from janus_fast.models.llama import rope_cos_sin
 from janus_fast.ops import reference
 
-from .helpers import FAST_BACKENDS, assert_close_to_reference, grid
+from janus_fast.ops.decode_layer import FAST
 
+from .helpers import DEVICE, assert_close_to_reference, grid
+
+FAST_BACKENDS = list(FAST)  # (Triton only: janus_fast._C has no decode-layer ops)
 BACKENDS = ["reference"] + FAST_BACKENDS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Every tensor these tests make is on DEVICE: with a GPU the kernels run natively, bf16 too."""
+    with torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -184,11 +184,15 @@ def test_streamed_rows_equal_rows_kept_on_chip(monkeypatch, top_k, top_p, temper
     assert torch.equal(on_chip, streamed)
 
 
-def _slots_are_clean(sampling, b):
-    slots = sampling.merge_slots(torch.device(DEVICE), b)[:b]
+def _clean(slots: torch.Tensor) -> bool:
+    """Merge slots in their resting state: entries 0, 1, 4, 5 of a row at int64's minimum, the rest 0."""
     empty = torch.zeros_like(slots[0], dtype=torch.bool)
     empty[[0, 1, 4, 5]] = True
     return bool((slots[:, empty] == -(2**63)).all() and (slots[:, ~empty] == 0).all())
+
+
+def _slots_are_clean(sampling, b):
+    return _clean(sampling.merge_slots(torch.device(DEVICE), b)[:b])
 
 
 @pytest.mark.parametrize("b,v", [(1, 9000), (3, 4500)])
@@ -213,9 +217,9 @@ def test_rows_split_across_programs_equal_whole_rows(monkeypatch, b, v, temperat
 
 
 @pytest.mark.parametrize("top_k,top_p,temperature,layout,dtype", grid(
-    [(50, 1.0, 1.0, "interleaved", torch.float32), (0, 0.9, 1.0, "halves", torch.bfloat16),
-     (40, 0.8, 0.7, "interleaved", torch.float16)],
-    [(3, 1.0, 1.0, "halves", torch.float32), (0, 0.3, 1.3, "interleaved", torch.float32),
+    [(0, 0.9, 1.0, "halves", torch.bfloat16), (40, 0.8, 0.7, "interleaved", torch.float16)],  # top-k in the 2nd
+    [(50, 1.0, 1.0, "interleaved", torch.float32), (3, 1.0, 1.0, "halves", torch.float32),
+     (0, 0.3, 1.3, "interleaved", torch.float32),
      (1, 0.5, 1.0, "interleaved", torch.bfloat16), (4999, 0.99, 1.0, "halves", torch.float16)]))
 def test_filtered_rows_split_across_programs_equal_whole_rows(monkeypatch, top_k, top_p, temperature, layout,
                                                              dtype):
@@ -274,6 +278,84 @@ def test_merge_slot_layout_is_one_layout():
     assert cuda == {"kSlotHeader": kernels.SLOT_HEADER, "kSlotBins": kernels.SLOT_BINS}
     assert sampling.SLOT_WIDTH == kernels.SLOT_USED == cuda["kSlotHeader"] + 8 * cuda["kSlotBins"]
     assert re.search(r"kSlotWidth = kSlotHeader \+ 8 \* kSlotBins;", header)
+
+
+def _record_slots(monkeypatch, sampling) -> list:
+    """The merge-slots tensor each split launch of the Triton backend is given."""
+    seen, impl = [], sampling._impl
+
+    def spy(backend):
+        def run(*args):
+            seen.append(args[-1])
+            return impl(backend)(*args)
+        return run
+    monkeypatch.setattr(sampling, "_impl", spy)
+    return seen
+
+
+def test_a_workspace_holds_the_merge_slots_and_is_left_clean(monkeypatch):
+    # A caller's workspace (one per CUDA graph, made before capture) takes the merge slots of a
+    # split launch: the shared per-stream slots are neither made nor used, the tokens are those
+    # drawn without it, and every launch leaves it clean. A workspace too small, of another
+    # dtype or on another device is refused by name.
+    from janus_fast.ops import sampling
+
+    b, v = 2, 9000
+    assert sampling.row_splits(b, v, torch.device(DEVICE)) > 1
+    monkeypatch.setattr(sampling, "_stream_slots", {})
+    seen = _record_slots(monkeypatch, sampling)
+    workspace = ops.new_sampling_workspace(3, device=DEVICE)
+    assert workspace.shape == (3, sampling.SLOT_WIDTH) and _clean(workspace)
+    logits = torch.randn(2 * b, v, device=DEVICE)
+    kw = {"cfg_weight": 2.0, "temperature": 0.9, "backend": "triton"}
+    got = ops.cfg_sample(logits, rng_state=new_rng_state(4, device=DEVICE), workspace=workspace, **kw)
+    assert seen == [workspace] and sampling._stream_slots == {} and _clean(workspace)
+    assert torch.equal(got, ops.cfg_sample(logits, rng_state=new_rng_state(4, device=DEVICE), **kw))
+    for bad, error, message in ((ops.new_sampling_workspace(1, device=DEVICE), ValueError, "workspace must be"),
+                                (workspace.int(), TypeError, "workspace must have dtype"),
+                                (workspace[:, :100], ValueError, "workspace must be"),
+                                (workspace.to("meta"), ValueError, "workspace is on meta")):
+        with pytest.raises(error, match=message):
+            ops.cfg_sample(logits, workspace=bad, **kw)
+
+
+def test_capture_without_a_workspace_never_shares_the_stream_slots(monkeypatch):
+    # Under CUDA-graph capture (what the op asks, simulated here) a split launch without a
+    # workspace gets merge slots of its own, with a warning naming the fix: never the shared
+    # per-stream slots (which are not even made), never another graph's.
+    from janus_fast.ops import sampling
+
+    monkeypatch.setattr(sampling, "_stream_slots", {})
+    monkeypatch.setattr(sampling, "_capturing", lambda device: True)
+    seen = _record_slots(monkeypatch, sampling)
+    logits = torch.randn(2, 9000, device=DEVICE)
+    with pytest.warns(UserWarning, match="new_sampling_workspace"):
+        for _ in range(2):
+            ops.cfg_sample(logits, cfg_weight=2.0, rng_state=new_rng_state(1, device=DEVICE), backend="triton")
+    assert len(seen) == 2 and seen[0] is not seen[1] and sampling._stream_slots == {}
+    assert all(_clean(slots) for slots in seen)
+
+
+def test_engine_steps_sample_into_their_own_workspace(monkeypatch):
+    # Each engine bucket (one CUDA graph on a GPU) makes a workspace with its other buffers,
+    # before any capture, and every cfg_sample launch of its step uses it: image and text steps.
+    from janus_fast import JanusPro
+    from tests.tiny_janus import tiny_model
+
+    plain = tiny_model()
+    model = JanusPro(plain.config).eval()
+    model.load_state_dict(plain.state_dict())
+    model.processor = plain.processor
+    seen, sample = [], ops.cfg_sample
+    monkeypatch.setattr(ops, "cfg_sample", lambda *a, **kw: seen.append(kw.get("workspace")) or sample(*a, **kw))
+    ids = model._generation_prompt_ids(model.processor, "a fox")
+    model.generate_image_tokens([ids, ids[:3]], model.processor.pad_id, 2, 5.0, 1.0, 0, 1.0, [1, 2])
+    images = list(seen)
+    seen.clear()
+    model.language_model.generate(input_ids=torch.randint(0, 100, (3, 5)), max_new_tokens=4, do_sample=True)
+    for launches, rows in ((images, 4), (seen, 3)):
+        assert launches and all(w is launches[0] for w in launches)
+        assert launches[0].shape == (rows, ops.sampling.SLOT_WIDTH)
 
 
 @pytest.mark.gpu

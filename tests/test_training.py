@@ -193,6 +193,6 @@ def test_benchmark_multitask_batch_runs_on_the_tiny_model():
     model = random_model("tiny")
     proc = model.processor
     batch = synthetic_multitask_batch(model.config, proc.image_id, proc.pad_id, rows=2, row_tokens=512)
-    assert batch.num_tokens == 1024 and len(batch.inputs["und_image_positions"]) > 0
+    assert 900 < batch.num_tokens <= 1024 and len(batch.inputs["und_image_positions"]) > 0  # no pads
     out = model(**batch.inputs)
     assert out.num_text_targets > 0 and out.num_image_targets > 0 and torch.isfinite(out.loss)

@@ -1,8 +1,10 @@
-"""Packing and the packed multi-task forward: a packed batch gives the losses and gradients of
-its samples run one by one through the official (unpacked) model methods; positions restart
-per sample; targets are exactly the answers / image ids; the VQ cache; bad samples."""
+"""Packing and the packed multi-task forward: a packed micro-batch (one flat varlen sequence, no
+pads) gives the losses and gradients of its samples run one by one through the official
+(unpacked) model methods; positions restart per sample; targets are exactly the answers / image
+ids; best-fit packing; the VQ cache; bad samples named by file:line."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,8 @@ import torch.nn.functional as F
 from examples.make_dataset import make_dataset
 from janus_fast.models.random_model import random_model
 from janus_fast.training.data import GEN_IMAGE, DatasetError
-from janus_fast.training.dataset import prepare_dataset, understanding_pixels
-from janus_fast.training.packing import PackedLoader, pack_rows
+from janus_fast.training.packing import best_fit, collate, next_fit, padding_fraction, unconditional
+from tests.loader_helpers import encoded, make_loader, steps, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +25,19 @@ def model():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, model):
+    """The example data (2 text, 1 understanding, 1 text-to-image), its samples encoded with
+    their VQ ids (the loader fills the cache), and one micro-batch holding all four."""
     root = tmp_path_factory.mktemp("data")
     path = make_dataset(root, n_text=2, n_understanding=1, n_generation=1, image_size=64, seed=3)
-    return path, prepare_dataset(path, model, model.processor, root / "vq_cache")
+    loader = make_loader(model, path, root, row_tokens=2000, pack_window=4)
+    (step,) = steps(loader, 1)
+    return path, [encoded(loader, 0, i) for i in range(4)], step.micro[0], loader
 
 
-def loader_for(model, encoded, row_tokens=256, rows=1, uncond_prob=0.0, seed=0):
-    return PackedLoader(encoded, row_tokens=row_tokens, rows_per_batch=rows, pad_id=model.processor.pad_id,
-                        image_size=model.processor.image_size, images=understanding_pixels(model.processor), uncond_prob=uncond_prob, seed=seed)
+def alone(model, sample, uncond=False):
+    proc = model.processor
+    pixels = lambda s: proc.preprocess_images([s.image])[0]  # noqa: E731
+    return collate([sample], [uncond], proc.pad_id, proc.image_size, pixels).inputs
 
 
 def grads_of(model, loss):
@@ -63,21 +70,18 @@ def official_loss_sum(model, sample, pixels):
 
 
 def test_packed_batch_equals_samples_alone(model, dataset):
-    _, encoded = dataset
-    loader = loader_for(model, encoded, row_tokens=sum(len(s) for s in encoded), rows=1)
-    (row,) = loader.next_rows()
-    assert sorted(row[1]) == list(range(len(encoded)))  # everything in one packed row
-    batch = loader.collate([row])
+    _, samples, batch, loader = dataset
+    assert sorted(batch.samples) == sorted(s.name for s in samples)  # everything in one micro-batch
     out = model(**batch.inputs)
     assert out.num_text_targets > 0 and out.num_image_targets > 0
     packed_grads = grads_of(model, out.text_loss_sum + out.image_loss_sum)
-    pixels = understanding_pixels(model.processor)
     text_total, image_total, alone_grads = 0.0, 0.0, None
-    for sample in encoded:
-        text, image = official_loss_sum(model, sample, pixels(sample) if sample.image is not None else None)
-        with torch.no_grad():  # alone in a padded row of the packer, too
-            padded = model(**loader_for(model, [sample], row_tokens=len(sample) + 9).collate([(0, [0])]).inputs)
-        torch.testing.assert_close(padded.text_loss_sum + padded.image_loss_sum, (text + image).detach(),
+    for sample in samples:
+        pixels = loader.source.understanding_pixels(sample) if sample.image is not None else None
+        text, image = official_loss_sum(model, sample, pixels)
+        with torch.no_grad():  # alone in a micro-batch of the packer, too
+            single = model(**alone(model, sample))
+        torch.testing.assert_close(single.text_loss_sum + single.image_loss_sum, (text + image).detach(),
                                    rtol=1e-5, atol=1e-5)
         g = grads_of(model, text + image)
         alone_grads = g if alone_grads is None else [a + b for a, b in zip(alone_grads, g)]
@@ -90,33 +94,32 @@ def test_packed_batch_equals_samples_alone(model, dataset):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_positions_restart_and_rows_are_padded(model, dataset):
-    _, encoded = dataset
-    loader = loader_for(model, encoded, row_tokens=700, rows=2)
-    rows = loader.next_rows()
-    batch = loader.collate(rows).inputs
-    cu, pos = batch["cu_seqlens"].tolist(), batch["position_ids"]
-    assert batch["input_ids"].shape == (2 * 700,) and cu[-1] == 2 * 700
-    assert batch["max_seqlen"] == max(b - a for a, b in zip(cu, cu[1:]))
+def test_one_flat_sequence_without_pads(model, dataset):
+    _, samples, batch, _ = dataset
+    inputs = batch.inputs
+    cu, pos = inputs["cu_seqlens"].tolist(), inputs["position_ids"]
+    by_name = {s.name: s for s in samples}
+    lengths = [len(by_name[name]) for name in batch.samples]
+    assert [b - a for a, b in zip(cu, cu[1:])] == lengths  # one sequence per sample, nothing else
+    assert batch.num_tokens == len(inputs["input_ids"]) == cu[-1] == sum(lengths)
+    assert inputs["max_seqlen"] == max(lengths)
     for a, b in zip(cu, cu[1:]):
         assert torch.equal(pos[a:b], torch.arange(b - a))
-    lengths = [len(encoded[i]) for _, row in rows for i in row]
-    real = [b - a for a, b in zip(cu, cu[1:])]
-    assert [n for n in real if n in lengths][:len(lengths)] == lengths  # samples in order, pads between rows
-    assert sum(real) - sum(lengths) == 2 * 700 - sum(lengths)  # the rest is padding, with no targets
-    pad_positions = torch.ones(2 * 700, dtype=torch.bool)
-    for i, start in zip([i for _, row in rows for i in row], [c for c, n in zip(cu, real) if n in lengths]):
-        pad_positions[start:start + len(encoded[i])] = False
-    assert not pad_positions[batch["text_positions"]].any() and not pad_positions[batch["image_positions"]].any()
-    assert (batch["input_ids"][pad_positions] == model.processor.pad_id).all()
+    for a, name in zip(cu, batch.samples):  # the samples' own ids, VQ ids aside
+        s = by_name[name]
+        want = torch.tensor([model.processor.pad_id if k == GEN_IMAGE else i for i, k in zip(s.ids, s.kinds)])
+        assert torch.equal(inputs["input_ids"][a:a + len(s)], want)
+    firsts = torch.tensor(cu[:-1])
+    for key in ("text_positions", "image_positions"):  # nothing predicts across a sample boundary
+        assert not torch.isin(inputs[key] + 1, firsts).any()
 
 
 def test_targets_are_answers_and_image_ids(model, dataset):
-    path, encoded = dataset
+    path, samples, _, _ = dataset
     lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
     tok, proc = model.processor.tokenizer, model.processor
-    for sample, line in zip(encoded, lines):
-        batch = loader_for(model, [sample], row_tokens=len(sample) + 5).collate([(0, [0])]).inputs
+    for sample, line in zip(samples, lines):
+        batch = alone(model, sample)
         ids = batch["input_ids"]
         assert torch.equal(batch["text_targets"], torch.tensor(sample.ids)[batch["text_positions"] + 1])
         text = tok.decode(batch["text_targets"].tolist())
@@ -136,64 +139,81 @@ def test_targets_are_answers_and_image_ids(model, dataset):
 
 
 def test_unconditional_prompt_replacement(model, dataset):
-    _, encoded = dataset
-    gen = next(s for s in encoded if s.prompt is not None)
+    _, samples, _, _ = dataset
+    gen = next(s for s in samples if s.prompt is not None)
     proc = model.processor
-    kept = loader_for(model, [gen], row_tokens=len(gen), uncond_prob=0.0).collate([(0, [0])]).inputs["input_ids"]
+    kept = alone(model, gen)["input_ids"]
     assert kept.tolist() == [proc.pad_id if k == GEN_IMAGE else i for i, k in zip(gen.ids, gen.kinds)]
-    dropped = loader_for(model, [gen], row_tokens=len(gen), uncond_prob=1.0).collate([(0, [0])]).inputs["input_ids"]
+    dropped = alone(model, gen, uncond=True)["input_ids"]
     a, b = gen.prompt
     assert dropped[0] == gen.ids[0] and dropped[b] == proc.image_start_id
     assert (dropped[a:b] == proc.pad_id).all() and torch.equal(dropped[b:], kept[b:])
-    # Drawn per (seed, epoch, sample): some epochs keep the prompt, others drop it, reproducibly.
-    loader = loader_for(model, [gen], row_tokens=len(gen), uncond_prob=0.5, seed=7)
-    draws = [loader.unconditional(e, 0) for e in range(40)]
-    assert 5 < sum(draws) < 35 and draws == [loader.unconditional(e, 0) for e in range(40)]
+    # Drawn per (seed, file, position in the stream): some occurrences keep the prompt, others
+    # drop it, reproducibly; 0 and 1 are never and always.
+    draws = [unconditional(7, 0, k, 0.5) for k in range(40)]
+    assert 5 < sum(draws) < 35 and draws == [unconditional(7, 0, k, 0.5) for k in range(40)]
+    assert not any(unconditional(7, 0, k, 0.0) for k in range(40)) and all(unconditional(7, 0, k, 1.0) for k in range(40))
 
 
-def test_pack_rows_and_epochs():
-    assert pack_rows([3, 4, 2, 5], [0, 1, 2, 3], 7) == [[0, 1], [2, 3]]
-    assert pack_rows([3, 4, 2, 5], [3, 2, 1, 0], 7) == [[3, 2], [1, 0]]
+def test_best_fit_and_next_fit():
+    assert next_fit([3, 4, 2, 5], 7) == [[0, 1], [2, 3]]
+    assert best_fit([3, 4, 2, 5], 7) == [[3, 2], [1, 0]]  # the longest first, each where it fits tightest
+    assert best_fit([6, 5, 4, 2, 1], 7) == [[0, 4], [1, 3], [2]]
+    rng = random.Random(0)
+    for capacity in (16, 100, 4096):
+        lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 300))]
+        for pack in (best_fit, next_fit):
+            bins = pack(lengths, capacity)
+            assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # each sample once
+            assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+        assert best_fit(lengths, capacity) == best_fit(list(lengths), capacity)  # deterministic
+        assert padding_fraction(best_fit(lengths, capacity), lengths, capacity) \
+            <= padding_fraction(next_fit(lengths, capacity), lengths, capacity)
+    assert padding_fraction([[0, 1]], [3, 4], 7) == 0.0 and padding_fraction([[0], [1]], [3, 4], 7) == 0.5
 
 
-def test_vq_cache_is_reused(model, dataset, tmp_path, monkeypatch):
-    path, encoded = dataset
+def test_vq_cache_is_filled_lazily_and_reused(model, dataset, monkeypatch):
+    path, samples, batch, _ = dataset
     cache = Path(path).parent / "vq_cache"
     files = sorted(cache.rglob("*.safetensors"))
     assert len(files) == 1 and not list(cache.rglob(".*"))  # one per generation image, no temporaries
-    from janus_fast.training import vq_cache
+    from janus_fast.training.vq_cache import VQEncoder
 
     def no_encoding(*args):
         raise AssertionError("a cached image was encoded again")
 
-    monkeypatch.setattr(vq_cache.VQTokenCache, "encode_images", no_encoding)
-    again = prepare_dataset(path, model, model.processor, cache)
-    assert [s.ids for s in again] == [s.ids for s in encoded]
-
-
-def write_jsonl(path: Path, lines) -> Path:
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return path
+    monkeypatch.setattr(VQEncoder, "encode", no_encoding)
+    (again,) = steps(make_loader(model, path, Path(path).parent, row_tokens=2000, pack_window=4), 1)
+    for k, v in batch.inputs.items():
+        assert torch.equal(v, again.micro[0].inputs[k]) if isinstance(v, torch.Tensor) else v == again.micro[0].inputs[k]
 
 
 def test_bad_samples_are_named(model, tmp_path):
-    proc = model.processor
-    with pytest.raises(DatasetError, match="no samples"):
-        prepare_dataset(write_jsonl(tmp_path / "empty.jsonl", []), model, proc, tmp_path / "c")
+    with pytest.raises(DatasetError, match="empty.jsonl hold.* no samples"):
+        make_loader(model, write_jsonl(tmp_path / "empty.jsonl", []), tmp_path)
+    (tmp_path / "utf8.jsonl").write_bytes(b'{"type": "text", "text": "fine"}\n{"type": "text", "text": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"utf8.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 30"):
+        make_loader(model, tmp_path / "utf8.jsonl", tmp_path)
+    (tmp_path / "json.jsonl").write_text('{"type": "text", "text": "a"}\n\n{"type": "text", "text": }\n')
+    with pytest.raises(DatasetError, match=r"json.jsonl:3: not valid JSON"):
+        make_loader(model, tmp_path / "json.jsonl", tmp_path)
+    with pytest.raises(DatasetError, match=r"fields.jsonl:1 \(understanding\).*missing"):
+        make_loader(model, write_jsonl(tmp_path / "fields.jsonl", [{"type": "understanding", "image": "a.png"}]), tmp_path)
+    with pytest.raises(DatasetError, match=r"turns.jsonl:1 \(text\): conversation turn 1"):
+        make_loader(model, write_jsonl(tmp_path / "turns.jsonl", [{"type": "text", "conversation": [
+            {"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}]), tmp_path)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"type": "text", "text": "short"}, {"type": "text", "text": "y" * 300}])
+    with pytest.raises(DatasetError, match=r"long.jsonl:2 \(text\) has 30\d tokens, more than the row budget of 64"):
+        make_loader(model, long, tmp_path, row_tokens=64)
+    # Images are decoded when their sample is packed: the run stops there, naming it.
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     bad_image = write_jsonl(tmp_path / "bad.jsonl", [{"type": "text", "text": "fine"},
                                                      {"type": "generation", "prompt": "x", "image": "broken.png"}])
+    loader = make_loader(model, bad_image, tmp_path / "run", loader_workers=1)  # raised in a worker, sent back
     with pytest.raises(DatasetError, match=r"bad.jsonl:2 \(generation\).*broken.png"):
-        prepare_dataset(bad_image, model, proc, tmp_path / "c")
-    assert not list((tmp_path / "c").rglob("*.*"))  # nothing written, not even half a cache entry
+        steps(loader, 1)
+    assert not list((tmp_path / "run" / "vq_cache").rglob("*.*"))  # nothing written, not even half a cache entry
     bad_und = write_jsonl(tmp_path / "und.jsonl", [{"type": "understanding", "image": "missing.png",
                                                      "question": "q", "answer": "a"}])
     with pytest.raises(DatasetError, match=r"und.jsonl:1 \(understanding\).*missing.png"):
-        prepare_dataset(bad_und, model, proc, tmp_path / "c")
-    with pytest.raises(DatasetError, match=r"fields.jsonl:1 \(understanding\).*missing"):
-        prepare_dataset(write_jsonl(tmp_path / "fields.jsonl", [{"type": "understanding", "image": "a.png"}]),
-                        model, proc, tmp_path / "c")
-    long = write_jsonl(tmp_path / "long.jsonl", [{"type": "text", "text": "short"}, {"type": "text", "text": "y" * 300}])
-    encoded = prepare_dataset(long, model, proc, tmp_path / "c")
-    with pytest.raises(DatasetError, match=r"long.jsonl:2 \(text\) has 30\d tokens, more than the row budget of 64"):
-        loader_for(model, encoded, row_tokens=64)
+        steps(make_loader(model, bad_und, tmp_path / "run"), 1)

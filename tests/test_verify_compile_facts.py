@@ -1,8 +1,9 @@
-"""Compile facts of speculative Jacobi decoding's kernels, without a GPU: the verify attention
-(kernels/attention_verify.py) and the verification sampler (kernels/sampling_verify.py), built to
-cubins for sm_80 and sm_90 with Triton's bundled ptxas exactly as their launchers configure them,
-and checked free of register spills (local memory or a stack frame) with shared memory within
-the architecture's limit. Run it under both Tritons (the GPU's 3.6 and this machine's 3.9):
+"""Compile facts of speculative Jacobi decoding's kernels, without a GPU: the verification sampler
+(kernels/sampling_verify.py) at the launches its host function really makes for Janus-Pro (recorded
+on meta tensors as tests/test_kernel_compile_facts.py records them) and the verify attention
+(kernels/attention_verify.py) at every tile its launcher picks, built to cubins for sm_80 and
+sm_90 with Triton's bundled ptxas and checked free of local memory (bytes, or LDL/STL in the
+SASS), with shared memory within the architecture's limit. Run it under both Tritons (the GPU's 3.6 and this machine's 3.9):
 `TRITON36_DIR=/work/.triton36 bash scripts/triton36.sh python -m pytest tests/test_verify_compile_facts.py`.
 
 `python -m tests.test_verify_compile_facts [80|90]` prints the table.
@@ -22,70 +23,75 @@ from tests.test_compile_facts import SMEM_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (images, window): Janus-Pro x1 and x16 at the default window (and a short window in the full tier)
+# (images, window): Janus-Pro x1 and x16 at the default window (and a short window in the full tier)
 SAMPLER_SHAPES = [(1, 16), (16, 16)] + ([(4, 3)] if FULL else [])
-FILTERS = [(False, False, False), (False, True, True), (False, True, False), (False, False, True),
-           (True, False, False)]  # (greedy, top_k, top_p)
-VOCAB = 16384  # Janus-Pro's image tokens
+SETTINGS = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 50, 0.9)] + ([(1.0, 50, 1.0), (1.0, 0, 0.9)] if FULL else [])
+VOCAB, TOKENS = 16384, 576  # Janus-Pro's image tokens
 # (head_dim, dtype, windows, query heads per kv head): Janus-Pro's MHA at the default window; the
 # full tier adds short windows, GQA (up to 64 rows a block), 256-wide heads and fp32
 ATTENTION_SHAPES = [(128, "bf16", (16,), (1,))] + (
     [(128, "bf16", (3, 16), (4,)), (256, "bf16", (16, 3), (1, 4)), (128, "fp32", (16, 3), (1, 4))] if FULL else [])
 
 
-def _sampler_specs():
-    import triton
+def _sampler_launches(cap: int) -> list:
+    """sjd_verify's launches as ops.sjd_verify makes them (on meta tensors: a GPU's aligned
+    pointers, no data), recorded by tests.test_kernel_compile_facts.recording."""
+    import torch
 
     import janus_fast.kernels.sampling_verify as S
+    from tests.test_kernel_compile_facts import recording
 
-    for b, w in SAMPLER_SHAPES:
-        _, meta = S.launch_meta(b * w, VOCAB, interpreted=False)
-        for greedy, top_k, top_p in FILTERS:
-            name = f"sjd_verify {b}x{w}x{VOCAB} " + ("greedy" if greedy else f"top_k={int(top_k)} top_p={int(top_p)}")
-            yield name, S._sjd_verify_kernel, dict(meta, W=w, WP=triton.next_power_of_2(w), GREEDY=greedy,
-                                                   SCALE=True, TOP_K=top_k, TOP_P=top_p,
-                                                   COMMIT=S.commit_block(b, False))
-
-
-def _sampler_signature(fn, meta):
-    ptrs = {"logits_ptr": "*bf16", "tokens_ptr": "*i64", "point_ptr": "*i8", "q_ptr": "*fp32", "progress_ptr": "*i64",
-            "lengths_ptr": "*i32", "next_ptr": "*i64", "accepted_ptr": "*i8", "seed_ptr": "*i64"}
-    floats = ("cfg_weight", "temperature", "top_p", "mass_scale")
-    return {n: "constexpr" if n in meta else ptrs.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
+    recorded: list = []
+    meta = dict(device="meta")
+    with recording(cap, recorded):
+        for b, w in SAMPLER_SHAPES:
+            state = [torch.empty(b, TOKENS + w, dtype=torch.int64, **meta),
+                     torch.empty(b, TOKENS + w, dtype=torch.int8, **meta),
+                     torch.empty(b, w, VOCAB, dtype=torch.float32, **meta), torch.empty(b, 2, dtype=torch.int64, **meta),
+                     torch.empty(2 * b, dtype=torch.int32, **meta), torch.empty(2 * b, w, dtype=torch.int64, **meta)]
+            for temperature, top_k, top_p in SETTINGS:
+                S.sjd_verify(torch.empty(2 * b, w, VOCAB, dtype=torch.bfloat16, **meta), *state, 5.0, temperature,
+                             top_k, top_p, torch.empty(3, dtype=torch.int64, **meta), 24)
+    names = {}
+    for fn, sig, consts, attrs, options in recorded:
+        flags = {fn.arg_names[path[0]]: v for path, v in consts.items() if len(path) == 1}
+        label = "sjd_verify " + " ".join(f"{k}={int(v)}" for k, v in flags.items()
+                                         if k in ("W", "GREEDY", "TOP_K", "TOP_P", "ROWS", "COMMIT"))
+        names.setdefault(label, (fn, sig, consts, attrs, options))
+    return [(label, *job) for label, job in names.items()]
 
 
 def compile_facts(cap: int) -> list[dict]:
-    """Registers, spills and shared memory of every shipped config for sm_<cap> (interpreter off)."""
+    """Registers, local memory (bytes and LDL/STL instructions) and shared memory of every config
+    for sm_<cap> (run with the interpreter off)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import janus_fast.kernels.attention_verify as A
     from tests.test_compile_facts import _resource_usage, _signature
+    from tests.test_kernel_compile_facts import _local_memory_instructions
 
-    jobs = []
+    jobs = _sampler_launches(cap)
     for head_dim, dtype, windows, groups in ATTENTION_SHAPES:
         for spec in A.compile_specs(f"sm{cap}", head_dim, dtype, windows, groups):
             sig = _signature(spec.kernel, spec.meta, spec.dtype)
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(spec.kernel.arg_names)
                      if sig[n].startswith("*") or n.startswith("stride_")}
-            jobs.append((f"verify_attention {spec.label}", spec.kernel, spec.meta, sig, dict(spec.options), attrs))
-    for name, fn, meta in _sampler_specs():
-        constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "maxnreg")}
-        options = {"num_warps": meta["num_warps"], "num_stages": 1, "enable_fp_fusion": False,
-                   "maxnreg": meta["maxnreg"]}
-        jobs.append((name, fn, constexprs, _sampler_signature(fn, constexprs), options, None))
+            jobs.append((f"verify_attention {spec.label}", spec.kernel, sig, spec.meta, attrs, dict(spec.options)))
     facts = []
-    for name, fn, constexprs, sig, options, attrs in jobs:
-        source = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs) if attrs else ASTSource(fn, sig, constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=options)
+    for name, fn, sig, constexprs, attrs, options in jobs:
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", cap, 32), options=options)
         usage = _resource_usage(compiled.asm["cubin"])
-        facts.append({"name": name, "warps": options["num_warps"], "regs": usage["reg"],
-                      "spill_bytes": usage["local"] + usage["stack"], "shared": compiled.metadata.shared})
+        facts.append({"name": name, "warps": compiled.metadata.num_warps, "regs": usage["reg"],
+                      "local": usage["local"], "local_insts": _local_memory_instructions(compiled.asm["cubin"]),
+                      "stack": usage["stack"], "shared": compiled.metadata.shared})
     return facts
 
 
 def _env():
-    return {**os.environ, "TRITON_INTERPRET": "0"}
+    return {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}  # (3.9's default, said)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +113,11 @@ def _all_facts():
 def test_shipped_configs_compile_without_spills(cap, _all_facts):
     rows = _all_facts[cap]
     assert not isinstance(rows, str), f"compiling the SJD kernels for sm_{cap} failed:\n{rows}"
-    assert {r["name"].split()[0] for r in rows} == {"verify_attention", "sjd_verify"}
-    spilling = [(r["name"], r["regs"], r["spill_bytes"]) for r in rows if r["spill_bytes"]]
-    assert not spilling, f"sm_{cap}: configs spill registers (name, regs, bytes): {spilling}"
+    names = [r["name"] for r in rows]
+    assert {n.split()[0] for n in names} == {"verify_attention", "sjd_verify"}
+    assert {"GREEDY=1", "TOP_K=1", "TOP_P=1"} <= {f for n in names for f in n.split()}, names
+    spilling = [(r["name"], r["regs"], r["local"], r["local_insts"]) for r in rows if r["local"] or r["local_insts"]]
+    assert not spilling, f"sm_{cap}: configs use local memory (name, regs, bytes, LDL/STL): {spilling}"
     too_big = [(r["name"], r["shared"]) for r in rows if r["shared"] > SMEM_LIMIT[cap]]
     assert not too_big, f"sm_{cap}: configs exceed {SMEM_LIMIT[cap]} bytes of shared memory: {too_big}"
 
@@ -119,5 +127,5 @@ if __name__ == "__main__":
     for cap in [int(a) for a in sys.argv[1:]] or [80, 90]:
         print(f"sm_{cap}")
         for r in compile_facts(cap):
-            print(f"  {r['name']:<48} warps {r['warps']:>2}  regs {r['regs']:>3}  spill {r['spill_bytes']:>4} B  "
-                  f"smem {r['shared'] / 1024:6.1f} KiB")
+            print(f"  {r['name']:<60} warps {r['warps']:>2}  regs {r['regs']:>3}  local {r['local']:>3} B"
+                  f" {r['local_insts']:>2} LDL/STL  stack {r['stack']:>2} B  smem {r['shared'] / 1024:5.1f} KiB")

@@ -46,6 +46,7 @@ class ImageBuffers:
         self.codes = torch.zeros(rows // 2, n_tokens, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.rng = torch.zeros(requests, 3, dtype=torch.long, device=device)
+        self.sampling = ops.new_sampling_workspace(rows // 2, device)  # this bucket's graph's own merge slots
 
     def reset(self, seeds: list[int]) -> None:
         self.step.zero_()
@@ -59,7 +60,7 @@ def image_step(model: JanusPro, buf: ImageBuffers, settings: ImageSettings) -> N
     for r, (lo, hi) in enumerate(settings.spans()):
         t, i = ops.cfg_sample(logits[2 * lo:2 * hi], cfg_weight=settings.cfg_weight,
                               temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                              rng_state=buf.rng[r], return_ids=True)
+                              rng_state=buf.rng[r], return_ids=True, workspace=buf.sampling)
         tokens.append(t)
         ids.append(i)
     tokens = tokens[0] if len(tokens) == 1 else torch.cat(tokens)

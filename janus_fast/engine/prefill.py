@@ -52,8 +52,7 @@ def prefill(lm: LlamaModel, embeds: torch.Tensor, lengths: list[int], cache: KVC
     longest = max(lengths)
 
     def keep_kv(layer: int, k, v) -> None:
-        cache.k[layer][row_t, slot_t] = k[token_t]
-        cache.v[layer][row_t, slot_t] = v[token_t]
+        cache.write(layer, (row_t, slot_t), k[token_t], v[token_t])
 
     with ops.no_value_checks():  # cu_seqlens are built above: no per-layer device reads
         h = lm.forward_packed(embeds, positions_t, cu_t, longest, keep_kv)

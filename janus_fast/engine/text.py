@@ -32,7 +32,7 @@ class TextSettings:
 
 class TextBuffers:
     def __init__(self, lm: LlamaForCausalLM, rows: int, capacity: int, eos: tuple[int, ...]):
-        w = lm.lm_head.weight
+        w = lm.get_input_embeddings().weight  # (lm_head's may be quantized)
         self.cache = lm.model.new_cache(rows, capacity)
         self.hidden = torch.zeros(rows, lm.config.hidden_size, dtype=w.dtype, device=w.device)
         self.out = torch.zeros(rows, capacity, dtype=torch.long, device=w.device)
@@ -40,6 +40,7 @@ class TextBuffers:
         # step, first step with bad logits, first step after which every row is done
         self.counters = torch.zeros(3, dtype=torch.long, device=w.device)
         self.rng = torch.zeros(3, dtype=torch.long, device=w.device)
+        self.sampling = ops.new_sampling_workspace(rows, w.device)  # this bucket's graph's own merge slots
         self.eos = torch.tensor(eos, dtype=torch.long, device=w.device)
 
     @property
@@ -55,7 +56,7 @@ class TextBuffers:
 
 def text_step(lm: LlamaForCausalLM, buf: TextBuffers, settings: TextSettings) -> None:
     tokens = lm.sample(lm.lm_head(buf.hidden), settings.do_sample, settings.temperature, settings.top_k,
-                       settings.top_p, rng_state=buf.rng)
+                       settings.top_p, rng_state=buf.rng, workspace=buf.sampling)
     step, bad_step, all_done_at = buf.counters[0:1], buf.counters[1:2], buf.counters[2:3]
     if settings.do_sample:  # (argmax never returns cfg_sample's -1)
         # the first step with bad logits; a finished row's output hides its token behind pad

@@ -19,11 +19,26 @@ VQ16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, i
 
 # Validation at construction: every config (parsed from config.json or built in code) is checked
 # for types, ranges and divisibility, and the error names the config.json field and the rule.
+# Sizes also have a sanity bound (far above any Janus-Pro), so a corrupt config fails at once
+# instead of building a million layers.
+SANITY_BOUNDS = {
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 22,
+    "image_size": 8192, "patch_size": 8192, "width": 1 << 16, "layers": 1024, "heads": 1024, "mlp_dim": 1 << 18,
+    "image_token_size": 1 << 22, "n_embed": 1 << 12, "ch": 1 << 12, "num_res_blocks": 64, "z_channels": 1 << 12,
+    "ch_mult": 64,
+}
+
+
 def _int(section: str, name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{section}.{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{section}.{name} must be >= {minimum}, got {value}")
+    bound = SANITY_BOUNDS.get(name.split("[")[0])
+    if bound is not None and value > bound:
+        raise ValueError(f"{section}.{name} must be <= {bound} (a sanity bound: Janus-Pro-7B's largest such size is "
+                         f"far below it), got {value}")
 
 
 def _positive(section: str, name: str, value) -> None:
@@ -124,6 +139,8 @@ class VQConfig:
             _int(sec, official, getattr(self, name))
         if not isinstance(self.ch_mult, (list, tuple)) or not self.ch_mult:
             raise TypeError(f"{sec}.ch_mult must be a non-empty list of integers, got {self.ch_mult!r}")
+        if len(self.ch_mult) > 8:  # each level halves the image: 8 levels is a 128x downsampling
+            raise ValueError(f"{sec}.ch_mult must have at most 8 levels, got {len(self.ch_mult)}")
         for i, m in enumerate(self.ch_mult):
             _int(sec, f"ch_mult[{i}]", m)
         self.ch_mult = tuple(self.ch_mult)

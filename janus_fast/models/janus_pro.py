@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import arguments
 from .config import JanusProConfig
 from .llama import BadLogitsError, LlamaForCausalLM, first_bad_step
+from .quant import check_quantize, quantize_linears, weight_formats
 from .siglip import CLIPVisionTower, MlpProjector
 from .vq import VQModel
 
@@ -111,14 +113,24 @@ class JanusPro(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = torch.bfloat16, device=None,
-                        load_processor: bool = True) -> "JanusPro":
+                        load_processor: bool = True, quantize: str | None = None,
+                        kv_cache_dtype: str | None = None) -> "JanusPro":
         """Load an official release directory (or a transformers "janus" conversion). Weights go
         straight from the files (memory-mapped) to `device` (default: cuda if available) in
         `dtype` (None keeps the stored dtype); the processor is attached when the directory
-        holds a tokenizer."""
+        holds a tokenizer. `quantize` / `kv_cache_dtype` ("int8" / "fp8") quantize the loaded
+        model (see `quantize`), checked before anything is read."""
         from ..checkpoint import load_model
 
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if quantize is not None:
+            check_quantize(quantize, device)
+        if kv_cache_dtype is not None:
+            check_quantize(kv_cache_dtype, device, "kv_cache_dtype")
         model = load_model(cls, path, dtype=dtype, device=device)
+        if quantize is not None or kv_cache_dtype is not None:
+            model.quantize(quantize, kv_cache_dtype=kv_cache_dtype)
         if load_processor:
             from ..processor import JanusProcessor
 
@@ -128,10 +140,41 @@ class JanusPro(nn.Module):
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB") -> None:
         """config.json + safetensors (sharded above max_shard_size), written atomically; the
-        processor's files too when one is attached."""
+        processor's files too when one is attached. A model with quantized weights is refused:
+        the official layout has no place for them, and quantizing at load is quick and gives
+        the same weights."""
         from ..checkpoint import save_model
 
+        if weight_formats(self):
+            raise ValueError("save_pretrained writes the official (unquantized) layout and this model's weights are "
+                             "quantized: save the unquantized model and pass quantize= to from_pretrained instead")
         save_model(self, path, max_shard_size=max_shard_size)
+
+    def quantize(self, weights: str | None = "int8", *, kv_cache_dtype: str | None = None) -> "JanusPro":
+        """Quantize for inference, in place; returns the model.
+
+        weights "int8" / "fp8" (e4m3): every Linear layer of the LLM (attention and MLP
+        projections, lm_head) and of gen_head is stored in that format with one fp32 scale per
+        output channel (models.quant.QuantizedLinear, run by ops.quantized_linear), layer by
+        layer, so no second copy of the model is ever held; None leaves the weights as they are.
+        kv_cache_dtype "int8" / "fp8": KV caches made from now on store each head of each token in
+        that format with an fp32 scale; None keeps the current format. fp8 needs compute
+        capability 8.9+ on CUDA. A quantized model generates and answers as before; it cannot be
+        trained or saved."""
+        if weights is not None:
+            check_quantize(weights, self.device)
+        if kv_cache_dtype is not None:
+            check_quantize(kv_cache_dtype, self.device, "kv_cache_dtype")
+        if weights is not None:
+            current = weight_formats(self)
+            if current - {weights}:
+                raise ValueError(f"the weights are already quantized to {sorted(current)}; load the model again to "
+                                 f"quantize it to {weights!r}")
+            for part in (self.language_model, self.gen_head):
+                quantize_linears(part, weights)
+        if kv_cache_dtype is not None:
+            self.language_model.model.kv_cache_dtype = kv_cache_dtype
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -239,29 +282,29 @@ class JanusPro(nn.Module):
         prompt by prompt. Classifier-free guidance pairs each prompt row with an unconditional
         row (the prompt's first and last tokens around pads, pads attended). `seed` (one for all
         prompts, or one per prompt) makes the result reproducible: a prompt's images depend on its
-        text, seed and settings only, not on the other prompts of the batch. `progress(step,
-        total)` is called after each image token. decoding="sjd" decodes by speculative Jacobi
-        decoding with a window of `window` tokens (janus_fast.JanusPro, on the engine): fewer
-        forward passes, the same distribution as token by token (janus_fast.ops.sjd_verify);
-        the same seed gives the same images for the same settings and window."""
+        text, seed and settings only, not on the other prompts of the batch. Seeds are ints in
+        [0, 2**63); the prompt plus the image's tokens must fit the model's context
+        (language_config.max_position_embeddings); the sampling arguments are checked as
+        `models.arguments.sampling` states (cfg_weight >= 0, top_p in (0, 1]), all before anything
+        is allocated. `progress(step, total)` is called after each image token. decoding="sjd"
+        decodes by speculative Jacobi decoding with a window of `window` tokens
+        (janus_fast.JanusPro, on the engine): fewer forward passes, the same distribution as token
+        by token (janus_fast.ops.sjd_verify); the same seed gives the same images for the same
+        settings and window."""
         check_decoding(decoding, window, self.config.vq.num_tokens)
         proc = self._processor(processor)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or isinstance(parallel_size, bool) or not isinstance(parallel_size, int) or parallel_size < 1:
-            raise ValueError(f"need at least one prompt and an int parallel_size >= 1, got {len(prompts)} prompts "
-                             f"and parallel_size={parallel_size!r}")
-        if seed is None:  # drawn on the host: no device sync
-            seeds = torch.randint(0, 1 << 62, (len(prompts),)).tolist()
-        elif isinstance(seed, int):
-            seeds = [seed] * len(prompts)
-        else:
-            seeds = [int(s) for s in seed]
-            if len(seeds) != len(prompts):
-                raise ValueError(f"seed must be one int or one per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
+        if not prompts:
+            raise ValueError("need at least one prompt")
+        parallel_size = arguments.parallel_size(parallel_size)
+        cfg_weight, temperature, top_k, top_p = arguments.sampling(cfg_weight, temperature, top_k, top_p)
+        seeds = arguments.request_seeds(seed, len(prompts))
         ids = [self._generation_prompt_ids(proc, text) for text in prompts]
+        arguments.fits_context(max(len(i) for i in ids), self.config.vq.num_tokens,
+                               self.config.language.max_position_embeddings, "an image takes")
         sjd = {} if decoding == "token" else {"decoding": decoding, "window": window}
-        codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k or 0,
-                                           1.0 if top_p is None else top_p, seeds, progress, **sjd)
+        codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k, top_p,
+                                           seeds, progress, **sjd)
         return self.decode_images(codes)
 
     def generate_image_tokens(self, prompts: list[list[int]], pad_id: int, parallel_size: int, cfg_weight: float,
@@ -339,6 +382,9 @@ class JanusPro(nn.Module):
         from ..processor import load_image
 
         proc = self._processor(processor)
+        max_new_tokens = arguments.max_new_tokens(max_new_tokens)
+        _, temperature, _, top_p = arguments.sampling(None, temperature, None, top_p)
+        seed = None if seed is None else arguments.seed_value(seed)
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         per_question = [image] if single else list(image if image is not None else [None] * len(questions))
@@ -352,6 +398,8 @@ class JanusPro(nn.Module):
             conversation = [{"role": proc.roles[0], "content": content}, {"role": proc.roles[1], "content": ""}]
             prepared.append(proc.process_one(conversations=conversation, images=images))
         inputs = proc.batchify(prepared).to(self.device, self.dtype)
+        arguments.fits_context(inputs.input_ids.shape[1], max_new_tokens, self.config.language.max_position_embeddings,
+                               "the answer may take")
         embeds = self.prepare_inputs_embeds(**inputs)
         tok = proc.tokenizer
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.quant import QUANTIZED_DTYPES, format_dtype
+from . import arguments
 from .config import LlamaConfig
+from .quant import QuantizedLinear
 
 
 class RMSNorm(nn.Module):
@@ -62,13 +65,23 @@ class KVCache:
     slots (real tokens only, left-aligned), so a token's slot is also its rotary position.
     `max_seqlen` is a host-side upper bound of seqlens so growing the cache never reads device
     memory. rope_cos/rope_sin [capacity, D] (fp32) are the RoPE table of every slot, which the
-    decode step reads at seqlens."""
+    decode step reads at seqlens.
+
+    kv_format "int8" / "fp8" makes a quantized cache: k/v hold each head of each token in that
+    format and k_scale/v_scale [B, capacity, Hkv] (fp32) its scale (ops.quantize_rows);
+    `write` / `read` quantize and dequantize, `scales(layer)` hands them to the decode ops."""
 
     def __init__(self, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device, rope_theta: float = 10000.0):
+                 dtype: torch.dtype, device, rope_theta: float = 10000.0, kv_format: str | None = None):
         shape = (batch, capacity, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        storage = dtype if kv_format is None else format_dtype(kv_format, "kv_cache_dtype")
+        self.dtype, self.kv_format = dtype, kv_format
+        self.k = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+        self.k_scale = self.v_scale = None
+        if kv_format is not None:
+            self.k_scale = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
+            self.v_scale = [torch.zeros(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.max_seqlen = 0
         self.rope_theta = rope_theta
@@ -90,13 +103,38 @@ class KVCache:
     def get_seq_length(self) -> int:
         return self.max_seqlen
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def write(self, layer: int, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys and values [..., Hkv, D] at k/v[layer][index] (index: over rows and slots),
+        quantized per head in a quantized cache."""
+        if not self.quantized:
+            self.k[layer][index] = k
+            self.v[layer][index] = v
+            return
+        self.k[layer][index], self.k_scale[layer][index] = ops.quantize_rows(k, self.kv_format)
+        self.v[layer][index], self.v_scale[layer][index] = ops.quantize_rows(v, self.kv_format)
+
+    def read(self, layer: int, index) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) at k/v[layer][index] in the activations' dtype (dequantized from a quantized cache)."""
+        if not self.quantized:
+            return self.k[layer][index], self.v[layer][index]
+        return (ops.quant.dequantize_rows(self.k[layer][index], self.k_scale[layer][index], self.dtype),
+                ops.quant.dequantize_rows(self.v[layer][index], self.v_scale[layer][index], self.dtype))
+
+    def scales(self, layer: int) -> dict:
+        """The decode ops' scale arguments for `layer` (none for a plain cache)."""
+        return {"k_scale": self.k_scale[layer], "v_scale": self.v_scale[layer]} if self.quantized else {}
+
     def reserve(self, n: int) -> None:
         """Make room for n more tokens per row (reallocating at least 2x when it must grow)."""
         need = self.max_seqlen + n
         if need <= self.capacity:
             return
         cap = max(need, 2 * self.capacity)
-        for buf in (self.k, self.v):
+        for buf in (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ()):
             for i, t in enumerate(buf):
                 grown = t.new_zeros((t.shape[0], cap, *t.shape[2:]))
                 grown[:, : t.shape[1]] = t
@@ -104,14 +142,15 @@ class KVCache:
         self._rope_table(cap)
 
 
-def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+def fused_weight(owner: nn.Module, names: tuple[str, ...], attr: str = "weight") -> torch.Tensor:
     """One [sum of out_features, in_features] weight whose row blocks are the weights of the
     Linear layers owner.<names>, so a decode step runs one GEMM for all of them. The layers keep
     their Parameters (and state-dict keys): those become views of the fused tensor, with their
     values unchanged. Made on first use and again whenever a Parameter no longer views it (after
-    `.to()`, or a checkpoint load that assigned new tensors)."""
-    key = "_fused_" + "_".join(names)
-    weights = [getattr(owner, n).weight for n in names]
+    `.to()`, or a checkpoint load that assigned new tensors). `attr` fuses another per-row tensor
+    of the layers the same way (a QuantizedLinear's qweight / weight_scale buffers)."""
+    key = "_fused_" + "_".join(names) + ("" if attr == "weight" else "_" + attr)
+    weights = [getattr(getattr(owner, n), attr) for n in names]
     fused = owner.__dict__.get(key)
     if fused is not None:
         starts = [0]
@@ -125,11 +164,23 @@ def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
         fused = torch.cat([w.detach() for w in weights])
         start = 0
         for n, w in zip(names, weights):
-            linear = getattr(owner, n)
-            linear.weight = nn.Parameter(fused[start:start + w.shape[0]], requires_grad=w.requires_grad)
+            linear, rows = getattr(owner, n), fused[start:start + w.shape[0]]
+            if attr in linear._parameters:
+                setattr(linear, attr, nn.Parameter(rows, requires_grad=w.requires_grad))
+            else:
+                linear._buffers[attr] = rows
             start += w.shape[0]
     owner.__dict__[key] = fused
     return fused
+
+
+def fused_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """x through the bias-free Linear layers owner.<names> at once, their outputs side by side:
+    one GEMM over fused_weight, or one ops.quantized_linear over the fused quantized weights and
+    scales when the layers are QuantizedLinear."""
+    if isinstance(getattr(owner, names[0]), QuantizedLinear):
+        return ops.quantized_linear(x, fused_weight(owner, names, "qweight"), fused_weight(owner, names, "weight_scale"))
+    return F.linear(x, fused_weight(owner, names))
 
 
 class BadLogitsError(FloatingPointError):
@@ -203,16 +254,18 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         if packing is None:  # dense: fresh causal sequences, no padding
             if cache is not None:
-                cache.k[layer][:, :t] = k
-                cache.v[layer][:, :t] = v
+                cache.write(layer, (slice(None), slice(0, t)), k, v)
             out = ops.flash_attention(q, k, v, causal=True)
         else:
             p = packing
             k_new, v_new = k[p.rows, p.cols], v[p.rows, p.cols]
             if cache is not None:
-                cache.k[layer][p.rows, p.slots] = k_new
-                cache.v[layer][p.rows, p.slots] = v_new
-                k_new, v_new = cache.k[layer][p.kv_select], cache.v[layer][p.kv_select]
+                cache.write(layer, (p.rows, p.slots), k_new, v_new)
+                k_all, v_all = cache.read(layer, p.kv_select)
+                if cache.quantized:  # the chunk attends to its own keys unquantized, as a prefill does
+                    at = p.cu_k[:-1].long()[p.rows] + p.slots
+                    k_all[at], v_all[at] = k_new, v_new
+                k_new, v_new = k_all, v_all
             packed = ops.varlen_attention(q[p.rows, p.cols], k_new, v_new, p.cu_q, p.cu_k, p.max_q, p.max_k,
                                           causal=True)
             out = q.new_zeros(q.shape)
@@ -233,17 +286,17 @@ class LlamaAttention(nn.Module):
         """x [M, H] new tokens: one QKV GEMM, RoPE fused with writing k/v at slots positions[m] of
         cache row m // (M // B) -> the rotated q [M, Hq, D]."""
         m, d = x.shape[0], self.head_dim
-        qkv = F.linear(x, fused_weight(self, ("q_proj", "k_proj", "v_proj")))
+        qkv = fused_linear(self, ("q_proj", "k_proj", "v_proj"), x)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         return ops.rope_kv_write(q.view(m, self.num_heads, d), k.view(m, self.num_kv_heads, d),
                                  v.view(m, self.num_kv_heads, d), cache.rope_cos, cache.rope_sin, positions,
-                                 cache.k[layer], cache.v[layer])
+                                 cache.k[layer], cache.v[layer], **cache.scales(layer))
 
     def decode(self, x, cache: KVCache, layer: int, lengths: torch.Tensor):
         """x [B, H], one token per row: k/v written at slot seqlens[b], attention over lengths[b]
         = seqlens[b] + 1 keys, the o GEMM."""
         q = self._cached_qkv(x, cache, layer, cache.seqlens)
-        out = ops.decode_attention(q, cache.k[layer], cache.v[layer], lengths)
+        out = ops.decode_attention(q, cache.k[layer], cache.v[layer], lengths, **cache.scales(layer))
         return self.o_proj(out.reshape(x.shape[0], -1))
 
     def verify(self, x, cache: KVCache, layer: int, positions: torch.Tensor, lengths: torch.Tensor):
@@ -268,7 +321,7 @@ class LlamaMLP(nn.Module):
 
     def decode(self, x):
         """The same maths for decoding: one gate/up GEMM, a fused SiLU·mul, the down GEMM."""
-        gate, up = F.linear(x, fused_weight(self, ("gate_proj", "up_proj"))).chunk(2, -1)
+        gate, up = fused_linear(self, ("gate_proj", "up_proj"), x).chunk(2, -1)
         return self.down_proj(ops.silu_mul(gate, up))
 
 
@@ -294,11 +347,26 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # the storage format of new caches: None (the activations' dtype) or "int8" / "fp8"
+        self.kv_cache_dtype: str | None = None
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        cfg, w = self.config, self.layers[0].self_attn.k_proj.weight
+        cfg, w = self.config, self.embed_tokens.weight
         return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim,
-                       w.dtype, w.device, cfg.rope_theta)
+                       w.dtype, w.device, cfg.rope_theta, self.kv_cache_dtype)
+
+    def kv_bytes_per_token(self, kv_dtype=None) -> int:
+        """Bytes of K and V per token per cache row over all layers, scales included, for a cache
+        of `kv_dtype`: a torch dtype (a plain cache; torch.int8 / float8_e4m3fn mean the quantized
+        formats), "int8" / "fp8" (one byte per value plus one fp32 scale per head), or None: the
+        caches `new_cache` makes."""
+        cfg = self.config
+        if kv_dtype is None:
+            kv_dtype = self.kv_cache_dtype or self.embed_tokens.weight.dtype
+        quantized = isinstance(kv_dtype, str) or kv_dtype in QUANTIZED_DTYPES
+        value_bytes = (format_dtype(kv_dtype, "kv_dtype") if isinstance(kv_dtype, str) else kv_dtype).itemsize
+        per_head = cfg.head_dim * value_bytes + (torch.float32.itemsize if quantized else 0)
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * per_head
 
     def _rope(self, positions, dtype):
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
@@ -324,6 +392,9 @@ class LlamaModel(nn.Module):
         cache.seqlens is NOT advanced: the caller adds what it accepts, and the next pass
         overwrites the rest. The decode step's ops per layer with verify_attention; no host
         syncs. The caller keeps capacity for seqlens + W."""
+        if cache.quantized:
+            raise ValueError("verify_step (speculative decoding) does not take a quantized KV cache yet: "
+                             "use kv_cache_dtype=None")
         b, w, h = x.shape
         positions = (cache.seqlens[:, None] + torch.arange(w, dtype=torch.int32, device=x.device)).view(-1)
         lengths = cache.seqlens + w
@@ -450,16 +521,16 @@ class LlamaForCausalLM(nn.Module):
         return CausalLMOutputWithPast(self.lm_head(out.last_hidden_state), out.past_key_values)
 
     def sample(self, logits, do_sample: bool, temperature: float, top_k: int, top_p: float, generator=None,
-               rng_state=None):
+               rng_state=None, workspace=None):
         """Next token [B] from logits [B, V]: argmax, or a draw through ops.cfg_sample with the
         logits as both halves at cfg_weight 1 (u + 1·(c − u) = c exactly: no guidance), from
-        `generator` or from a device `rng_state` (ops.new_rng_state) that the launch advances;
-        a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
+        `generator` or from a device `rng_state` (ops.new_rng_state) that the launch advances,
+        with cfg_sample's `workspace` when given; a row without a finite maximum draws -1 (cfg_sample's bad-logits token)."""
         if not do_sample:
             return logits.argmax(-1)
         both = torch.cat([logits, logits])  # (cfg_sample reads 16-bit logits in fp32 itself)
         return ops.cfg_sample(both, cfg_weight=1.0, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator, rng_state=rng_state, layout="halves")
+                              generator=generator, rng_state=rng_state, layout="halves", workspace=workspace)
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,
@@ -469,11 +540,18 @@ class LlamaForCausalLM(nn.Module):
         """Text generation as transformers' `generate` for a left-padded batch: returns the new
         token ids [B, n <= max_new_tokens] (after input_ids when those were given instead of
         embeddings); rows that produced EOS are padded with pad_token_id (default: EOS); stops
-        when every row is done. bos_token_id and use_cache are accepted for compatibility."""
+        when every row is done. bos_token_id and use_cache are accepted for compatibility. The
+        prompt plus max_new_tokens must fit the context (max_position_embeddings); the sampling
+        arguments are checked as `models.arguments.sampling` states, before anything runs."""
         del bos_token_id, use_cache
+        max_new_tokens = arguments.max_new_tokens(max_new_tokens)
+        if do_sample:
+            _, temperature, top_k, top_p = arguments.sampling(None, temperature, top_k, top_p)
+        if (input_ids if inputs_embeds is None else inputs_embeds) is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        prompt = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        arguments.fits_context(prompt, max_new_tokens, self.config.max_position_embeddings, "the answer may take")
         if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.model.embed_tokens(input_ids)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

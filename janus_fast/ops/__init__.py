@@ -10,7 +10,8 @@ from .attention import decode_attention, flash_attention, varlen_attention
 from .attention_verify import verify_attention
 from .cross_entropy import linear_cross_entropy
 from .decode_layer import rms_norm, rope_kv_write, silu_mul
-from .sampling import cfg_sample, new_rng_state
+from .quant import quantize_rows, quantized_linear
+from .sampling import cfg_sample, new_rng_state, new_sampling_workspace
 from .sampling_verify import sjd_verify
 from .vq import vq_lookup, vq_quantize
 
@@ -21,7 +22,10 @@ __all__ = [
     "flash_attention",
     "linear_cross_entropy",
     "new_rng_state",
+    "new_sampling_workspace",
     "no_value_checks",
+    "quantize_rows",
+    "quantized_linear",
     "rms_norm",
     "rope_kv_write",
     "silu_mul",

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, quant, reference
 
 FAST = ("triton",)
 _REFERENCE_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
@@ -78,12 +78,14 @@ def _attention_grad(ctx, dout, _dlse):
 _attention_fwd.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
-def _check_qkv(q, k, v, backend: str, ndim: int) -> None:
+def _check_qkv(q, k, v, backend: str, ndim: int, kv_dtypes=None) -> None:
+    """kv_dtypes: what k and v may hold instead of q's dtype (a quantized cache)."""
     dtypes = _REFERENCE_DTYPES if backend in ("reference", "auto") else _checks.FLOAT_DTYPES
     _checks.tensor("q", q, ndim=ndim, dtypes=dtypes)
-    _checks.tensor("k", k, ndim=ndim, dtypes=dtypes, device=q.device)
-    _checks.tensor("v", v, ndim=ndim, dtypes=dtypes, device=q.device)
-    _checks.same("q, k and v dtypes", q=q.dtype, k=k.dtype, v=v.dtype)
+    _checks.tensor("k", k, ndim=ndim, dtypes=kv_dtypes or dtypes, device=q.device)
+    _checks.tensor("v", v, ndim=ndim, dtypes=kv_dtypes or dtypes, device=q.device)
+    if kv_dtypes is None:
+        _checks.same("q, k and v dtypes", q=q.dtype, k=k.dtype, v=v.dtype)
     _checks.same("k and v shapes", k=tuple(k.shape), v=tuple(v.shape))
     _checks.same("head_dim of q and k", q=q.shape[-1], k=k.shape[-1])
     if not 1 <= q.shape[-1] <= 256:
@@ -199,25 +201,32 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
 @torch.library.custom_op("janus_fast::decode_attention", mutates_args=())
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-            softmax_scale: float, backend: str) -> torch.Tensor:
-    return _impl(backend, "decode_attention", "decode_attention")(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+            softmax_scale: float, backend: str, k_scale: torch.Tensor | None = None,
+            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _impl(backend, "decode_attention", "decode_attention")(q, k_cache, v_cache, cache_seqlens, softmax_scale,
+                                                                  k_scale, v_scale)
 
 
 @_decode.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend):
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, backend, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     k_scale=None, v_scale=None, backend: str = "auto") -> torch.Tensor:
     """One new query token per sequence against its KV cache (inference only).
 
     q [B, Hq, D], k_cache/v_cache [B, S_max, Hkv, D], cache_seqlens int32 [B] in [0, S_max]:
     positions >= cache_seqlens[b] are ignored; a length of 0 gives 0. -> [B, Hq, D].
+    A quantized cache (int8 / float8_e4m3fn, see ops.quant) comes with k_scale/v_scale fp32
+    [B, S_max, Hkv]: it is read as k_cache · k_scale[..., None] (and v likewise).
     """
     _checks.tensor("q", q, ndim=3)
     _checks.tensor("k_cache", k_cache, ndim=4)
-    _check_qkv(q[:, None], k_cache, v_cache, backend, ndim=4)
+    quantized = k_scale is not None or v_scale is not None
+    if quantized:
+        quant.check_quantized_cache(k_cache, v_cache, k_scale, v_scale, q.device)
+    _check_qkv(q[:, None], k_cache, v_cache, backend, ndim=4, kv_dtypes=quant.QUANTIZED_DTYPES if quantized else None)
     _checks.same("batch sizes of q and k_cache", q=q.shape[0], k_cache=k_cache.shape[0])
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     _checks.same("batch sizes of q and cache_seqlens", q=q.shape[0], cache_seqlens=cache_seqlens.shape[0])
@@ -225,4 +234,4 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: float
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
     chosen = _backend.resolve("decode_attention", backend, q.device, FAST,
                               fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
-    return _decode(q, k_cache, v_cache, cache_seqlens, scale, chosen)
+    return _decode(q, k_cache, v_cache, cache_seqlens, scale, chosen, k_scale, v_scale)

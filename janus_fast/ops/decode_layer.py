@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, reference
+from . import _backend, _checks, quant, reference
 
 FAST = ("triton",)
 
@@ -84,26 +84,31 @@ def rms_norm(x, weight, *, eps: float, residual=None, backend: str = "auto"):
 # --------------------------------------------------------------------------- RoPE + cache write
 
 
-@torch.library.custom_op("janus_fast::rope_kv_write", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("janus_fast::rope_kv_write", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def _rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   backend: str) -> torch.Tensor:
-    return _impl(backend, "rope_kv_write")(q, k, v, cos, sin, positions, k_cache, v_cache)
+                   backend: str, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _impl(backend, "rope_kv_write")(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale, v_scale)
 
 
 @_rope_kv_write.register_fake
-def _(q, k, v, cos, sin, positions, k_cache, v_cache, backend):
+def _(q, k, v, cos, sin, positions, k_cache, v_cache, backend, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
 
 
-def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, backend: str = "auto"):
+def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, k_scale=None, v_scale=None,
+                  backend: str = "auto"):
     """New tokens of a KV cache: rotate-half RoPE of q [M, Hq, D] and k [M, Hkv, D] at position
     positions[m] (int32, a row of the cos/sin tables [S, D]); writes the rotated k and v into
     k_cache/v_cache [B, S_max, Hkv, D] at row m // (M // B), slot positions[m] (in place) and
     returns the rotated q [M, Hq, D]. M = B is one decode token per row; M a multiple of B gives
     each row M // B consecutive tokens (a speculative window). q/k/v may be column views of one
     fused projection (heads and dims contiguous). Rotation in fp32, rounded once. Positions are
-    not range-checked on the device in graphs: the caller keeps them below min(S, S_max)."""
+    not range-checked on the device in graphs: the caller keeps them below min(S, S_max). A
+    quantized cache (int8 / float8_e4m3fn, see ops.quant) comes with k_scale/v_scale fp32
+    [B, S_max, Hkv]: each written head is quantized with its own scale (reference.quantize_rows),
+    stored at the same slot."""
     dtypes = _DTYPES
     _checks.tensor("q", q, ndim=3, dtypes=dtypes)
     for name, t in (("k", k), ("v", v)):
@@ -125,8 +130,11 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, backend: st
     _checks.same("cos and sin strides", cos=cos.stride(), sin=sin.stride())
     _checks.tensor("positions", positions, ndim=1, dtypes=(torch.int32,), device=q.device)
     _checks.same("batch sizes of q and positions", q=b, positions=positions.shape[0])
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _checks.tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device)
+    if k_scale is None and v_scale is None:
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _checks.tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device)
+    else:
+        quant.check_quantized_cache(k_cache, v_cache, k_scale, v_scale, q.device)
     _checks.same("k_cache and v_cache shapes", k_cache=tuple(k_cache.shape), v_cache=tuple(v_cache.shape))
     _checks.same("k_cache and v_cache strides", k_cache=k_cache.stride(), v_cache=v_cache.stride())
     rows = k_cache.shape[0]
@@ -136,7 +144,8 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, backend: st
     if k_cache.stride(3) != 1 or k_cache.stride(2) != d:
         raise ValueError(f"k_cache must be contiguous in its last two dimensions, got strides {k_cache.stride()}")
     _checks.index_range("positions", positions, min(cos.shape[0], k_cache.shape[1]))
-    return _rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, _resolve("rope_kv_write", backend, q))
+    return _rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, _resolve("rope_kv_write", backend, q),
+                          k_scale, v_scale)
 
 
 # --------------------------------------------------------------------------- SiLU·mul

@@ -34,6 +34,9 @@ __all__ = [
     "silu_mul",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
+    "quantize_rows",
+    "dequantize_rows",
+    "quantized_linear",
 ]
 
 
@@ -156,22 +159,27 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     return dq, dk, dv
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, k_scale=None, v_scale=None):
     """One query per sequence against its cache prefix: q [B, Hq, D], caches [B, S_max, Hkv, D],
     cache_seqlens [B]; positions >= cache_seqlens[b] are never read into the result (they may
-    hold garbage); length 0 gives 0. Non-finite values as in `attention`."""
-    return verify_attention(q[:, None], k_cache, v_cache, cache_seqlens, softmax_scale)[:, 0]
+    hold garbage); length 0 gives 0. Non-finite values as in `attention`. A quantized cache
+    (k_scale/v_scale [B, S_max, Hkv]) is dequantized (dequantize_rows) first."""
+    return verify_attention(q[:, None], k_cache, v_cache, cache_seqlens, softmax_scale, k_scale, v_scale)[:, 0]
 
 
-def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None):
+def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, k_scale=None, v_scale=None):
     """W query tokens per sequence, the last W of its cache: q [B, W, Hq, D], caches
     [B, S_max, Hkv, D], cache_seqlens [B] counting the window's own keys; query j sees the keys at
     positions < cache_seqlens[b] - (W - 1 - j) (causal inside the window, bottom-right aligned;
-    none, giving 0, when that is <= 0). W = 1 is `decode_attention`. -> [B, W, Hq, D]."""
+    none, giving 0, when that is <= 0). W = 1 is `decode_attention`; a quantized cache as there.
+    -> [B, W, Hq, D]."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     w = q.shape[1]
     used = int(cache_seqlens.max()) if cache_seqlens.numel() else 0  # (slots past every length: never read)
     k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
+    if k_scale is not None:
+        k_cache = dequantize_rows(k_cache, k_scale[:, :used], _compute_dtype(q))
+        v_cache = dequantize_rows(v_cache, v_scale[:, :used], _compute_dtype(q))
     seen = cache_seqlens[:, None].long() - (w - 1) + torch.arange(w, device=q.device)  # [B, W]
     visible = (torch.arange(k_cache.shape[1], device=q.device) < seen[:, :, None])[:, None]  # [B, 1, W, S_max]
     p, _ = _softmax_rows(_scores(q, k_cache, visible, scale))
@@ -376,11 +384,13 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
+def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale=None, v_scale=None):
     """Rotate-half RoPE of q [M, Hq, D] and k [M, Hkv, D] at position positions[m] (rows of the
     cos/sin tables [S, D]), in the compute dtype; the rotated k and the unchanged v are written to
     k_cache/v_cache [B, S_max, Hkv, D] at row m // (M // B), slot positions[m] (in place; M a
-    multiple of B: M // B consecutive tokens per cache row). -> rotated q in q.dtype."""
+    multiple of B: M // B consecutive tokens per cache row). With k_scale/v_scale [B, S_max, Hkv]
+    (a quantized cache), each written head is quantize_rows'd to the cache dtype and its scale
+    stored beside it. -> rotated q in q.dtype."""
     ct = _compute_dtype(q)
     pos = positions.long()
     c, s = cos[pos].to(ct)[:, None, :], sin[pos].to(ct)[:, None, :]
@@ -390,8 +400,11 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache):
         return x * c + _rotate_half(x) * s
 
     rows = torch.arange(q.shape[0], device=q.device) // max(q.shape[0] // max(k_cache.shape[0], 1), 1)
-    k_cache[rows, pos] = rotate(k).to(k_cache.dtype)
-    v_cache[rows, pos] = v.to(v_cache.dtype)
+    for cache, scale, x in ((k_cache, k_scale, rotate(k)), (v_cache, v_scale, v)):
+        if scale is None:
+            cache[rows, pos] = x.to(cache.dtype)
+        else:
+            cache[rows, pos], scale[rows, pos] = quantize_rows(x, cache.dtype)
     return rotate(q).to(q.dtype).contiguous()
 
 
@@ -435,3 +448,45 @@ def linear_cross_entropy_backward(x, weight, target, bias=None, ignore_index=-10
     dz = dz * (valid[:, None].to(ct) * scale)
     loss = losses.sum() * scale
     return loss, (dz @ weight.to(ct)).to(x.dtype), dz.T @ x.to(ct), dz.sum(0)
+
+
+# --------------------------------------------------------------------------- quantization
+
+# The largest magnitude of each quantized format: int8 symmetric (-127..127), fp8 e4m3 (finite).
+QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_rows(x, dtype):
+    """Symmetric per-row quantization of x [..., K] to `dtype` (int8 or float8_e4m3fn), in fp32
+    (float64 for float64 x): scale = max|x| / QUANT_MAX per row (0 for a row of zeros), and
+    x / scale rounded - int8 half away from zero, fp8 to nearest even - within +-QUANT_MAX.
+    -> (q [..., K] in dtype, scale [...] in float32). Weights (a row = an output channel) and
+    KV-cache heads (a row = one head of one token) both use it."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(ct)
+    scale = x.abs().amax(-1) / QUANT_MAX[dtype] if x.shape[-1] else x.new_zeros(x.shape[:-1])
+    y = x / torch.where(scale > 0, scale, 1.0)[..., None]
+    if dtype == torch.int8:
+        y = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5))
+    q = y.clamp(-QUANT_MAX[dtype], QUANT_MAX[dtype]).to(dtype)
+    return q, scale.float()
+
+
+def dequantize_rows(q, scale, dtype=torch.float32):
+    """q [..., K] · scale[..., None], computed in fp32 (float64 if asked) -> dtype."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    return (q.to(ct) * scale.to(ct)[..., None]).to(dtype)
+
+
+def quantized_linear(x, qweight, scale, bias=None, rows_per_chunk: int = 4096):
+    """x [M, K] @ Wᵀ + bias with W = dequantize_rows(qweight [N, K], scale [N]), in the compute
+    dtype -> [M, N] in x.dtype. W is dequantized `rows_per_chunk` output channels at a time, so
+    the whole float weight never exists at once."""
+    ct = _compute_dtype(x)
+    x32 = x.to(ct)
+    parts = [F.linear(x32, dequantize_rows(q, s, ct)) for q, s in
+             zip(qweight.split(rows_per_chunk), scale.split(rows_per_chunk))]
+    out = torch.cat(parts, -1) if parts else x32.new_zeros((*x.shape[:-1], 0))
+    if bias is not None:
+        out = out + bias.to(ct)
+    return out.to(x.dtype)

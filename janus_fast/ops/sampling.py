@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _backend, _checks, reference
@@ -14,7 +16,7 @@ def reference_generator(seed: torch.Tensor, device) -> torch.Generator:
     """A torch.Generator on `device` seeded from the (seed, offset) pair in `seed` (read on the
     host): the reference backends' reproducible stream."""
     s, offset = seed[:2].tolist()
-    return torch.Generator(device=device).manual_seed((s * 0x9E3779B97F4A7C15 + offset) % (1 << 63))
+    return torch.Generator(device=device).manual_seed(_mix_seed(s, offset))
 
 
 def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
@@ -31,11 +33,21 @@ def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layou
     return tokens, ids
 
 
+def _mix_seed(seed: int, offset: int) -> int:
+    """One generator seed from (seed, offset): splitmix64's finaliser, so every bit of both
+    reaches the low 32 bits (torch's CPU generator reads only those: a plain sum would make seeds
+    that differ above bit 31 draw the same numbers)."""
+    x = (seed * 0x9E3779B97F4A7C15 + offset) % (1 << 64)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (x ^ (x >> 31)) % (1 << 63)
+
+
 SPLIT_COLUMNS = 4096  # the least columns a program of a split row takes
 SPLIT_FILTERED_COLUMNS = 32768  # the shortest filtered row that is split
 SLOT_WIDTH = 16 + 8 * 256  # merge slots per row: a header and 8 radix histograms (kernels/sampling.py)
-_merge_slots: dict = {}
-_retired_slots: list = []
+_EMPTY_SLOT = torch.iinfo(torch.int64).min  # entries 0, 1, 4 and 5 of a clean row
+_stream_slots: dict = {}  # (device, stream) -> the eager launches' merge slots
 
 
 def _sm_count(device: torch.device) -> int:
@@ -57,20 +69,42 @@ def row_splits(b: int, v: int, device: torch.device, filtered: bool = False) -> 
     return max(1, min(-(-v // SPLIT_COLUMNS), (2 * _sm_count(device)) // max(b, 1)))
 
 
+def new_sampling_workspace(rows: int, device=None) -> torch.Tensor:
+    """Merge slots for `cfg_sample(..., workspace=)`: int64 [rows, SLOT_WIDTH] in the clean
+    state kernels/sampling.py describes (entries 0, 1, 4, 5 of a row at int64's minimum, the
+    rest 0), for batches of up to `rows` pairs. Every launch leaves it clean again, so one
+    workspace serves one stream of launches (like an rng_state): make one per CUDA graph before
+    capturing it, keep it as long as the graph, and never give two graphs that may replay at
+    the same time on different streams the same one."""
+    rows = _checks.whole_number("rows", rows)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    slots = torch.zeros((rows, SLOT_WIDTH), dtype=torch.int64, device=device)
+    slots[:, 0:2] = _EMPTY_SLOT  # (slices: nothing is copied from the host)
+    slots[:, 4:6] = _EMPTY_SLOT
+    return slots
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def merge_slots(device: torch.device, rows: int) -> torch.Tensor:
-    """Where the blocks of a split row merge: int64 [>= rows, SLOT_WIDTH] in the layout
-    kernels/sampling.py describes (entries 0, 1, 4, 5 at int64's minimum, the rest 0), made once
-    per device and stream (launches on one stream never overlap), grown when needed; every launch
-    leaves the slots as it found them."""
+    """The merge slots of a split launch that was given no workspace: outside CUDA-graph
+    capture, one clean int64 [>= rows, SLOT_WIDTH] tensor per device and stream (launches on one
+    stream never overlap), made or grown eagerly. Under capture, a fresh one that only this
+    graph uses (allocated from the graph's pool, its initialisation captured and so repeated on
+    every replay), with a warning: pass a workspace made before capture instead."""
+    if _capturing(device):
+        warnings.warn("cfg_sample: a split launch under CUDA-graph capture without a workspace gets merge slots "
+                      "allocated and initialised inside the graph (re-initialised on every replay); pass "
+                      "workspace=janus_fast.ops.new_sampling_workspace(B) made before capture", stacklevel=4)
+        return new_sampling_workspace(rows, device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    slots = _merge_slots.get((device, stream))
+    slots = _stream_slots.get((device, stream))
     if slots is None or slots.shape[0] < rows:
-        if slots is not None:  # a captured CUDA graph may still point at the old slots
-            _retired_slots.append(slots)
-        slots = torch.zeros((max(rows, 64), SLOT_WIDTH), dtype=torch.int64, device=device)
-        slots[:, 0:2] = torch.iinfo(torch.int64).min  # (slices: nothing to copy from the host,
-        slots[:, 4:6] = torch.iinfo(torch.int64).min  # should this run under graph capture)
-        _merge_slots[(device, stream)] = slots
+        # (a smaller old tensor is freed in stream order: no graph ever holds these slots)
+        slots = _stream_slots[(device, stream)] = new_sampling_workspace(max(rows, 64), device)
     return slots
 
 
@@ -82,23 +116,25 @@ def _impl(backend: str):
     return _backend.triton_kernels("sampling").cfg_sample
 
 
-@torch.library.custom_op("janus_fast::cfg_sample", mutates_args=("seed",))
+@torch.library.custom_op("janus_fast::cfg_sample", mutates_args=("seed", "workspace"))
 def _cfg_sample(logits: torch.Tensor, cfg_weight: float, temperature: float, top_k: int, top_p: float,
                 seed: torch.Tensor, layout: str, advance: bool, return_ids: bool,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                backend: str, workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         return _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance,
                                  return_ids)
     b, v = logits.shape[0] // 2, logits.shape[1]
     filtered = temperature != 0 and (0 < top_k < v or top_p < 1.0)
     splits = 1 if b == 0 else row_splits(b, v, logits.device, filtered)
-    slots = merge_slots(logits.device, b) if splits > 1 else seed.new_empty((0, 4))
+    slots = seed.new_empty((0, 4))
+    if splits > 1:
+        slots = workspace if workspace is not None else merge_slots(logits.device, b)
     return _impl(backend)(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids,
                           splits, slots)
 
 
 @_cfg_sample.register_fake
-def _(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids, backend):
+def _(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance, return_ids, backend, workspace=None):
     b = logits.shape[0] // 2
     return (logits.new_empty((b,), dtype=torch.int64),
             logits.new_empty((2 * b if return_ids else 0,), dtype=torch.int64))
@@ -116,6 +152,14 @@ def new_rng_state(seed: int, offset: int = 0, device=None) -> torch.Tensor:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.tensor([seed, offset, 0], dtype=torch.int64, device=device)
+
+
+def _check_workspace(workspace, logits) -> None:
+    _checks.tensor("workspace", workspace, ndim=2, dtypes=(torch.int64,), device=logits.device)
+    if workspace.shape[0] < logits.shape[0] // 2 or workspace.shape[1] != SLOT_WIDTH or not workspace.is_contiguous():
+        raise ValueError(f"workspace must be a contiguous int64 [>= B, {SLOT_WIDTH}] tensor as "
+                         f"new_sampling_workspace makes (B = {logits.shape[0] // 2}), got shape "
+                         f"{tuple(workspace.shape)}")
 
 
 def _draw_seed(generator, device) -> torch.Tensor:
@@ -140,7 +184,7 @@ def _draw_seed(generator, device) -> torch.Tensor:
 def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, generator=None, layout: str = "interleaved",
                rng_state: torch.Tensor | None = None, return_ids: bool = False,
-               backend: str = "auto"):
+               workspace: torch.Tensor | None = None, backend: str = "auto"):
     """One token per image from [2B, V] conditional/unconditional logits -> int64 [B].
 
     guided = u + cfg_weight·(c − u) in fp32; layout "interleaved" has conditional rows even and
@@ -186,6 +230,8 @@ def cfg_sample(logits, *, cfg_weight: float, temperature: float = 1.0, top_k: in
             raise ValueError(f"rng_state must be a contiguous int64 [3] tensor (seed, offset, 0) as "
                              f"new_rng_state makes, got shape {tuple(rng_state.shape)}")
         state, advance = rng_state, True
+    if workspace is not None:
+        _check_workspace(workspace, logits)
     tokens, ids = _cfg_sample(logits, cfg_weight, temperature, top_k, top_p, state, layout, advance,
-                              bool(return_ids), chosen)
+                              bool(return_ids), chosen, workspace)
     return (tokens, ids) if return_ids else tokens

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .dataset import data_files
+
 # Stage I trains the adaptors and the image head; stage II everything but the two visual
 # encoders; stage III (SFT) also the SigLIP encoder. The VQ tokenizer is always frozen.
 FROZEN_PREFIXES = {
@@ -41,13 +43,13 @@ def apply_stage(model: nn.Module, stage: int) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    data: str  # JSONL file (see janus_fast.training.data)
+    data: str | list  # JSONL file(s), optionally weighted (see janus_fast.training.dataset.data_files)
     output_dir: str
     model: str = "random:tiny"  # a release directory, or random:tiny|1b|7b (random weights)
     stage: int = 3
     steps: int = 100
-    row_tokens: int = 4096  # tokens per packed row
-    rows_per_batch: int = 1  # rows per micro-batch (per rank)
+    row_tokens: int = 4096  # the longest sample, in tokens
+    rows_per_batch: int = 1  # a micro-batch holds up to rows_per_batch x row_tokens tokens (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
@@ -65,16 +67,27 @@ class TrainConfig:
     vq_cache_dir: str | None = None  # default: <output_dir>/vq_cache
     device: str | None = None  # default: cuda (this rank's) if available, else cpu
     progress: bool = True
+    # Data loading (janus_fast.training.loader)
+    pack_window: int = 1024  # samples packed together (best-fit), >= 1
+    packing: str = "best_fit"  # "best_fit" or "next_fit" (in stream order; for comparison)
+    gen_image_fit: str = "crop"  # non-square text-to-image targets: centre "crop" or "letterbox"
+    loader_workers: int = 2  # worker processes, >= 0 (0: in a background thread of the trainer)
+    loader_timeout: float = 300.0  # seconds (> 0) a worker may hold a task before the run stops, naming it
+    prefetch_steps: int = 2  # optimizer steps prepared ahead, >= 1
 
     def __post_init__(self):
         checks = dict(steps=self.steps >= 1, row_tokens=self.row_tokens >= 1, rows_per_batch=self.rows_per_batch >= 1,
                       grad_accum=self.grad_accum >= 1, lr=self.lr > 0, warmup_steps=self.warmup_steps >= 0,
                       uncond_prob=0 <= self.uncond_prob <= 1, save_every=self.save_every >= 0,
                       keep_checkpoints=self.keep_checkpoints >= 1, max_grad_norm=self.max_grad_norm >= 0,
-                      min_lr_ratio=0 <= self.min_lr_ratio <= 1)
+                      min_lr_ratio=0 <= self.min_lr_ratio <= 1, pack_window=self.pack_window >= 1,
+                      packing=self.packing in ("best_fit", "next_fit"), gen_image_fit=self.gen_image_fit in ("crop", "letterbox"),
+                      loader_workers=self.loader_workers >= 0, loader_timeout=self.loader_timeout > 0,
+                      prefetch_steps=self.prefetch_steps >= 1)
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid training config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        data_files(self.data)  # the data entries' shapes and weights (ValueError naming them)
         if self.stage not in FROZEN_PREFIXES:
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.mixed_precision not in ("bf16", "fp32"):
@@ -100,6 +113,9 @@ class TrainConfig:
                 value = d.get(key)
                 if isinstance(value, str) and not value.startswith("random:") and not Path(value).is_absolute():
                     d[key] = str(base / value)
+            if isinstance(d["data"], list):  # several files: each path read from `base` too
+                d["data"] = [{**x, "path": str(base / x["path"])} if isinstance(x, dict) and isinstance(x.get("path"), str)
+                             else str(base / x) if isinstance(x, str) else x for x in d["data"]]
         return cls(**d)
 
     @classmethod

@@ -71,34 +71,36 @@ class EncodedSample:
 REQUIRED = {"text": (), "understanding": ("image", "question", "answer"), "generation": ("prompt", "image")}
 
 
-def read_jsonl(path) -> list[Sample]:
-    """The samples of a JSONL file; malformed lines and unknown types raise DatasetError naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file {path} not found")
-    samples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            source = f"{path.name}:{number}"
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"sample {source}: not valid JSON ({e})") from None
-            if not isinstance(fields, dict) or fields.get("type") not in SAMPLE_TYPES:
-                raise DatasetError(f"sample {source}: needs a \"type\" in {SAMPLE_TYPES}, got {line.strip()[:80]!r}")
-            sample = Sample(source, fields)
-            missing = [k for k in REQUIRED[sample.kind] if not isinstance(fields.get(k), str)]
-            if sample.kind == "text" and not isinstance(fields.get("text"), str) \
-                    and not isinstance(fields.get("conversation"), list):
-                missing = ["text or conversation"]
-            if missing:
-                raise sample.error(f"missing string field(s) {missing}")
-            samples.append(sample)
-    if not samples:
-        raise DatasetError(f"dataset file {path} holds no samples")
-    return samples
+def parse_line(raw: bytes, source: str) -> Sample:
+    """One JSONL line (bytes) as a Sample; bytes that are not UTF-8, malformed JSON, an unknown type
+    and missing or mistyped fields raise DatasetError naming `source` (file:line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"sample {source}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}: "
+                           f"{e.reason}); re-encode the file as UTF-8") from None
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"sample {source}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict) or fields.get("type") not in SAMPLE_TYPES:
+        raise DatasetError(f"sample {source}: needs a \"type\" in {SAMPLE_TYPES}, got {line.strip()[:80]!r}")
+    sample = Sample(source, fields)
+    missing = [k for k in REQUIRED[sample.kind] if not isinstance(fields.get(k), str)]
+    if sample.kind == "text" and not isinstance(fields.get("text"), str):
+        turns = fields.get("conversation")
+        if not isinstance(turns, list):
+            missing = ["text or conversation"]
+        else:
+            for i, turn in enumerate(turns):
+                if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant") \
+                        or not isinstance(turn.get("content"), str):
+                    raise sample.error(f"conversation turn {i} must be {{'role': 'user'|'assistant', 'content': str}}")
+            if not isinstance(fields.get("system", ""), str):
+                missing = ["system (a string)"]
+    if missing:
+        raise sample.error(f"missing string field(s) {missing}")
+    return sample
 
 
 class SampleEncoder:
@@ -108,9 +110,17 @@ class SampleEncoder:
         self.proc = processor
         self.tok = processor.tokenizer
         self.num_gen_tokens = num_gen_tokens
+        self._constants: dict[str, list[int]] = {}
 
     def _text(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
+
+    def _constant(self, text: str) -> list[int]:
+        """_text of a template piece every sample repeats (the system prompt), tokenised once."""
+        ids = self._constants.get(text)
+        if ids is None:
+            ids = self._constants[text] = self._text(text)
+        return ids
 
     def encode(self, index: int, sample: Sample, base: Path) -> EncodedSample:
         proc, fields = self.proc, sample.fields
@@ -123,18 +133,15 @@ class SampleEncoder:
             system = fields.get("system", "")
             if system:
                 parts.append((self._text(system + "\n\n"), TEXT, False))
-            for i, turn in enumerate(fields["conversation"]):
-                if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant") \
-                        or not isinstance(turn.get("content"), str):
-                    raise sample.error(f"conversation turn {i} must be {{'role': 'user'|'assistant', 'content': str}}")
+            for turn in fields["conversation"]:  # checked by parse_line
                 if turn["role"] == "user":
                     parts.append((self._text(f"{user}: {turn['content'].strip()}\n\n"), TEXT, False))
                 else:
-                    parts.append((self._text(f"{assistant}:"), TEXT, False))
+                    parts.append((self._constant(f"{assistant}:"), TEXT, False))
                     parts.append((self._text(f" {turn['content'].strip()}{eos}"), TEXT, True))
         elif sample.kind == "understanding":
             image_ids = [proc.image_start_id] + [proc.image_id] * proc.num_image_tokens + [proc.image_end_id]
-            parts += [(self._text(proc.system_prompt + "\n\n" + f"{user}: "), TEXT, False),
+            parts += [(self._constant(proc.system_prompt + "\n\n" + f"{user}: "), TEXT, False),
                       (image_ids[:1], TEXT, False), (image_ids[1:-1], UND_IMAGE, False), (image_ids[-1:], TEXT, False),
                       (self._text(f"\n{fields['question'].strip()}\n\n{assistant}:"), TEXT, False),
                       (self._text(f" {fields['answer'].strip()}{eos}"), TEXT, True)]

@@ -1,176 +1,193 @@
-"""Sequence packing: rows of a fixed token budget filled with whole samples, and the flat batch
-JanusPro.forward takes (cu_seqlens, restarting position ids, target positions per loss).
+"""Sequence packing: micro-batches that are one flat varlen sequence of whole samples (no pad
+tokens: cu_seqlens marks the samples, position ids restart per sample), filled by best-fit within
+a window of samples, and the flat batch JanusPro.forward takes.
 
-The stream of rows is a pure function of (seed, epoch): each epoch shuffles the samples with its
-own generator and fills rows in that order (next-fit). A loader's state is just (epoch, row), so
-a resumed run sees exactly the rows an uninterrupted one would, and so does every rank of a
-data-parallel run (rank r takes its share of each step's micro-batches).
+The stream of micro-batches is a pure function of the seed and the data: the sample stream is cut
+into windows; window w takes its share of samples from each file (file f's samples in the order
+of its own endless sequence of seeded permutations, one per epoch of f), packs them best-fit
+(largest first, each into the fullest micro-batch it fits) and shuffles the micro-batches. A
+position in the stream is (window, micro-batch), so a resumed run, a run on another number of
+processes and every rank of a data-parallel run see the same micro-batches.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 
+import numpy as np
 import torch
 
-from .data import GEN_IMAGE, TEXT, UND_IMAGE, DatasetError, EncodedSample
+from .data import GEN_IMAGE, TEXT, UND_IMAGE, EncodedSample
 
 
-def pack_rows(lengths: list[int], order: list[int], budget: int) -> list[list[int]]:
-    """Sample indices grouped into rows of at most `budget` tokens, in `order` (next-fit)."""
-    rows, row, used = [], [], 0
-    for i in order:
-        if used + lengths[i] > budget and row:
-            rows.append(row)
-            row, used = [], 0
-        row.append(i)
-        used += lengths[i]
-    if row:
-        rows.append(row)
-    return rows
+def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices into `lengths` grouped into bins of at most `capacity` (best-fit decreasing: the
+    longest first, each into the bin it leaves least room in; ties by index, so deterministic)."""
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free tokens, bin)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            bins.append([i])
+            free, b = capacity - lengths[i], len(bins) - 1
+        else:
+            free, b = room.pop(at)
+            bins[b].append(i)
+            free -= lengths[i]
+        bisect.insort(room, (free, b))
+    return bins
+
+
+def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices into `lengths` in order, a new bin whenever the next one does not fit."""
+    bins, used = [], capacity + 1
+    for i, n in enumerate(lengths):
+        if used + n > capacity:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    return bins
+
+
+PACKERS = {"best_fit": best_fit, "next_fit": next_fit}
+
+
+def padding_fraction(bins: list[list[int]], lengths: list[int], capacity: int) -> float:
+    """The share of the bins' token budget that their samples leave unused."""
+    return 1.0 - sum(lengths[i] for b in bins for i in b) / max(len(bins) * capacity, 1)
+
+
+@dataclass(frozen=True)
+class MicroPlan:
+    """One micro-batch of the stream: its samples as (file, sample index, stream position) and
+    what the loss normalisation needs, known from tokenising alone (no image decoding)."""
+
+    refs: tuple[tuple[int, int, int], ...]
+    tokens: int
+    text_targets: int
+    image_targets: int
+
+
+def target_counts(sample: EncodedSample) -> tuple[int, int]:
+    """(text targets, image targets) of a sample: position i predicts token i + 1."""
+    text = sum(1 for t, k in zip(sample.targets, sample.kinds) if t and k == TEXT)
+    image = sum(1 for t, k in zip(sample.targets, sample.kinds) if t and k == GEN_IMAGE)
+    return text, image
+
+
+class SampleStream:
+    """Which samples window w holds. File f's share s_f of the stream: window w takes its samples
+    at positions [floor(w W s_f), floor((w + 1) W s_f)) of f's endless sequence, position k being
+    sample perm_{f, k // n_f}[k % n_f] (a permutation per epoch, seeded). W = min(window, total
+    samples), so one file of n <= window samples makes one window per epoch."""
+
+    def __init__(self, sizes: list[int], shares: list[Fraction], window: int, seed: int):
+        self.sizes, self.shares, self.seed = sizes, shares, seed
+        self.window = min(window, sum(sizes))
+        self._perm: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _start(self, f: int, w: int) -> int:
+        return int(self.shares[f] * w * self.window)  # floor of a non-negative Fraction
+
+    def refs(self, w: int) -> list[tuple[int, int, int]]:
+        """The window's samples as (file, sample index, position in the file's sequence)."""
+        out = []
+        for f, n in enumerate(self.sizes):
+            for k in range(self._start(f, w), self._start(f, w + 1)):
+                out.append((f, self.sample_at(f, k), k))
+        return out
+
+    def sample_at(self, f: int, k: int) -> int:
+        epoch = k // self.sizes[f]
+        cached = self._perm.get(f)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + f) * 1_000_003 + epoch)
+            cached = self._perm[f] = (epoch, torch.randperm(self.sizes[f], generator=g, dtype=torch.int32).numpy())
+        return int(cached[1][k % self.sizes[f]])
+
+    def epochs(self, w: int) -> list[float]:
+        """Epochs of each file completed before window w."""
+        return [self._start(f, w) / n for f, n in enumerate(self.sizes)]
+
+
+def plan_window(stream: SampleStream, w: int, measure, capacity: int, packer: str = "best_fit") -> list[MicroPlan]:
+    """Window w's micro-batches, in stream order. measure(f, i) -> EncodedSample (text only)."""
+    refs = stream.refs(w)
+    lengths, counts = [], []
+    for f, i, _ in refs:
+        sample = measure(f, i)
+        lengths.append(len(sample))
+        counts.append(target_counts(sample))
+    bins = PACKERS[packer](lengths, capacity)
+    order = torch.randperm(len(bins), generator=torch.Generator().manual_seed(stream.seed * 7_919 + w)).tolist()
+    return [MicroPlan(tuple(refs[i] for i in bins[b]), sum(lengths[i] for i in bins[b]),
+                      sum(counts[i][0] for i in bins[b]), sum(counts[i][1] for i in bins[b])) for b in order]
+
+
+def unconditional(seed: int, f: int, k: int, prob: float) -> bool:
+    """Whether the k-th occurrence of file f's stream has its prompt replaced (generation samples),
+    drawn from the seed alone so every rank and a resumed run agree."""
+    return prob > 0 and random.Random(f"{seed}:{f}:{k}").random() < prob
 
 
 @dataclass
 class PackedBatch:
-    """Model inputs (`model(**batch.inputs)`) plus what the loop reports."""
+    """Model inputs (`model(**batch.inputs)`) plus what the loop reports. There are no pads:
+    every one of the num_tokens positions belongs to a sample."""
 
     inputs: dict
-    samples: list[int]
-    num_tokens: int  # rows x budget (pads included)
-    num_real_tokens: int
+    samples: list[str]  # file:line (type) of each sample, in order
+    num_tokens: int
 
-    def to(self, device) -> "PackedBatch":
-        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+        moved = {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
                  for k, v in self.inputs.items()}
-        return PackedBatch(moved, self.samples, self.num_tokens, self.num_real_tokens)
+        return PackedBatch(moved, self.samples, self.num_tokens)
 
 
-class PackedLoader:
-    """Micro-batches of `rows_per_batch` packed rows, endlessly, epoch after epoch.
-
-    encoded: the dataset (EncodedSample, GEN_IMAGE ids already filled in); images: a function
-    sample -> pixel tensor [3, S, S] (S = image_size) for understanding samples; pad_id: the tokenizer's pad token;
-    uncond_prob: the chance that a generation sample's prompt is replaced by the unconditional
-    prompt (its tokens between the first and the last turned into pads), drawn per sample and
-    epoch from the seed, so resumes and ranks agree."""
-
-    def __init__(self, encoded: list[EncodedSample], *, row_tokens: int, rows_per_batch: int, pad_id: int,
-                 image_size: int, images=None, uncond_prob: float = 0.1, seed: int = 0):
-        if not encoded:
-            raise DatasetError("the dataset is empty: nothing to train on")
-        for s in encoded:
-            if len(s) > row_tokens:
-                raise DatasetError(f"sample {s.name} has {len(s)} tokens, more than the row budget of "
-                                   f"{row_tokens} (row_tokens); shorten it or raise the budget")
-        if not 0.0 <= uncond_prob <= 1.0:
-            raise ValueError(f"uncond_prob must be in [0, 1], got {uncond_prob}")
-        self.encoded = encoded
-        self.row_tokens, self.rows_per_batch, self.pad_id = row_tokens, rows_per_batch, pad_id
-        self.images, self.image_size, self.uncond_prob, self.seed = images, image_size, uncond_prob, seed
-        self.epoch, self.row = 0, 0
-        self._plan_epoch, self._plan = None, []
-        self._tensors = [self._as_tensors(s) for s in encoded]
-
-    @staticmethod
-    def _as_tensors(s: EncodedSample):
-        ids, kinds = torch.tensor(s.ids, dtype=torch.long), torch.tensor(s.kinds, dtype=torch.long)
-        targets = torch.tensor(s.targets, dtype=torch.bool)
-        # Position i predicts token i + 1: text targets go through lm_head, image ones through gen_head.
-        nxt_target, nxt_kind = targets[1:], kinds[1:]
-        text_at = torch.nonzero(nxt_target & (nxt_kind == TEXT))[:, 0]
-        image_at = torch.nonzero(nxt_target & (nxt_kind == GEN_IMAGE))[:, 0]
-        return ids, kinds, text_at, image_at
-
-    # ------------------------------------------------------------------ the row stream
-    def rows_of_epoch(self, epoch: int) -> list[list[int]]:
-        if self._plan_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.encoded), generator=g).tolist()
-            self._plan = pack_rows([len(s) for s in self.encoded], order, self.row_tokens)
-            self._plan_epoch = epoch
-        return self._plan
-
-    def next_rows(self) -> list[tuple[int, list[int]]]:
-        """The next micro-batch's rows as (epoch, sample indices), advancing the state."""
-        out = []
-        while len(out) < self.rows_per_batch:
-            rows = self.rows_of_epoch(self.epoch)
-            out.append((self.epoch, rows[self.row]))
-            self.row += 1
-            if self.row == len(rows):
-                self.epoch, self.row = self.epoch + 1, 0
-        return out
-
-    def target_counts(self, rows) -> tuple[int, int]:
-        """(text targets, image targets) of a micro-batch, without building it."""
-        return (sum(len(self._tensors[i][2]) for _, row in rows for i in row),
-                sum(len(self._tensors[i][3]) for _, row in rows for i in row))
-
-    def real_tokens(self, rows) -> int:
-        """Tokens of a micro-batch that are not padding."""
-        return sum(len(self.encoded[i]) for _, row in rows for i in row)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "row": self.row, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint's data seed is {state['seed']}, this run's is {self.seed}")
-        self.epoch, self.row = int(state["epoch"]), int(state["row"])
-
-    # ------------------------------------------------------------------ building a batch
-    def unconditional(self, epoch: int, index: int) -> bool:
-        return random.Random(f"{self.seed}:{epoch}:{index}").random() < self.uncond_prob
-
-    def collate(self, rows) -> PackedBatch:
-        """One flat batch from rows [(epoch, sample indices)], each row padded to the budget with
-        a pad-only sequence that carries no target."""
-        ids, positions, lengths = [], [], []
-        text_pos, text_tgt, image_pos, image_tgt, gen_pos, und_pos, pixels, samples = [], [], [], [], [], [], [], []
-        start = 0
-        for epoch, row in rows:
-            used = 0
-            for i in row:
-                s_ids, kinds, text_at, image_at = self._tensors[i]
-                sample = self.encoded[i]
-                if sample.prompt is not None and self.unconditional(epoch, i):
-                    s_ids = s_ids.clone()
-                    s_ids[sample.prompt[0]:sample.prompt[1]] = self.pad_id
-                n = len(s_ids)
-                ids.append(s_ids)
-                positions.append(torch.arange(n))
-                lengths.append(n)
-                text_pos.append(text_at + start)
-                text_tgt.append(s_ids[text_at + 1])
-                image_pos.append(image_at + start)
-                image_tgt.append(s_ids[image_at + 1])
-                gen_pos.append(torch.nonzero(kinds == GEN_IMAGE)[:, 0] + start)
-                und = torch.nonzero(kinds == UND_IMAGE)[:, 0]
-                if len(und):
-                    und_pos.append(und + start)
-                    pixels.append(self.images(sample))
-                samples.append(i)
-                start += n
-                used += n
-            pad = self.row_tokens - used
-            if pad:
-                ids.append(torch.full((pad,), self.pad_id, dtype=torch.long))
-                positions.append(torch.arange(pad))
-                lengths.append(pad)
-                start += pad
-        all_ids = torch.cat(ids)
-        gen_at = torch.cat(gen_pos)
-        gen_ids = all_ids[gen_at]
-        all_ids[gen_at] = self.pad_id  # the text embedding never sees a VQ id
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths).cumsum(0)
-        size = self.image_size
-        inputs = dict(
-            input_ids=all_ids, position_ids=torch.cat(positions), cu_seqlens=cu, max_seqlen=max(lengths),
-            text_positions=torch.cat(text_pos), text_targets=torch.cat(text_tgt),
-            image_positions=torch.cat(image_pos), image_targets=torch.cat(image_tgt),
-            gen_image_positions=gen_at, gen_image_ids=gen_ids,
-            pixel_values=torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size),
-            und_image_positions=torch.cat(und_pos) if und_pos else torch.zeros(0, dtype=torch.long))
-        return PackedBatch(inputs, samples, start, self.real_tokens(rows))
+def collate(samples: list[EncodedSample], uncond: list[bool], pad_id: int, image_size: int, images=None) -> PackedBatch:
+    """One flat batch of `samples` (GEN_IMAGE ids filled in, -1 where still unknown). uncond[i]
+    replaces sample i's prompt span by pads (the unconditional prompt of classifier-free
+    guidance); images(sample) -> float32 [3, S, S] gives an understanding sample's pixels.
+    Generation samples' image targets are exactly their VQ ids, in the same order as
+    gen_image_ids (image_targets[j] == gen_image_ids[j] for every j)."""
+    ids, kinds_all, targets_all, pixels, lengths = [], [], [], [], []
+    for sample, drop in zip(samples, uncond):
+        s_ids = np.asarray(sample.ids, np.int64)
+        if drop and sample.prompt is not None:
+            s_ids = s_ids.copy()
+            s_ids[sample.prompt[0]:sample.prompt[1]] = pad_id
+        ids.append(s_ids)
+        kinds_all.append(np.asarray(sample.kinds, np.int8))
+        targets_all.append(np.asarray(sample.targets, bool))
+        lengths.append(len(s_ids))
+        if UND_IMAGE in sample.kinds:
+            pixels.append(images(sample))
+    all_ids, kinds, targets = np.concatenate(ids), np.concatenate(kinds_all), np.concatenate(targets_all)
+    starts = np.zeros(len(lengths) + 1, np.int64)
+    starts[1:] = np.cumsum(lengths)
+    positions = np.arange(len(all_ids)) - np.repeat(starts[:-1], lengths)
+    # Position i predicts token i + 1, within its sample: a sample's first token is never a target.
+    predicts = np.zeros(len(all_ids), bool)
+    predicts[:-1] = targets[1:]
+    predicts[starts[1:] - 1] = False
+    nxt_kind = np.append(kinds[1:], TEXT)
+    text_at = np.flatnonzero(predicts & (nxt_kind == TEXT))
+    image_at = np.flatnonzero(predicts & (nxt_kind == GEN_IMAGE))
+    gen_at = np.flatnonzero(kinds == GEN_IMAGE)
+    gen_ids = all_ids[gen_at]
+    input_ids = all_ids.copy()
+    input_ids[gen_at] = pad_id  # the text embedding never sees a VQ id
+    t = torch.from_numpy
+    inputs = dict(
+        input_ids=t(input_ids), position_ids=t(positions), cu_seqlens=t(starts.astype(np.int32)),
+        max_seqlen=int(max(lengths)), text_positions=t(text_at), text_targets=t(all_ids[text_at + 1]),
+        image_positions=t(image_at), image_targets=t(all_ids[image_at + 1]),
+        gen_image_positions=t(gen_at), gen_image_ids=t(gen_ids),
+        pixel_values=torch.stack(pixels) if pixels else torch.zeros(0, 3, image_size, image_size),
+        und_image_positions=t(np.flatnonzero(kinds == UND_IMAGE)))
+    return PackedBatch(inputs, [s.name for s in samples], int(len(all_ids)))

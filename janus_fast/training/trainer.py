@@ -23,9 +23,8 @@ from .. import ops
 from .checkpoints import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, apply_stage
 from .curve import draw_loss_curve
-from .dataset import prepare_dataset, understanding_pixels
 from .distributed import Topology, all_reduce_sum, checkpoint_layers, init_distributed, shard_model
-from .packing import PackedLoader
+from .loader import TrainLoader
 
 
 def load_model(spec: str, device: torch.device, seed: int):
@@ -71,17 +70,8 @@ class Trainer:
         self.model = model = load_model(config.model, device, config.seed)
         model.train()
         self.trained = apply_stage(model, config.stage)
-        processor = model.processor
-        cache_dir = Path(config.vq_cache_dir) if config.vq_cache_dir else self.output_dir / "vq_cache"
-        if self.topology.main:  # rank 0 fills the VQ cache, the others then read it
-            encoded = prepare_dataset(config.data, model, processor, cache_dir)
-        self.topology.barrier()
-        if not self.topology.main:
-            encoded = prepare_dataset(config.data, model, processor, cache_dir)
-        self.loader = PackedLoader(encoded, row_tokens=config.row_tokens, rows_per_batch=config.rows_per_batch,
-                                   pad_id=processor.pad_id, image_size=processor.image_size,
-                                   images=understanding_pixels(processor),
-                                   uncond_prob=config.uncond_prob, seed=config.seed)
+        # Before sharding: the loader keeps its own copy of the VQ encoder for uncached images.
+        self.loader = TrainLoader(config, model, model.processor, self.topology)
         if config.activation_checkpointing:
             checkpoint_layers(model.language_model.model.layers)
         self.compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
@@ -114,19 +104,16 @@ class Trainer:
         """One optimizer step over world x grad_accum micro-batches; returns its metrics."""
         cfg, topo, model = self.config, self.topology, self.model
         start = time.perf_counter()
-        micro = [self.loader.next_rows() for _ in range(topo.world * cfg.grad_accum)]
-        counts = [self.loader.target_counts(rows) for rows in micro]
-        n_text, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        tokens = sum(self.loader.real_tokens(rows) for rows in micro)
+        batches = self.loader.next_step()  # built in the background; counts over all ranks
+        n_text, n_image, tokens = batches.text_targets, batches.image_targets, batches.tokens
         # FSDP averages gradients over ranks: scale by world so the result is the global mean.
         scale = topo.world / max(n_text + n_image, 1)
-        mine = micro[topo.rank * cfg.grad_accum:(topo.rank + 1) * cfg.grad_accum]
+        mine = batches.micro
         sums = torch.zeros(2, dtype=torch.float64, device=topo.device)
         # The ops' value checks (cu_seqlens, target ranges) sync with the GPU in every layer: they
         # vet the packer's batches on the first step, then stay off.
         checks = contextlib.nullcontext if self.step == 0 else ops.no_value_checks
-        for i, rows in enumerate(mine):
-            batch = self.loader.collate(rows).to(topo.device)
+        for i, batch in enumerate(mine):
             if topo.distributed:  # reduce-scatter once, after the last micro-batch
                 model.set_requires_gradient_sync(i == len(mine) - 1)
             with checks():  # the backward recomputes checkpointed layers: checks stay as they were
@@ -150,7 +137,8 @@ class Trainer:
         return {"step": self.step, "loss": (text_sum + cfg.image_loss_weight * image_sum) / max(n_text + n_image, 1),
                 "text_loss": text_sum / max(n_text, 1), "image_loss": image_sum / max(n_image, 1),
                 "text_targets": n_text, "image_targets": n_image, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens / seconds}  # real (non-pad) tokens of all ranks
+                "tokens_per_s": tokens / seconds,  # tokens of all ranks (there are no pads)
+                "padding": batches.padding}  # share of the step's token budget the packing left unused
 
     def save(self) -> Path | None:
         state = {"loader": self.loader.state_dict(), "history": self.history, "config": self.config.to_dict()}
@@ -181,6 +169,7 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         finally:
+            self.loader.close()
             if bar is not None:
                 bar.close()
         self.save()
