@@ -139,6 +139,8 @@ def _load(args, model_dir: Path):
 
 
 def cmd_generate(args) -> None:
+    if args.decoding == "sjd" and args.kv_cache_dtype is not None:
+        raise UsageError("--decoding sjd does not take a quantized KV cache yet: drop --kv-cache-dtype")
     model_dir, out = check_model_dir(args.model), check_out_dir(args.out)
     _device(args.device)
     model = _load(args, model_dir)

@@ -246,6 +246,13 @@ def test_bad_decoding_arguments_fail_before_any_launch(engine, monkeypatch, deco
                                      [0], decoding=decoding, window=window)
 
 
+def test_sjd_refuses_a_quantized_kv_cache(plain, monkeypatch):
+    eng = engine_copy(plain).quantize(None, kv_cache_dtype="int8")
+    monkeypatch.setattr(ops, "varlen_attention", lambda *a, **k: pytest.fail("launched"))
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        eng.generate_images("a fox", parallel_size=1, decoding="sjd")
+
+
 def test_eager_models_class_says_sjd_needs_the_engine(plain):
     assert type(plain) is EagerJanusPro
     with pytest.raises(ValueError, match="runs on the engine"):
@@ -265,6 +272,10 @@ def test_cli_passes_decoding_and_window(tmp_path, monkeypatch, engine):
     cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--n", "1", "--out", str(tmp_path / "o"),
               "--device", "cpu", "--decoding", "sjd", "--window", "8"])
     assert seen["decoding"] == "sjd" and seen["window"] == 8
+    monkeypatch.setattr(cli, "_load", lambda args, model_dir: pytest.fail("loaded"))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--out", str(tmp_path / "o"),
+                  "--decoding", "sjd", "--kv-cache-dtype", "int8"])
     with pytest.raises(SystemExit):
         cli.main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--out", str(tmp_path / "o"),
                   "--decoding", "fast"])

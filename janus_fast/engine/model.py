@@ -86,7 +86,7 @@ class JanusPro(janus_pro.JanusPro):
         """The engine's image-token loops: token by token, or speculative Jacobi decoding
         (decoding="sjd", a window of `window` tokens: engine/sjd.py); use_graphs=False forces
         eager steps on CUDA (default: captured wherever every op has a capture-safe backend)."""
-        check_decoding(decoding, window, self.config.vq.num_tokens)
+        check_decoding(decoding, window, self.config.vq.num_tokens, self.language_model.model.kv_cache_dtype)
         settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p),
                                  (parallel_size,) * len(prompts))
         with _engine(self) as buckets:

@@ -102,7 +102,7 @@ def generate_image_tokens_sjd(model: JanusPro, prompts: list[list[int]], pad_id:
     tokens; raises BadLogitsError naming the first token whose guided logits were not finite.
     progress(tokens, total) follows the slowest image."""
     n_tokens = model.config.vq.num_tokens
-    check_decoding("sjd", window, n_tokens)
+    check_decoding("sjd", window, n_tokens, model.language_model.model.kv_cache_dtype)
     with torch.inference_mode():  # the buffers are inference tensors, whoever calls first
         result = _generate(model, prompts, pad_id, parallel_size,
                            SjdSettings(settings, window, model.config.vq.grid), seeds, buckets, progress, use_graphs,

@@ -22,8 +22,9 @@ DECODINGS = ("token", "sjd")  # token by token; speculative Jacobi decoding (on 
 DEFAULT_WINDOW = 16
 
 
-def check_decoding(decoding, window, num_tokens: int) -> None:
-    """ValueError/TypeError for an unknown decoding or an SJD window outside [1, num_tokens]."""
+def check_decoding(decoding, window, num_tokens: int, kv_cache_dtype: str | None = None) -> None:
+    """ValueError/TypeError for an unknown decoding, an SJD window outside [1, num_tokens], or SJD
+    with a quantized KV cache (its verify attention reads plain caches only)."""
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
     if decoding == "token":
@@ -32,6 +33,8 @@ def check_decoding(decoding, window, num_tokens: int) -> None:
         raise TypeError(f"window must be an int, got {type(window).__name__}")
     if not 1 <= window <= num_tokens:
         raise ValueError(f"window must be in [1, {num_tokens}] (the tokens of an image), got {window}")
+    if kv_cache_dtype is not None:
+        raise ValueError(f"decoding='sjd' does not take a quantized KV cache yet (kv_cache_dtype={kv_cache_dtype!r})")
 
 
 def unconditional_prompt(ids: list[int], pad_id: int) -> list[int]:
@@ -291,7 +294,7 @@ class JanusPro(nn.Module):
         (janus_fast.JanusPro, on the engine): fewer forward passes, the same distribution as token
         by token (janus_fast.ops.sjd_verify); the same seed gives the same images for the same
         settings and window."""
-        check_decoding(decoding, window, self.config.vq.num_tokens)
+        check_decoding(decoding, window, self.config.vq.num_tokens, self.language_model.model.kv_cache_dtype)
         proc = self._processor(processor)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
