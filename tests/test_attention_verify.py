@@ -127,7 +127,7 @@ def test_unseen_garbage_is_never_read(backend, s_max):
 
 def test_nothing_left_unwritten(monkeypatch):
     """Every output element is written (empty buffers filled with NaN first)."""
-    q, k_cache, v_cache, seqlens, scale = case(4, 3, 4, 2, 24, 50, torch.float32)
+    q, k_cache, v_cache, seqlens, scale = case(4, 3, 4, 2, 24, 20, torch.float32)
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: nan_like(empty_like(t, **kw)))
     out = K.verify_attention(q, k_cache, v_cache, seqlens, scale)
@@ -135,7 +135,7 @@ def test_nothing_left_unwritten(monkeypatch):
 
 
 def test_opcheck():
-    q, k_cache, v_cache, seqlens, scale = case(3, 4, 4, 2, 32, 20, torch.float32)
+    q, k_cache, v_cache, seqlens, scale = case(2, 3, 2, 1, 16, 8, torch.float32)
     for backend in ("reference", "triton"):
         torch.library.opcheck(torch.ops.janus_fast.verify_attention.default,
                               (q, k_cache, v_cache, seqlens, scale, backend))
