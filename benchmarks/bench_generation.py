@@ -185,3 +185,34 @@ def test_generate_images(size, parallel_size, impl):
         cell.update(launch_counts(model, parallel_size))
     del fn, holder
     harness.free_memory()
+
+
+SETTINGS = [dict(cfg_weight=5.0), dict(cfg_weight=3.0, temperature=0.8, top_k=100, top_p=0.9),
+            dict(cfg_weight=7.0, temperature=1.2, top_p=0.95), dict(cfg_weight=5.0, temperature=0.0)]
+
+
+@pytest.mark.parametrize("parallel_size", PARALLEL)
+@pytest.mark.parametrize("size", SIZES)
+def test_one_bucket_serves_every_setting(size, parallel_size):
+    """Ours with a new cfg weight / temperature / top-k / top-p at every batch: one bucket, one
+    captured graph and no new device memory for all of them (settings are device inputs)."""
+    case = f"{size}, {parallel_size} image{'s' if parallel_size > 1 else ''}, new settings each batch"
+    harness.declare(case, OURS)
+    model = model_of(size)
+    model.generate_images(PROMPT, parallel_size=parallel_size, seed=0, **SETTINGS[0])  # bucket, capture
+    buckets = model._engine.buckets
+    built = buckets.built
+    harness.synchronize()
+    base = torch.cuda.memory_allocated() if harness.CUDA else 0
+    seconds = []
+    for settings in SETTINGS[1:]:
+        start = time.perf_counter()
+        model.generate_images(PROMPT, parallel_size=parallel_size, seed=0, **settings)
+        harness.synchronize()
+        seconds.append(time.perf_counter() - start)
+    info = {"settings": len(SETTINGS) - 1, "new_buckets": buckets.built - built,
+            "graphs": sum(len(b.steps) for b in buckets._items.values()), "seconds_per_batch": seconds}
+    if harness.CUDA:
+        info["new_device_bytes"] = torch.cuda.memory_allocated() - base
+    harness.keep(case, OURS, statistics.median(seconds) * 1000, "host clock, median over the settings", info=info)
+    assert info["new_buckets"] == 0 and info.get("new_device_bytes", 0) == 0

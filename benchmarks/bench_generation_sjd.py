@@ -20,7 +20,6 @@ import statistics
 import time
 
 import pytest
-import torch
 
 from benchmarks import generation_peers as peers
 from benchmarks import harness
@@ -52,7 +51,7 @@ def test_sjd_beside_token_by_token(size, parallel_size, decoding):
     model = model_for(size)
     ids = peers.prompt_ids(model, PROMPT)
     n_tokens = model.config.vq.num_tokens
-    settings = ImageSettings(5.0, 1.0, 0, 1.0, (parallel_size,))
+    settings = ImageSettings(5.0, 1.0, 0, 1.0)
     buckets = Buckets()
     results = []
 
@@ -84,5 +83,5 @@ def test_sjd_beside_token_by_token(size, parallel_size, decoding):
                     tokens_per_pass=(n_tokens - 1) / float(passes.mean()), batch_passes=1 + results[-1].steps)
     harness.keep(case, LABELS[decoding], s * 1000, f"host clock, median of {runs} batch{'es' if runs > 1 else ''}",
                  info=info)
-    del buckets
+    buckets.clear()
     harness.free_memory()

@@ -1,35 +1,48 @@
-"""Training (issue 9): peers side by side in one run.
+"""Training (issue 18): the real `Trainer.train_step` beside its peers, in one run.
 
-LLM step: the Janus-Pro-1B LLM (random weights, bf16), 4 x 4096 tokens, forward + backward with
-the next-token loss over every token:
-  transformers + SDPA            LlamaForCausalLM(attn_implementation="sdpa"), [4, 4096], labels
-  transformers + torch.compile   the same model under torch.compile
+LLM step: the Janus-Pro-1B LLM on 4 x 4096 text tokens (each row one sample of exactly 4096
+tokens: no padding), one optimizer step with the same work for every contender: fp32 master
+weights, bf16 compute, backward, gradient clipping at 1.0, fused AdamW (GPU) and zero_grad:
+  transformers + SDPA            LlamaForCausalLM(attn_implementation="sdpa"), fp32 parameters
+                                 under torch.autocast(bf16), loss from labels
+  transformers + torch.compile   the same model's forward under torch.compile
   transformers + Liger-Kernel    Liger's Llama patches (fused linear + CE, RMSNorm, SwiGLU, RoPE)
-  janus_fast                     LlamaModel.forward_packed (ops.varlen_attention over the 4 packed
-                                 rows) + ops.linear_cross_entropy; "janus_fast + AC" adds per-layer
-                                 activation checkpointing
-A peer whose package is missing is skipped with the reason. Cells: tokens/s, and in the JSON
-line mfu (6·N + 12·L·H·S FLOPs per token, N = every LLM parameter, over the device's dense bf16
-peak: the convention of issue 9's table) and peak_gib (max_memory_allocated during a step,
-weights included).
+  janus_fast Trainer (selective) janus_fast.training.Trainer(config).train_step() on random
+                                 Janus-Pro-1B weights, stage 2 (the LLM and its heads train; the
+                                 two image encoders are frozen, and text never runs them),
+                                 activation_checkpointing "selective" (the default)
+  janus_fast Trainer (full AC)   the same with activation_checkpointing "full"
+A peer whose package is missing is skipped with the reason. Cells: tokens/s, and in the JSON line
+mfu (6·N + 12·L·H·S FLOPs per token, N = every LLM parameter, over the device's dense bf16 peak)
+and peak_gib (max_memory_allocated over a step: weights, gradients, optimizer state and
+activations; ours also holds the frozen SigLIP and VQ weights, ~1.5 GB in fp32). Our cells carry
+the CPU proxies too: dispatched ops per decoder layer per forward + backward (default config,
+training.profile.layer_op_counts, printed) and the activation KiB a layer keeps per token
+(models.packed_layer.activation_bytes_per_token).
 
-Multi-task step: the whole Janus-Pro-1B (stage III recipe, activation checkpointing) on one
-packed batch of understanding, text-to-image and text samples (5 : 4 : 1), model(**batch) +
-backward.
+Multi-task step: Trainer.train_step on random Janus-Pro-1B, stage III (selective), a dataset of
+understanding, text-to-image and text samples 5 : 4 : 1 with drawn images, 4 rows of 4096 tokens:
+tokens/s of real (non-pad) tokens as the trainer reports them, host clock around the step (it
+syncs once).
 
 Fused linear + cross-entropy: 16384 x 2048 hidden states against lm_head (102400), forward +
 backward: janus_fast (Triton) against torch (full fp32 logits + F.cross_entropy) and Liger's
 fused loss, time and peak extra memory.
 
-Budget on a cold H100 (~4-5 min): five LLM-step contenders (a build, a warm-up or compile, then
-~100 ms of timed steps each; torch.compile's compile ~1 min), the multi-task step (a 2B-parameter
-build), three loss contenders. Tiny runs (CPU) use a 2-layer model and skip torch.compile.
+Budget on a cold H100/H200 (~5-6 min): three HF contenders (a build, a warm-up or compile, then
+~10 timed steps each; torch.compile's compile ~1 min), two Trainers of the 2B-parameter model,
+the multi-task Trainer, three loss contenders. Tiny runs (CPU) use the tiny model, 2 rows of 64
+tokens, and skip torch.compile.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
+import statistics
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,19 +52,21 @@ from benchmarks import harness
 from janus_fast import ops
 from janus_fast.models.config import JanusProConfig, LlamaConfig
 
-DTYPE = torch.bfloat16 if harness.CUDA else torch.float32  # the interpreter has no bf16 arithmetic
+DTYPE = torch.bfloat16 if harness.CUDA else torch.float32  # the loss cells' dtype (the interpreter has no bf16)
 ROWS, ROW_TOKENS = harness.shapes(full=(4, 4096), tiny=(2, 64))
 TOKENS = ROWS * ROW_TOKENS
+SIZE = "tiny" if harness.TINY else "1b"
 DENSE_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # tensor-core peaks, no sparsity
-OURS, OURS_AC = "janus_fast", "janus_fast + AC"
-LLM_PEERS = ["transformers + SDPA", "transformers + torch.compile", "transformers + Liger-Kernel", OURS, OURS_AC]
-TARGET = {"metric": "tokens_per_s", "at_least": 55000}  # issue 9, H100, with <= 30 GiB
+OURS, OURS_FULL = "janus_fast Trainer (selective)", "janus_fast Trainer (full AC)"
+LLM_PEERS = ["transformers + SDPA", "transformers + torch.compile", "transformers + Liger-Kernel", OURS, OURS_FULL]
+TARGET = {"metric": "tokens_per_s", "at_least": 55000}  # issue 18, H100, with <= 30 GiB
 
 
 def llm_config() -> LlamaConfig:
-    if harness.TINY:
-        return LlamaConfig(64, 128, 2, 4, 2, 512, max_position_embeddings=ROW_TOKENS)
-    return JanusProConfig.janus_pro_1b().language
+    """The LLM of the model the trainer builds (random:tiny or random:1b)."""
+    from janus_fast.models.random_model import random_config
+
+    return random_config(SIZE).language
 
 
 def peak_tflops() -> float | None:
@@ -61,21 +76,45 @@ def peak_tflops() -> float | None:
     return next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), None)
 
 
-def step_cell(benchmark, step, n_params: int, cfg: LlamaConfig, case: str, label: str, target=None) -> None:
+def peak_gib(step) -> dict:
+    """{"peak_gib": max_memory_allocated over one step} on a GPU."""
+    if not harness.CUDA:
+        return {}
+    harness.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    harness.synchronize()
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def step_cell(benchmark, step, cfg: LlamaConfig, case: str, label: str, info: dict, target=None) -> None:
     """Peak memory of one step, then the timed steps: tokens/s, MFU where the peak is known."""
-    info = {}
-    if harness.CUDA:
-        harness.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        harness.synchronize()
-        info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    info = {**peak_gib(step), **info}
+    n_params = 2 * cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
+        2 * cfg.hidden_size * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+        + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size) + cfg.hidden_size
     per_token = 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * ROW_TOKENS
     peak = peak_tflops()
     metrics = {"tokens_per_s": lambda ms: TOKENS / ms * 1e3}
     if peak is not None:
         metrics["mfu"] = lambda ms: TOKENS / ms * 1e3 * per_token / (peak * 1e12)
     harness.record(benchmark, step, case=case, label=label, target=target, info=info, **metrics)
+
+
+def optimizer_step(model, loss_fn):
+    """One step as the trainer takes it: bf16 autocast forward, backward, clipping, AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), fused=harness.CUDA)
+
+    def step():
+        with torch.autocast(harness.DEVICE, dtype=torch.bfloat16):
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def transformers_step(cfg: LlamaConfig, peer: str):
@@ -93,59 +132,78 @@ def transformers_step(cfg: LlamaConfig, peer: str):
                        rope_theta=cfg.rope_theta, tie_word_embeddings=False)
     hf._attn_implementation = "sdpa"
     with torch.device(harness.DEVICE):
-        model = LlamaForCausalLM(hf).to(DTYPE)
+        model = LlamaForCausalLM(hf).train()  # fp32 master weights
     ids = torch.randint(0, cfg.vocab_size, (ROWS, ROW_TOKENS), device=harness.DEVICE)
     forward = torch.compile(model) if peer.endswith("torch.compile") else model
-
-    def step():
-        forward(input_ids=ids, labels=ids).loss.backward()
-
-    return model, step
+    return optimizer_step(model, lambda: forward(input_ids=ids, labels=ids).loss)
 
 
-def janus_step(cfg: LlamaConfig, checkpointing: bool):
-    from janus_fast.models.llama import LlamaForCausalLM
+def text_dataset(root: Path, row_tokens: int, count: int) -> Path:
+    """`count` text samples of exactly row_tokens tokens with the toy byte-level tokenizer (BOS +
+    one token per ASCII character + EOS): one sample fills one row, no padding."""
+    rng = random.Random(0)
+    words = ["training", "janus", "packed", "tokens", "kernel", "layer", "fused", "the", "of", "a"]
+    lines = []
+    for _ in range(count):
+        text = ""
+        while len(text) < row_tokens - 2:
+            text += rng.choice(words) + " "
+        lines.append(json.dumps({"type": "text", "text": text[:row_tokens - 2]}))
+    path = root / "text.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
-    torch.manual_seed(0)
-    with torch.device(harness.DEVICE):
-        model = LlamaForCausalLM(cfg).to(DTYPE)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    if checkpointing:
-        from janus_fast.training.distributed import checkpoint_layers
 
-        checkpoint_layers(model.model.layers)
-    ids = torch.randint(0, cfg.vocab_size, (TOKENS,), device=harness.DEVICE)
-    positions = torch.arange(ROW_TOKENS, device=harness.DEVICE).repeat(ROWS)
-    cu = torch.arange(0, TOKENS + 1, ROW_TOKENS, dtype=torch.int32, device=harness.DEVICE)
-    targets = torch.roll(ids, -1).masked_fill(positions == ROW_TOKENS - 1, -100)
+def trainer(data: Path, root: Path, stage: int, activation_checkpointing: str = "selective", rows: int = ROWS,
+            row_tokens: int = ROW_TOKENS):
+    from janus_fast.training import TrainConfig, Trainer
 
-    def step():
-        with ops.no_value_checks():
-            hidden = model.model.forward_packed(model.model.embed_tokens(ids), positions, cu, ROW_TOKENS)
-            ops.linear_cross_entropy(hidden, model.lm_head.weight, targets).backward()
+    config = TrainConfig(data=str(data), output_dir=str(root / f"run-{activation_checkpointing}"),
+                         model=f"random:{SIZE}", stage=stage, steps=10_000, row_tokens=row_tokens,
+                         rows_per_batch=rows, lr=1e-5, mixed_precision="bf16",
+                         activation_checkpointing=activation_checkpointing, progress=False,
+                         vq_cache_dir=str(root / "vq_cache"), device=harness.DEVICE)
+    return Trainer(config)
 
-    return model, step
+
+def cpu_proxies() -> dict:
+    """The CPU proxies of our cells: dispatched ops per layer (default config) and activation KiB
+    per token per layer of each checkpointing mode (Janus-Pro-1B's LLM)."""
+    from janus_fast.models.packed_layer import activation_bytes_per_token
+    from janus_fast.training.profile import layer_op_counts
+
+    counts = layer_op_counts()
+    cfg = JanusProConfig.janus_pro_1b().language
+    kib = {m: activation_bytes_per_token(cfg, m) / 1024 for m in ("selective", "full", "none")}
+    print(f"\njanus_fast training layer: {counts['per_layer']} dispatched ops per decoder layer per forward + "
+          f"backward (selective, bf16 on fp32 masters; CPU count): {counts['per_layer_ops']}")
+    print("activation KiB per token per layer (Janus-Pro-1B, bf16): "
+          + ", ".join(f"{m} {v:.1f}" for m, v in kib.items()))
+    return {"ops_per_layer": counts["per_layer"], "activation_kib_per_token_layer": kib}
 
 
 @pytest.mark.parametrize("peer", LLM_PEERS)
-def test_llm_step(benchmark, peer):
+def test_llm_step(benchmark, peer, tmp_path, request):
     cfg = llm_config()
-    case = f"{'1B' if not harness.TINY else 'tiny'} LLM, {ROWS} x {ROW_TOKENS} tokens, fwd+bwd"
+    case = f"{'1B' if not harness.TINY else 'tiny'} LLM, {ROWS} x {ROW_TOKENS} tokens, optimizer step"
     harness.declare(case, peer)
-    if peer.startswith(OURS):
-        model, step = harness.available(lambda: janus_step(cfg, checkpointing=peer == OURS_AC), peer,
-                                        errors=(ImportError,))
+    info = {}
+    if peer.startswith("janus_fast"):
+        data = text_dataset(tmp_path, ROW_TOKENS, 2 * ROWS)
+        mode = "full" if peer == OURS_FULL else "selective"
+        run = harness.available(lambda: trainer(data, tmp_path, stage=2, activation_checkpointing=mode), peer,
+                                errors=(ImportError,))
+        request.addfinalizer(run.loader.close)  # its worker processes
+        step = run.train_step
+        info = cpu_proxies() if peer == OURS else {}
     else:
         if peer.endswith("torch.compile") and harness.TINY:
             pytest.skip("torch.compile peer: GPU runs only (compiling a training step on the CPU takes minutes)")
         if peer.endswith("Liger-Kernel") and importlib.util.find_spec("liger_kernel") is None:
             pytest.skip("liger-kernel is not installed (pip install liger-kernel)")
-        model, step = harness.available(lambda: transformers_step(cfg, peer), peer)
-    harness.available(step, peer, errors=(ImportError,) if peer.startswith(OURS) else harness.PEER_ERRORS)
-    n_params = sum(p.numel() for p in model.parameters())
-    step_cell(benchmark, step, n_params, cfg, case, peer, target=TARGET if peer.startswith(OURS) else None)
+        step = harness.available(lambda: transformers_step(cfg, peer), peer)
+    harness.available(step, peer, errors=(ImportError,) if peer.startswith("janus_fast") else harness.PEER_ERRORS)
+    step_cell(benchmark, step, cfg, case, peer, info, target=TARGET if peer.startswith("janus_fast") else None)
 
 
 def synthetic_multitask_batch(config, image_id: int, pad_id: int, rows: int = ROWS, row_tokens: int = ROW_TOKENS,
@@ -181,34 +239,37 @@ def synthetic_multitask_batch(config, image_id: int, pad_id: int, rows: int = RO
                    images=lambda s: torch.randn(3, size, size))
 
 
-def test_multitask_step(benchmark):
-    from janus_fast.models.random_model import random_model
-    from janus_fast.training.config import apply_stage
-    from janus_fast.training.distributed import checkpoint_layers
+def test_multitask_step(tmp_path, request):
+    """Trainer.train_step on the multi-task mix; tokens/s of real tokens as the trainer reports."""
+    from examples.make_dataset import make_dataset
+    from janus_fast.models.random_model import random_config
 
-    # The tiny model's images are 16 tokens: its rows hold a few samples at 512 tokens.
+    # The tiny model's images are 16 tokens but its system prompt is long: its rows hold 512.
     rows, row_tokens = (ROWS, ROW_TOKENS) if not harness.TINY else (2, 512)
-    case = f"Janus-Pro-{'1B' if not harness.TINY else 'tiny'} multi-task, {rows} x {row_tokens} packed, AC"
+    case = f"Janus-Pro-{'1B' if not harness.TINY else 'tiny'} multi-task 5:4:1, {rows} x {row_tokens} packed, optimizer step"
     harness.declare(case, OURS)
-    model = random_model("1b" if not harness.TINY else "tiny", device=harness.DEVICE, dtype=DTYPE).train()
-    apply_stage(model, 3)
-    checkpoint_layers(model.language_model.model.layers)
-    proc = model.processor
-    batch = synthetic_multitask_batch(model.config, proc.image_id, proc.pad_id, rows, row_tokens).to(harness.DEVICE)
+    image_size = random_config(SIZE).vision.image_size
+    n_text, n_und, n_gen = (1, 3, 3) if harness.TINY else (4, 20, 16)
+    data = make_dataset(tmp_path / "data", n_text=n_text, n_understanding=n_und, n_generation=n_gen,
+                        image_size=image_size)
+    run = harness.available(lambda: trainer(data, tmp_path, 3, rows=rows, row_tokens=row_tokens), OURS,
+                            errors=(ImportError,))
+    request.addfinalizer(run.loader.close)  # its worker processes
+    records, seconds = [], []
 
     def step():
-        with ops.no_value_checks():
-            model(**batch.inputs).loss.backward()
+        start = time.perf_counter()
+        records.append(run.train_step())  # (one host sync inside)
+        seconds.append(time.perf_counter() - start)
 
     harness.available(step, OURS, errors=(ImportError,))
-    info = {}
-    if harness.CUDA:
-        harness.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    info = peak_gib(step)
+    records.clear(), seconds.clear()
+    for _ in range(1 if harness.TINY else 10):
         step()
-        info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    harness.record(benchmark, step, case=case, label=OURS, info=info,
-                   tokens_per_s=lambda ms: batch.num_tokens / ms * 1e3)
+    ms = statistics.median(seconds) * 1e3
+    cell = harness.keep(case, OURS, ms, "host clock around Trainer.train_step (one host sync per step)", info=info)
+    cell["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in records)
 
 
 LOSS_PEERS = ["torch (full logits)", "Liger fused", "janus_fast triton"]

@@ -75,7 +75,7 @@ def passes_per_image(model, window: int, temperature: float, images_per_prompt: 
     dataset's 12 prompts."""
     proc = model.processor
     ids = [model._generation_prompt_ids(proc, f"A {c} {s} on a white background.") for c in COLOURS for s in SHAPES]
-    settings = ImageSettings(5.0, temperature, 0, 1.0, (images_per_prompt,) * len(ids))
+    settings = ImageSettings(5.0, temperature, 0, 1.0)
     result = generate_image_tokens_sjd(model, ids, proc.pad_id, images_per_prompt, settings, list(range(len(ids))),
                                        Buckets(), window=window)
     return 1 + float(result.passes.double().mean())

@@ -16,14 +16,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
+from .files import atomic_write, atomic_write_text  # noqa: F401  (re-exported: the layers above import them here)
 from .models.config import JanusProConfig, LlamaConfig, VisionConfig, VQConfig
 
 CONFIG_NAME = "config.json"
@@ -40,25 +39,6 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- config
-
-
-def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """A file written whole or not at all: `write(tmp)` fills a temporary file beside `path`,
-    which is then renamed over it; on any error the temporary file goes and `path` is untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _read_json(file: Path) -> dict:

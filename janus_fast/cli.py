@@ -138,11 +138,42 @@ def _load(args, model_dir: Path):
     return model
 
 
+def check_fits(model_dir: Path, prompt: str, n: int, device: str, dtype: torch.dtype, quantize: str | None = None,
+               kv_cache_dtype: str | None = None, decoding: str = "token", window: int = DEFAULT_WINDOW) -> None:
+    """The quantization formats supported by the device, and a batch that fits the GPU's free
+    memory at least one prompt at a time (the engine's memory plan on a meta-device model with
+    the same formats and decoding): else an error before any weight is read."""
+    from .checkpoint import read_config
+    from .engine import JanusPro
+    from .engine.memory import free_bytes, plan_requests, weight_bytes
+    from .engine.sjd import image_generation_bytes
+    from .models.quant import check_quantize
+    from .processor import JanusProcessor
+
+    for what, fmt in (("quantize", quantize), ("kv_cache_dtype", kv_cache_dtype)):
+        if fmt is not None:
+            check_quantize(fmt, torch.device(device), what)
+    free = free_bytes(torch.device(device))
+    if free is None:
+        return
+    with torch.device("meta"):
+        model = JanusPro(read_config(model_dir)[0]).to(dtype).quantize(quantize, kv_cache_dtype=kv_cache_dtype)
+    ids = model._generation_prompt_ids(JanusProcessor.from_pretrained(model_dir), prompt)
+    try:
+        plan_requests(1, 2 * n, image_generation_bytes(model, [ids], decoding, window), free - weight_bytes(model),
+                      "--n")
+    except ValueError as e:
+        raise UsageError(f"--n {n} does not fit {device} beside the {weight_bytes(model) / 2**30:.1f} GiB of "
+                         f"weights: {e}") from None
+
+
 def cmd_generate(args) -> None:
     if args.decoding == "sjd" and args.kv_cache_dtype is not None:
         raise UsageError("--decoding sjd does not take a quantized KV cache yet: drop --kv-cache-dtype")
     model_dir, out = check_model_dir(args.model), check_out_dir(args.out)
-    _device(args.device)
+    device = _device(args.device)
+    check_fits(model_dir, args.prompt, args.n, device, _dtype(args.dtype, device), args.quantize, args.kv_cache_dtype,
+               args.decoding, args.window)
     model = _load(args, model_dir)
     t = time.perf_counter()
     images = model.generate_images(args.prompt, parallel_size=args.n, cfg_weight=args.cfg,
@@ -160,7 +191,7 @@ def cmd_chat(args) -> None:
     image = load_image(args.image)
     _device(args.device)
     model = _load(args, model_dir)
-    print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens))
+    print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens, progress=ProgressBar("answering")))
 
 
 DEMO_MARK = "made-by-janus-fast-demo.txt"  # in a --keep directory: a later demo may replace it

@@ -1,7 +1,7 @@
 """Triton attention launchers: fused forward/backward (dense and packed varlen) and flash-decoding.
 
 Kernels, one idea per file: attention_fwd (FlashAttention-2, pointer loads), attention_fwd_sm90
-(Hopper: TMA + warp specialisation, persistent), attention_bwd (fused 5-GEMM with
+(Hopper: TMA, 128x128 tiles, masks on edge blocks only, persistent), attention_bwd (fused 5-GEMM with
 atomic dQ; deterministic split kernels), attention_decode (flash-decoding), attention_configs
 (per-architecture tiles, autotune key), attention_common (shared device and host helpers).
 
@@ -29,12 +29,14 @@ Outputs are allocated with torch.empty: every element is written by a kernel.
 Non-finite inputs (the ops contract): NaN in a visible score or value propagates as in SDPA's
 math path; keys a row cannot see never reach its result: keys past a sequence's end are loaded
 as 0 and causally hidden scores are replaced by -inf; hidden values in a diagonal block are
-kept out of the P V product (_causal_safe_values; on sm_90 _finite_stand_ins, see attention_fwd_sm90).
+kept out of the P V product (_causal_safe_values; the sm_90 kernel's _edge_blocks).
 """
+import itertools
 import warnings
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from . import attention_fwd_sm90 as fwd_sm90
 from .attention_bwd import (
@@ -52,7 +54,7 @@ from .attention_common import (
     last_dim_contiguous,
     num_sms,
 )
-from .attention_configs import arch, tune_buckets
+from .attention_configs import FWD_SM90, arch, delta_block_m, rows, tag, tune_buckets
 from .attention_decode import decode_attention
 from .attention_fwd import _attn_fwd_kernel
 
@@ -65,40 +67,19 @@ def _common_meta(q, causal):
     return dict(HEAD_D=d, BLOCK_D=block_d_for(d), CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
 
 
-_SM90_COMPILE_ERRORS = []  # (causal, error) when this Triton failed to build that sm_90 kernel: fall back for good
+def _on_hopper(q):
+    return q.is_cuda and arch(q.device.index) == "sm90"
 
 
 def _use_sm90_forward(q, k, v, out, causal, softmax_scale):
-    """The TMA + warp-specialised forward runs on Hopper for 16-bit inputs whose strides suit TMA,
+    """The TMA forward runs on Hopper for 16-bit inputs (head_dim <= 128) whose strides suit TMA,
     when the installed Triton has the features; everything else takes the pointer-load kernel."""
-    return (q.is_cuda and arch(q.device.index) == "sm90" and q.element_size() == 2
-            and softmax_scale > 0 and fwd_sm90.available()
-            and not any(failed == bool(causal) for failed, _ in _SM90_COMPILE_ERRORS)
-            and fwd_sm90.tma_compatible(q, k, v, out))
+    return (_on_hopper(q) and q.element_size() == 2 and block_d_for(q.shape[-1]) <= 128  # see FWD_SM90
+            and softmax_scale > 0 and fwd_sm90.available() and fwd_sm90.tma_compatible(q, k, v, out))
 
 
-def _launch_sm90_forward(args, n_seq, max_q, hq, meta):
-    """Launch the sm_90 kernel; False if this Triton cannot compile it. Warp specialisation is a
-    young compiler pass whose coverage changes between Triton releases (the GPU machines run 3.6,
-    CI compiles with 3.9): a failure warns once and the pointer-load kernel serves from then on."""
-    fwd_sm90.set_descriptor_allocator()
-    sms = num_sms(args[0].device.index)
-
-    def persistent_grid(m):
-        return (min(sms, triton.cdiv(max_q, m["BLOCK_M"]) * n_seq * hq),)
-
-    try:
-        fwd_sm90._attn_fwd_tma_kernel[persistent_grid](*args, n_seq, **meta)
-    except (RuntimeError, triton.CompilationError) as error:
-        _SM90_COMPILE_ERRORS.append((meta["CAUSAL"], error))
-        warnings.warn(f"the sm_90 attention forward did not compile with Triton {triton.__version__} "
-                      f"({type(error).__name__}); using the pointer-load kernel", RuntimeWarning, stacklevel=3)
-        return False
-    return True
-
-
-def _forward(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, varlen):
-    check_runnable(q)
+def _forward_launch(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, varlen):
+    """(out, lse, kernel arguments, constexprs) of a forward call; out and lse are empty."""
     hq, hkv = q.shape[-2], k.shape[-2]
     out = torch.empty_like(q)
     if varlen:
@@ -109,14 +90,142 @@ def _forward(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, va
         lse = torch.empty((q.shape[0], hq, q.shape[1]), device=q.device, dtype=torch.float32)
         qs, ks, vs, os_ = q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3]
         ls = lse.stride()[:2]
-    if out.numel() == 0:
-        return out, lse
     args = (q, k, v, out, lse, cu_q, cu_k, *qs, *ks, *vs, *os_, *ls, max_q, max_k, hq, hq // hkv,
             softmax_scale * LOG2E)
     meta = dict(**tune_buckets(max_q, max_k, n_seq * hq), IS_VARLEN=varlen, **_common_meta(q, causal))
-    sm90 = _use_sm90_forward(q, k, v, out, causal, softmax_scale)
-    if not (sm90 and _launch_sm90_forward(args, n_seq, max_q, hq, meta)):
-        _attn_fwd_kernel[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_seq * hq)](*args, **meta)
+    return out, lse, args, meta
+
+
+def _run_pointer_forward(args, n_seq, max_q, meta):
+    hq = args[-3]  # args end with (..., hq, group, qk_scale): _forward_launch
+    _attn_fwd_kernel[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), n_seq * hq)](*args, **meta)
+
+
+def _run_sm90_forward(args, n_seq, max_q, meta):
+    fwd_sm90.set_descriptor_allocator()
+    sms, hq = num_sms(args[0].device.index), args[-3]
+
+    def persistent_grid(m):
+        return (min(sms, triton.cdiv(max_q, m["BLOCK_M"]) * n_seq * hq),)
+
+    fwd_sm90._attn_fwd_tma_kernel[persistent_grid](*args, n_seq, **meta)
+
+
+# The sm_90 forward per kind of call (dtype, head dim, causal, varlen, GQA, one sequence): a
+# reason in _SM90_FAILED once it failed to compile or disagreed with the pointer kernel (the
+# pointer kernel serves that kind from then on); a kind and autotuning key in _SM90_CHECKED once
+# it passed the self-check.
+_SM90_FAILED = {}
+_SM90_CHECKED = set()
+_BUILD_ERRORS = (triton.CompilationError, OutOfResources, PTXASError, RuntimeError)
+
+
+def _sm90_kind(args, n_seq, meta):
+    q, group = args[0], args[-2]
+    return q.dtype, meta["HEAD_D"], meta["CAUSAL"], meta["IS_VARLEN"], group == 1, n_seq == 1
+
+
+def _out_of_memory(error):
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _sm90_forward(args, n_seq, max_q, meta):
+    """Run the sm_90 forward when it is trusted for this kind of call; False when the caller must
+    run the pointer kernel (which overwrites whatever this one wrote).
+
+    Device-side TMA descriptors and Hopper's pipelining are young compiler paths whose output
+    changes between Triton releases (the GPU machines run 3.6, CI compiles with 3.9) and wrong
+    code is worse than slow code: the
+    first launch of each kind and autotuning key in a process is followed by a self-check against
+    the pointer kernel (_sm90_self_check, one host sync); a disagreement or a failure to compile
+    warns once and hands that kind to the pointer kernel for good. A CUDA out-of-memory error
+    only sends this call to the pointer kernel. Inside a CUDA graph capture, where the check
+    cannot run, an unchecked kind takes the pointer kernel."""
+    kind = _sm90_kind(args, n_seq, meta)
+    if kind in _SM90_FAILED:
+        return False
+    several = len(rows(FWD_SM90, *tag(args[0], meta["BLOCK_D"]), meta["CAUSAL"])) > 1
+    checked = (kind, meta["tune_q"], meta["tune_k"], meta["tune_bh"]) if several else kind  # the config it runs
+    if checked not in _SM90_CHECKED and _capturing(args[0]):
+        return False
+    try:
+        _run_sm90_forward(args, n_seq, max_q, meta)
+        if checked not in _SM90_CHECKED:
+            disagreement = _sm90_self_check(args, n_seq, meta)
+            if disagreement:
+                return _sm90_failed(kind, f"disagrees with the pointer-load kernel on a check input ({disagreement})")
+            _SM90_CHECKED.add(checked)
+    except _BUILD_ERRORS as error:
+        if _out_of_memory(error):
+            return False
+        return _sm90_failed(kind, f"did not compile ({type(error).__name__}: {str(error).strip()[:200]})")
+    return True
+
+
+def _capturing(q):
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _sm90_failed(kind, why):
+    _SM90_FAILED[kind] = why
+    dtype, d, causal, varlen = kind[:4]
+    warnings.warn(f"the sm_90 attention forward with Triton {triton.__version__} {why}; the pointer-load kernel "
+                  f"serves {str(dtype).removeprefix('torch.')} head_dim {d} {'causal' if causal else 'non-causal'}"
+                  f"{' varlen' if varlen else ''} attention from now on", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def _sm90_self_check(args, n_seq, meta):
+    """None if the sm_90 kernel, on a small input of the same kind (and at the call's autotuning
+    key, so with the call's config), matches the pointer kernel; else what differed. The input
+    holds a NaN value some rows see and, causally, some cannot (contract 1), and ragged blocks."""
+    q0, group = args[0], args[-2]
+    d, causal, varlen = meta["HEAD_D"], meta["CAUSAL"], meta["IS_VARLEN"]
+    hkv = 2 if group == 1 else 1
+    hq, n = 2, (1 if n_seq == 1 else 2)
+    u = 8 if triton.knobs.runtime.interpret else 64  # several query and key blocks of the shipped tiles, ragged ends
+    lq, lk = [5 * u + 1, 2 * u + 3][:n], [6 * u + 5, 3 * u][:n]
+    j0 = 3 * u + 2  # a NaN value at key j0 of the first sequence: causally seen by its rows >= 2u - 2
+    gen = torch.Generator(device=q0.device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=q0.device, dtype=torch.float32).to(q0.dtype)
+
+    if varlen:
+        q, k, v = rand(sum(lq), hq, d), rand(sum(lk), hkv, d), rand(sum(lk), hkv, d)
+        cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(x)], dtype=torch.int32, device=q0.device)
+                      for x in (lq, lk))
+        v[j0, 0, d // 2] = float("nan")
+    else:
+        q, k, v = rand(n, lq[0], hq, d), rand(n, lk[0], hkv, d), rand(n, lk[0], hkv, d)
+        cu_q = cu_k = q
+        v[0, j0, 0, d // 2] = float("nan")
+    results = []
+    for run in (_run_sm90_forward, _run_pointer_forward):
+        out, lse, check_args, check_meta = _forward_launch(q, k, v, cu_q, cu_k, n, max(lq), max(lk), causal,
+                                                           d ** -0.5, varlen)
+        if run is _run_sm90_forward:  # the call's key: the autotuner's cached config for it
+            check_meta.update(tune_q=meta["tune_q"], tune_k=meta["tune_k"], tune_bh=meta["tune_bh"])
+        run(check_args, n, max(lq), check_meta)
+        results.append((out.float(), lse))
+    (out, lse), (ref_out, ref_lse) = results
+    tol = 2e-2 if q.dtype == torch.float16 else 6e-2
+    if not torch.equal(out.isnan(), ref_out.isnan()):
+        return "NaN positions differ"
+    ok = (out - ref_out).abs() <= tol * (1 + ref_out.abs())
+    lse_ok = ((lse - ref_lse).abs() <= 1e-2 * (1 + ref_lse.abs())) | (lse == ref_lse)
+    if not bool(torch.where(ref_out.isnan(), True, ok).all() & lse_ok.all()):
+        return f"max output difference {(out - ref_out).nan_to_num().abs().max().item():.3g}"
+    return None
+
+
+def _forward(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, varlen):
+    check_runnable(q)
+    out, lse, args, meta = _forward_launch(q, k, v, cu_q, cu_k, n_seq, max_q, max_k, causal, softmax_scale, varlen)
+    if out.numel() == 0:
+        return out, lse
+    if not (_use_sm90_forward(q, k, v, out, causal, softmax_scale) and _sm90_forward(args, n_seq, max_q, meta)):
+        _run_pointer_forward(args, n_seq, max_q, meta)
     return out, lse
 
 
@@ -137,9 +246,11 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, n_seq, max_q, max_k, causal, 
 
     ls = (0, lse.stride(0)) if varlen else lse.stride()[:2]
     meta = _common_meta(q, causal)
-    _bwd_delta_kernel[(triton.cdiv(max_q, 64), n_seq * hq)](
+    delta_rows = delta_block_m(meta["BLOCK_D"])
+    _bwd_delta_kernel[(triton.cdiv(max_q, delta_rows), n_seq * hq)](
         out, dout, delta, dq_acc, cu_q, *strides(out), *strides(dout), *ls, *strides(dq_acc), max_q, hq,
-        HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=64, ZERO_DQ=not deterministic,
+        HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"], IS_VARLEN=varlen, BLOCK_M=delta_rows,
+        ZERO_DQ=not deterministic,
     )
     args = (*strides(q), *strides(k), *strides(v), *strides(dout))
     scale2 = softmax_scale * LOG2E

@@ -182,8 +182,9 @@ def _bwd_kv_kernel(
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, len_k, offs_d, HEAD_D, BLOCK_D)
 
 
-# One kernel, two tile tables: the fused backward (ATOMIC_DQ=True) holds more live tiles.
-_attn_bwd_fused_kernel = autotune(BWD_FUSED)(_bwd_kv_kernel)
+# One kernel, two tile tables: the fused backward (ATOMIC_DQ=True) holds more live tiles, and
+# its benchmark runs must not leave their dQ in the accumulator.
+_attn_bwd_fused_kernel = autotune(BWD_FUSED, reset_to_zero=["DQ_ACC"])(_bwd_kv_kernel)
 _attn_bwd_dkdv_kernel = autotune(BWD_DKDV)(_bwd_kv_kernel)
 
 

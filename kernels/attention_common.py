@@ -109,18 +109,6 @@ def _causal_safe_values(v, cols, offs_m, causal_off):
     return tl.where(tl.abs(v) < float("inf"), v, 0.0), seen_bad
 
 
-@triton.jit
-def _finite_stand_ins(v):
-    """v with NaN -> -max, +-inf -> +-max of its 16-bit dtype and every finite value unchanged:
-    maximum/minimum without NaN propagation (maxnum/minnum) return the non-NaN operand, so this
-    needs no compare on the values."""
-    if v.dtype == tl.float16:
-        big = 65504.0
-    else:
-        big = 3.0e38  # bfloat16 (max 3.39e38)
-    return tl.minimum(tl.maximum(v, -big), big).to(v.dtype)  # the interpreter widens to fp32
-
-
 # --------------------------------------------------------------------------------------------
 # Host-side helpers of the launchers
 # --------------------------------------------------------------------------------------------

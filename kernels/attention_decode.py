@@ -2,6 +2,8 @@
 
 Launch configuration from static shapes only (contract 2), so a CUDA graph replays with any
 cache_seqlens; the loop bounds come from cache_seqlens in device memory, never from the host.
+Splits are SPLIT_KEYS keys at fixed positions, combined in order: a row's result does not
+depend on the batch or the cache's capacity (see _decode_plan).
 """
 import torch
 import triton
@@ -14,7 +16,6 @@ from .attention_common import (
     block_d_for,
     check_runnable,
     dot_precision,
-    num_sms,
 )
 from .attention_configs import arch
 
@@ -98,23 +99,32 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    PART_O, PART_LSE, OUT, stride_ob, stride_oh, n_heads_q, n_splits,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PART_O, PART_LSE, SEQLENS, OUT, stride_ob, stride_oh, n_heads_q, n_splits, split_len,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse) (fp32); 0 for an empty cache."""
+    """out = sum_s w_s o_s / sum_s w_s over the row's used splits s < cdiv(length, split_len),
+    w_s = 2^(lse_s - max lse) (fp32), accumulated one split after another in split order
+    (rescaled as the maximum grows): the same operations for a row whatever the batch, the
+    cache's capacity or the grid. 0 for an empty cache."""
     bh = tl.program_id(0)
     b = bh // n_heads_q
     h = bh % n_heads_q
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < n_splits
-    rows = bh.to(tl.int64) * n_splits + offs_s
-    lse = tl.load(PART_LSE + rows, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    o = tl.load(PART_O + rows[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
+    used = tl.minimum(tl.cdiv(tl.load(SEQLENS + b), split_len), n_splits)
+    rows = bh.to(tl.int64) * n_splits
+    m = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, used):
+        lse = tl.load(PART_LSE + rows + s)
+        o = tl.load(PART_O + (rows + s) * BLOCK_D + offs_d)
+        m_new = tl.maximum(m, lse)
+        keep = tl.math.exp2(m - tl.where(m_new == float("-inf"), 0.0, m_new))  # 0 while m is -inf
+        w = tl.math.exp2(lse - tl.where(m_new == float("-inf"), 0.0, m_new))
+        acc = acc * keep + w * o
+        total = total * keep + w
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
              mask=offs_d < HEAD_D)
 
@@ -123,7 +133,7 @@ def _decode_combine_kernel(
 # Launch plan (static shapes only) and launcher
 # --------------------------------------------------------------------------------------------
 
-MIN_SPLIT_BLOCKS = 2  # a split reads >= 2 tiles, so the pipeline has a next tile to prefetch
+SPLIT_KEYS = 128  # keys per split: a whole number of tiles (>= 2, so the pipeline prefetches) on every arch
 
 
 def _tiles(arch_name, block_d, element_size):
@@ -134,18 +144,17 @@ def _tiles(arch_name, block_d, element_size):
     return (32 if wide else 64), (8 if wide else 4), 2
 
 
-def _decode_plan(batch, n_heads_kv, s_max, block_n, device):
-    """(split_len, n_splits) from static shapes only, so CUDA graphs replay with any lengths.
+def _decode_plan(s_max, block_n):
+    """(split_len, n_splits): splits of SPLIT_KEYS keys covering the cache, from its length only.
 
-    One split when batch x kv heads already gives every SM two programs (no combine kernel);
-    otherwise enough splits for two programs per SM, each split at least MIN_SPLIT_BLOCKS tiles
-    and a whole number of tiles.
+    A row's keys are always cut at the same positions and its partials combined in the same
+    order, whatever the batch, the number of heads or the cache's capacity: a row's output is
+    bitwise independent of the other rows (batch invariance), and static shapes alone set the
+    grid, so CUDA graphs replay with any lengths. One split (no combine kernel) for a cache of
+    at most SPLIT_KEYS slots.
     """
-    n_blocks = max(1, triton.cdiv(s_max, block_n))
-    want = triton.cdiv(2 * num_sms(device.index if device.type == "cuda" else -1), batch * n_heads_kv)
-    n_splits = max(1, min(want, n_blocks // MIN_SPLIT_BLOCKS, 128))
-    split_len = triton.cdiv(n_blocks, n_splits) * block_n
-    return split_len, triton.cdiv(n_blocks * block_n, split_len)
+    assert SPLIT_KEYS % block_n == 0, (SPLIT_KEYS, block_n)
+    return SPLIT_KEYS, max(1, triton.cdiv(s_max, SPLIT_KEYS))
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, k_scale=None, v_scale=None):
@@ -166,7 +175,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, k_scale=
     block_d = block_d_for(d)
     block_n, num_warps, num_stages = _tiles(arch(q.device.index if q.is_cuda else -1), block_d, q.element_size())
     quantized = k_scale is not None
-    split_len, n_splits = _decode_plan(b, hkv, s_max, block_n, q.device)
+    split_len, n_splits = _decode_plan(s_max, block_n)
     split = n_splits > 1
     if split:
         part_o = torch.empty((b, hq, n_splits, block_d), device=q.device, dtype=torch.float32)
@@ -184,8 +193,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, k_scale=
     )
     if split:
         _decode_combine_kernel[(b * hq,)](
-            part_o, part_lse, out, out.stride(0), out.stride(1), hq, n_splits,
-            HEAD_D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), num_warps=4,
+            part_o, part_lse, cache_seqlens, out, out.stride(0), out.stride(1), hq, n_splits, split_len,
+            HEAD_D=d, BLOCK_D=block_d, num_warps=1,
         )
     return out
 
@@ -207,8 +216,8 @@ def compile_specs(arch_name, head_dim, dtype, full=True):
         meta = dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_H=_block_h(group), BLOCK_N=block_n, SPLIT=split,
                     DOT_PREC="ieee" if dtype == "fp32" else "tf32", KV_QUANTIZED=False)
         yield CompileSpec("decode", _decode_split_kernel, meta, dict(num_warps=num_warps, num_stages=num_stages), dtype)
-    yield CompileSpec("decode_combine", _decode_combine_kernel, dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_S=16),
-                      dict(num_warps=4, num_stages=1), "fp32")
+    yield CompileSpec("decode_combine", _decode_combine_kernel, dict(HEAD_D=head_dim, BLOCK_D=block_d),
+                      dict(num_warps=1, num_stages=1), "fp32")
 
 
 def quantized_compile_specs(arch_name, full=True):

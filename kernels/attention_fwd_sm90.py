@@ -1,61 +1,51 @@
-"""Attention forward for Hopper (sm_90): TMA descriptors, warp specialisation, persistent.
+"""Attention forward for Hopper (sm_90): TMA descriptors, 128x128 tiles, persistent.
 
 Same maths, layouts and non-finite rule as kernels/attention_fwd.py (see kernels/attention.py);
 what differs is how the work reaches the tensor cores:
   - Q/K/V tiles are read and O tiles written through device-side tensor descriptors
-    (tl.make_tensor_descriptor), which lower to TMA copies. A descriptor spans one sequence of one
-    head, so rows past the sequence (another packed sequence, the tensor's end) are filled with
-    zeros by the hardware and never read.
-  - The key loop is marked warp_specialize=True: Triton splits it into a TMA producer and
-    consumer warpgroups that overlap the softmax of one tile with the tensor-core work of another
-    (needs num_warps=4). Causal attention is the same single loop with the mask on every block.
+    (tl.make_tensor_descriptor), which lower to TMA copies, pipelined by the software pipeliner
+    (num_stages). A descriptor spans one sequence of one head, so rows past the sequence
+    (another packed sequence, the tensor's end) are filled with zeros by the hardware and never read.
+  - 128 query rows x 128 keys per step for head_dim <= 128 on 8 warps: two warpgroups of 64 rows
+    whose warpgroup MMAs (wgmma) and softmax interleave on the SM.
+  - Key blocks every row of the tile sees completely (_causal_ranges' `full`) take the plain
+    path: no mask, no bookkeeping. Only the diagonal and ragged blocks (at most two 128-key
+    blocks, walked in 64-key steps to bound the registers) are masked, and only there are
+    non-finite values taken out of the P V product: each column's first non-finite key row is
+    tracked in the loop and the elements whose row sees it become NaN after it (contract 1).
+    In full blocks a non-finite value is visible to every row and propagates by itself.
   - The grid is persistent: one program per SM walks the (query block, batch x head) tiles,
     causal ones heaviest first.
 Used when the installed Triton has these features (available()) and the strides suit TMA
-(tma_compatible()); the launcher falls back to the pointer-load kernel otherwise.
+(tma_compatible()); the launcher falls back to the pointer-load kernel otherwise, and checks this
+kernel against it once per kind of call (kernels/attention.py, _sm90_forward).
 
-Causal contract 1 and Triton 3.9's warp-specialisation pass (NVGPUWarpSpecialization). Hidden
-values of a diagonal block must stay out of P V (0 * NaN = NaN) while a visible NaN propagates.
-Forms tried (D128 dense, 128x64, 4 warps, 2 stages; compiles that succeeded / compiles, the same
-source giving different results from run to run: the pass is not deterministic on them):
-  - the pointer kernel's _causal_safe_values in the loop (one V tile zeroed where non-finite and
-    reduced to each column's first non-finite row) 1/8; the select where(|v| < inf, v, 0) alone
-    1/8 in bf16, 3/8 through fp32, 0/1 as (v - v) == 0; a second full-size load of V for the
-    check (merged with the first by the compiler) 1/6;
-  - stand-ins without a compare, min(max(v, -big), big), with the first-bad-row tracking on the
-    same tile 1/5 (from v - stand-in) and 1/5 (from v * 0); stand-ins with bounds that vary per
-    block 0/4 or per key row 0/4 and 0/3, a select between v and its stand-ins 0/3 (per block
-    and per key row);
-  - a select on V by key index only 6/6 and stand-ins with constant bounds 6/6: reading V in
-    registers is accepted, as long as the P V operand's tile has one use;
-  - a separate diagonal loop after the specialised one (round one): rejected for varlen and D256.
-What ships: stand-ins with constant bounds for the P V operand, and the tracking on a second
-load through a half-height descriptor (two tiles per block, which the compiler cannot merge with
-the operand's): 4/4 for every shipped causal config, dense and varlen (D64 3/3), and
-tests/test_compile_facts.py compiles the causal configs on every run. Its price, unmeasured here:
-V is read twice from L2 per block and each consumer reduces a [BLOCK_N, BLOCK_D] tile per block.
-
-Every block rescales the accumulator: skipping it when no row's max grew needs a branch on the
-accumulator inside the loop, and with one Triton 3.9 silently drops warp specialisation for every
-shipped config (no TMA pipeline split, 2 instead of 4 warpgroup MMAs) and spills 128 B (non-causal)
-/ 312 B (causal) at 128x64; without a branch the multiply by alpha = 1 would still be done.
+What Triton 3.6 / 3.9 let us build here (compile facts, tests/test_compile_facts.py):
+  - Warp specialisation (tl.range(warp_specialize=True)) takes one loop: with a second key loop
+    after it Triton 3.9's NVGPUWarpSpecialization pass fails an assertion, with the edge blocks
+    as straight-line code it silently drops the specialisation (and spills 870-1950 B at
+    128x128), and a single specialised loop masks and books every block (the previous form of
+    this kernel, 128x64 at most). The split form without it compiles spill-free on both versions.
+  - wgmma.wait_group N >= 1 inside the loop is out of reach from tl.dot: Triton's wgmma
+    pipeliner (WGMMAPipeline.cpp, asyncLaunchDots) keeps a dot in flight only if its result feeds
+    nothing but the loop's yield or the next dot's accumulator; Q K^T feeds the softmax and
+    P V's A operand is P in registers with its accumulator rescaled by alpha, so both get
+    wait_group 0, and any wait 0 in the loop suppresses the deeper waits.
 """
 import functools
-import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_common import _causal_ranges, _finite_stand_ins, _first_nonfinite_row, _query_head
+from .attention_common import _causal_ranges, _first_nonfinite_row, _query_head
 from .attention_configs import FWD_SM90, autotune
 
 
 @functools.lru_cache(maxsize=None)
 def available():
-    """True if this Triton has device tensor descriptors, an allocator hook and warp_specialize."""
-    return (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
-            and "warp_specialize" in inspect.signature(tl.range.__init__).parameters)
+    """True if this Triton has device tensor descriptors and an allocator hook for them."""
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
 def tma_compatible(*tensors):
@@ -79,6 +69,53 @@ def set_descriptor_allocator():
         triton.set_allocator(_workspace)
 
 
+@triton.jit
+def _plain_blocks(acc, l_i, m_i, q, k_desc, v_desc, hi, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over key blocks [0, hi) that every row of the tile sees completely."""
+    for start_n in tl.range(0, hi, BLOCK_N):
+        qk = tl.dot(q, k_desc.load([start_n, 0]).T, input_precision=DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: every row sees every key here
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_n, 0])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _edge_blocks(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, len_k, offs_m, causal_off, qk_scale,
+                 EDGE_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the diagonal and ragged keys [lo, hi), EDGE_N at a time: keys past
+    len_k and (causal) after a row's own position are masked, non-finite values are replaced by
+    0 in P V and each column's first non-finite key row is tracked; rows that see that key get
+    NaN in that column at the end (contract 1)."""
+    offs_n = tl.arange(0, EDGE_N)
+    first_bad = tl.full([BLOCK_D], 2147483647, dtype=tl.int32)
+    for start_n in tl.range(lo, hi, EDGE_N):
+        cols = start_n + offs_n
+        qk = tl.dot(q, k_desc.load([start_n, 0]).T, input_precision=DOT_PREC)
+        visible = cols[None, :] < len_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key keeps m = -inf
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_n, 0])  # rows past len_k are zeros
+        if CAUSAL:
+            first_bad = tl.minimum(first_bad, _first_nonfinite_row(v, cols))
+            v = tl.where(tl.abs(v) < float("inf"), v, 0.0).to(v.dtype)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    if CAUSAL:
+        acc = tl.where(first_bad[None, :] <= offs_m[:, None] + causal_off, float("nan"), acc)
+    return acc, l_i, m_i
+
+
 @autotune(FWD_SM90)
 @triton.jit
 def _attn_fwd_tma_kernel(
@@ -95,15 +132,9 @@ def _attn_fwd_tma_kernel(
 ):
     """out = softmax(s Q K^T) V and lse for every (query block, batch x head) tile; fp32 softmax
     statistics and accumulator. qk_scale = s * log2(e) > 0: the running max m is kept in scaled
-    units, so p = exp2(qk * qk_scale - m) is one FMA per score.
-
-    Causal: one loop over the visible key blocks, the mask applied to the scores of every block.
-    Contract 1 in the same loop without a compare on the tile that feeds P V (the form the
-    warp-specialisation pass compiles, see the module docstring): that tile's NaN/inf are
-    replaced by finite stand-ins (_finite_stand_ins), so a hidden value meets P = 0 and adds
-    exactly 0; a second load of the block (two half-height tiles, so the compiler keeps it apart
-    from the P V operand) finds each column's first non-finite row, and an element (i, d) whose
-    row sees that key becomes NaN, as the unmodified product would have made it."""
+    units, so p = exp2(qk * qk_scale - m) is one FMA per score. Full key blocks first
+    (_plain_blocks), then the diagonal and ragged ones in half-width steps (_edge_blocks)."""
+    EDGE_N: tl.constexpr = BLOCK_N // 2
     n_m = tl.cdiv(seqlen_q, BLOCK_M)
     n_bh = n_seq * n_heads_q
     for tile in tl.range(tl.program_id(0), n_m * n_bh, tl.num_programs(0), flatten=False):
@@ -115,57 +146,33 @@ def _attn_fwd_tma_kernel(
         q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + start_q.to(tl.int64) * stride_qm + h * stride_qh,
                                            shape=[len_q, HEAD_D], strides=[stride_qm, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
-        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + start_k.to(tl.int64) * stride_kn + hk * stride_kh,
-                                           shape=[len_k, HEAD_D], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+        k_base = K + b64 * stride_kb + start_k.to(tl.int64) * stride_kn + hk * stride_kh
         v_base = V + b64 * stride_vb + start_k.to(tl.int64) * stride_vn + hk * stride_vh
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_D], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_D], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-        if CAUSAL:
-            v_half_desc = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_D], strides=[stride_vn, 1],
-                                                    block_shape=[BLOCK_N // 2, BLOCK_D])
+        k_edge_desc = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_D], strides=[stride_kn, 1],
+                                                block_shape=[EDGE_N, BLOCK_D])
+        v_edge_desc = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_D], strides=[stride_vn, 1],
+                                                block_shape=[EDGE_N, BLOCK_D])
         o_desc = tl.make_tensor_descriptor(O + b64 * stride_ob + start_q.to(tl.int64) * stride_om + h * stride_oh,
                                            shape=[len_q, HEAD_D], strides=[stride_om, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         causal_off = len_k - len_q
-        _, end = _causal_ranges(m0, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL)
+        full, end = _causal_ranges(m0, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL)
         end = tl.where(m0 < len_q, end, 0)  # a block past this sequence's end does nothing
+        full = tl.minimum(full, end)
 
         q = q_desc.load([m0, 0])
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for start_n in tl.range(0, end, BLOCK_N, warp_specialize=True):
-            cols = start_n + offs_n
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])  # rows past len_k are zeros: P V reads nothing past the sequence
-            qk = tl.dot(q, k.T, input_precision=DOT_PREC)
-            visible = cols[None, :] < len_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
-            qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if CAUSAL:
-                # a row that sees no key (yet) keeps m = -inf; subtract 0 instead (no NaN)
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_sub = m_new  # finite: every block has a key
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if CAUSAL:
-                acc = tl.dot(p.to(v.dtype), _finite_stand_ins(v), acc * alpha[:, None], input_precision=DOT_PREC)
-                half = start_n + tl.arange(0, BLOCK_N // 2)
-                first_bad = tl.minimum(_first_nonfinite_row(v_half_desc.load([start_n, 0]), half),
-                                       _first_nonfinite_row(v_half_desc.load([start_n + BLOCK_N // 2, 0]),
-                                                            half + BLOCK_N // 2))
-                acc = tl.where(first_bad[None, :] <= offs_m[:, None] + causal_off, float("nan"), acc)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-            m_i = m_new
+        acc, l_i, m_i = _plain_blocks(acc, l_i, m_i, q, k_desc, v_desc, full, qk_scale, BLOCK_N, DOT_PREC)
+        acc, l_i, m_i = _edge_blocks(acc, l_i, m_i, q, k_edge_desc, v_edge_desc, full, end, len_k, offs_m,
+                                     causal_off, qk_scale, EDGE_N, BLOCK_D, CAUSAL, DOT_PREC)
 
         empty = l_i == 0.0  # no visible key (len_k = 0, or causal rows before the first key): out = 0, lse = -inf
         out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -111,7 +111,7 @@ def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     block_m, block_n, num_warps, num_stages = tiles(arch(q.device.index if q.is_cuda else -1), block_d,
                                                     q.element_size(), w * group)
     m_blocks = triton.cdiv(w * group, block_m)
-    split_len, n_splits = _decode_plan(b * m_blocks, hkv, s_max, block_n, q.device)
+    split_len, n_splits = _decode_plan(s_max, block_n)  # the decode kernel's fixed splits: batch invariant
     split = n_splits > 1
     if split:
         part_o = torch.empty((b * w, hq, n_splits, block_d), device=q.device, dtype=torch.float32)
@@ -127,9 +127,12 @@ def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     )
     if split:
         flat = out.view(b * w, hq, d)
+        # each (sequence, token) row combines the splits below its sequence's length (those past
+        # its own last visible key hold lse -inf: they add nothing)
+        row_lengths = cache_seqlens.repeat_interleave(w)
         _decode_combine_kernel[(b * w * hq,)](
-            part_o, part_lse, flat, flat.stride(0), flat.stride(1), hq, n_splits,
-            HEAD_D=d, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), num_warps=4,
+            part_o, part_lse, row_lengths, flat, flat.stride(0), flat.stride(1), hq, n_splits, split_len,
+            HEAD_D=d, BLOCK_D=block_d, num_warps=4,
         )
     return out
 

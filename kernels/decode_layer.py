@@ -1,46 +1,12 @@
-"""Triton kernels of the fused decode layer: residual add + RMSNorm, RoPE + KV-cache write, and
-SiLU·mul. Each reads its inputs once and writes its outputs once; all arithmetic is fp32, each
-result is rounded once to the output dtype (where torch rounds after every op, these round
-once: they are as close or closer to the float64 reference).
+"""Triton kernel of the decode step's RoPE + KV-cache write, plain or into a quantized cache (the
+norm and SiLU·mul of a decode layer are kernels/rms_norm.py and kernels/silu_mul.py). It reads its
+inputs once and writes its outputs once; the arithmetic is fp32, each result rounded once to the
+output dtype (where torch rounds after every op, this rounds once: as close or closer to the
+float64 reference).
 """
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, stride_x, stride_r, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """Row i: h = x + r (rounded to the dtype, as torch adds), y = round(round(h / sqrt(mean(h²)
-    + eps)) · w); the mean accumulates in fp32."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
-        tl.store(h_ptr + row * N + cols, h, mask=mask)
-    h32 = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h32 * h32, axis=0) / N + eps)
-    normed = (h32 * rstd).to(h.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def rms_norm(x, weight, eps, residual=None):
-    """(y, h) for x [M, N] (rows may be strided, columns contiguous); h is None without residual."""
-    m, n = x.shape
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
-    if m:
-        block = triton.next_power_of_2(n)
-        _rms_norm_kernel[(m,)](x, residual if residual is not None else x, weight, y, h if h is not None else y,
-                               x.stride(0), (residual if residual is not None else x).stride(0), n, float(eps),
-                               HAS_RESIDUAL=residual is not None, BLOCK=block,
-                               num_warps=min(max(block // 256, 1), 16))
-    return y, h
 
 
 @triton.jit
@@ -152,26 +118,3 @@ def quantized_compile_specs(arch_name: str):
         dtypes.update(cos_ptr="fp32", sin_ptr="fp32", pos_ptr="i32", kc_ptr=cache, vc_ptr=cache, ks_ptr="fp32", vs_ptr="fp32")
         yield (f"rope_kv_write {cache} cache", _rope_kv_kernel, dict(D=128, HALF=64, QUANTIZED=True),
                {"num_warps": 1, "num_stages": 1}, dtypes)
-
-
-@triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, N, BLOCK: tl.constexpr):
-    """out = silu(g) · u = g / (1 + exp(-g)) · u in fp32, rounded once."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    out = g / (1.0 + tl.exp(-g)) * u
-    tl.store(out_ptr + row * N + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def silu_mul(gate, up):
-    """gate/up [M, N] (rows may be strided, columns contiguous) -> [M, N] contiguous."""
-    m, n = gate.shape
-    out = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
-    if m and n:
-        block = min(triton.next_power_of_2(n), 1024)  # an 11008-wide row spreads over 11 programs
-        _silu_mul_kernel[(m, triton.cdiv(n, block))](gate, up, out, gate.stride(0), up.stride(0), n, BLOCK=block,
-                                                     num_warps=4)
-    return out

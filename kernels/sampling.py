@@ -399,14 +399,13 @@ def _load_s(logits_ptr, c_off, u_off, index, ok, cfg_weight, temperature, SCALE:
     return tl.where(ok, s, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["seed_value", "offset_value"])
-def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value,
-                             work_ptr, slot_stride, B, V, chunk, cfg_weight, temperature, top_k, top_p, mass_scale,
-                             HOST_SEED: tl.constexpr, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
-                             GREEDY: tl.constexpr, SCALE: tl.constexpr, TOP_K: tl.constexpr,
-                             TOP_P: tl.constexpr, ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr,
-                             PHASE: tl.constexpr, K_PASSES: tl.constexpr, P_PASSES: tl.constexpr,
-                             BLOCK: tl.constexpr, SELECT: tl.constexpr):
+@triton.jit
+def _split_rows(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, rows, seed, offset, off_lo, off_hi, noise_rows,
+                work_ptr, slot_stride, B, V, chunk, cfg_weight, temperature, top_k, top_p, mass_scale,
+                SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
+                TOP_K: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr,
+                PHASE: tl.constexpr, K_PASSES: tl.constexpr, P_PASSES: tl.constexpr, BLOCK: tl.constexpr,
+                SELECT: tl.constexpr):
     """Rows split across SPLITS programs each (grid (B, SPLITS), `chunk` columns per program),
     merged in the row's slots (SLOT_* above) with 64-bit atomics on (key << 32 | ~index) - the
     maximum key wins, then the lowest index, whatever the order of arrival - and integer sums.
@@ -417,13 +416,12 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
          the shortcut's sums; once those show the winner survives, the phases skip the row.
       K_PASSES + P_PASSES + 1: the Gumbel winner among the kept tokens; the row's last program
          writes the token and resets the slots.
-    Thresholds, masses and noise are those of _cfg_sample_kernel: the tokens are the same."""
-    rows = tl.program_id(0) + tl.arange(0, 1)
+    Thresholds, masses and noise are those of _cfg_sample_kernel: the tokens are the same. Row
+    `rows` [1] draws its noise as _sample_rows does (key seed, counter noise_rows)."""
     row_ok = rows < B
     c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
     c_off = c_row * stride_row
     u_off = u_row * stride_row
-    seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
     slot = work_ptr + slot_stride * rows.to(tl.int64)
     lo = tl.program_id(1) * chunk
     hi = tl.minimum(lo + chunk, V)
@@ -442,7 +440,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
             g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE,
                                BLOCK)
             bad, finite, top, top_idx, m, best, best_idx, _ = _first_pass(
-                g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
+                g, s, mask, start, seed, off_lo, off_hi, noise_rows, bad, finite, top, top_idx, m, best, best_idx,
                 best, GREEDY, False, 1, BLOCK)
         tl.atomic_max(slot, (_key(best).to(tl.int64) << 32) | (low - best_idx), mask=row_ok)
         tl.atomic_max(slot + 1, (_key(top).to(tl.int64) << 32) | (low - top_idx), mask=row_ok)
@@ -501,7 +499,7 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
                 for start in range(lo, hi, BLOCK):
                     _, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, hi, cfg_weight, temperature, SCALE,
                                        BLOCK)
-                    score = _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, rows, P_PASSES > 0, 1,
+                    score = _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, noise_rows, P_PASSES > 0, 1,
                                          BLOCK)
                     best, best_idx, _, _ = _running_argmax(score, start, best, best_idx)
                 tl.atomic_max(slot + 5, (_key(best).to(tl.int64) << 32) | (low - best_idx),
@@ -537,19 +535,34 @@ def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_p
 
 
 @triton.jit(do_not_specialize=["seed_value", "offset_value"])
-def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value, B, V,
-                       cfg_weight, temperature, top_k, top_p, mass_scale, HOST_SEED: tl.constexpr,
-                       INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
-                       TOP_K: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr,
-                       WRITE_IDS: tl.constexpr, ON_CHIP: tl.constexpr, DIGIT: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr,
-                       PASS_BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+def _cfg_sample_split_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value,
+                             work_ptr, slot_stride, B, V, chunk, cfg_weight, temperature, top_k, top_p, mass_scale,
+                             HOST_SEED: tl.constexpr, SPLITS: tl.constexpr, INTERLEAVED: tl.constexpr,
+                             GREEDY: tl.constexpr, SCALE: tl.constexpr, TOP_K: tl.constexpr,
+                             TOP_P: tl.constexpr, ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr,
+                             PHASE: tl.constexpr, K_PASSES: tl.constexpr, P_PASSES: tl.constexpr,
+                             BLOCK: tl.constexpr, SELECT: tl.constexpr):
+    """One phase of the rows split across programs (_split_rows), grid (B, SPLITS)."""
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
+    _split_rows(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, rows, seed, offset, off_lo, off_hi, rows,
+                work_ptr, slot_stride, B, V, chunk, cfg_weight, temperature, top_k, top_p, mass_scale, SPLITS,
+                INTERLEAVED, GREEDY, SCALE, TOP_K, TOP_P, ADVANCE, WRITE_IDS, PHASE, K_PASSES, P_PASSES, BLOCK,
+                SELECT)
+
+
+@triton.jit
+def _sample_rows(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, rows, seed, offset, off_lo, off_hi,
+                 noise_rows, B, V, cfg_weight, temperature, top_k, top_p, mass_scale, INTERLEAVED: tl.constexpr,
+                 GREEDY: tl.constexpr, SCALE: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+                 ADVANCE: tl.constexpr, WRITE_IDS: tl.constexpr, ON_CHIP: tl.constexpr, DIGIT: tl.constexpr,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr):
+    """The program of _cfg_sample_kernel for output rows `rows` [ROWS]: their noise is Philox keyed
+    by `seed` (a scalar, or [ROWS, 1]: one key per row) at counter (j // 4, noise_rows, offset)."""
     row_ok = rows < B
     c_row, u_row = _pair_rows(rows, B, INTERLEAVED)
     c_off = c_row * stride_row
     u_off = u_row * stride_row
-    seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
 
     # Pass 1, the only read of the logits when the row stays on the chip: contract 1's flags
     # (any NaN/+inf in g, any finite g), the argmax of g, max s, and the unfiltered Gumbel winner.
@@ -567,7 +580,7 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
         g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature, SCALE,
                            PASS_BLOCK)
         bad, finite, top, top_idx, m, best, best_idx, best_s = _first_pass(
-            g, s, mask, start, seed, off_lo, off_hi, rows, bad, finite, top, top_idx, m, best, best_idx,
+            g, s, mask, start, seed, off_lo, off_hi, noise_rows, bad, finite, top, top_idx, m, best, best_idx,
             best_s, GREEDY, TOP_K or TOP_P, ROWS, PASS_BLOCK)
     if ON_CHIP and (TOP_K or TOP_P) and not GREEDY:  # the row's s, loaded once more (from L2)
         s_chip = _tile(logits_ptr, c_off, u_off, row_ok, 0, V, cfg_weight, temperature, SCALE, BLOCK)[1]
@@ -621,7 +634,7 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
             for start in range(0, V, PASS_BLOCK):  # s is read again, in chunks, like the first pass
                 g, s, mask = _tile(logits_ptr, c_off, u_off, row_ok, start, V, cfg_weight, temperature,
                                    SCALE, PASS_BLOCK)
-                score = _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, rows, TOP_P, ROWS, PASS_BLOCK)
+                score = _kept_scores(s, mask, start, t_k, t_p, m, seed, off_lo, off_hi, noise_rows, TOP_P, ROWS, PASS_BLOCK)
                 best, token, _, _ = _running_argmax(score, start, best, token)
             token = tl.where(accept, best_idx, token)
 
@@ -631,6 +644,21 @@ def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, se
         token = tl.where(overflow, top_idx, token)
     token = tl.where((bad != 0) | (finite == 0), -1, token.to(tl.int64))
     _finish(token, rows, row_ok, c_row, u_row, tokens_ptr, ids_ptr, seed_ptr, offset, ADVANCE, WRITE_IDS)
+
+
+@triton.jit(do_not_specialize=["seed_value", "offset_value"])
+def _cfg_sample_kernel(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, seed_value, offset_value, B, V,
+                       cfg_weight, temperature, top_k, top_p, mass_scale, HOST_SEED: tl.constexpr,
+                       INTERLEAVED: tl.constexpr, GREEDY: tl.constexpr, SCALE: tl.constexpr,
+                       TOP_K: tl.constexpr, TOP_P: tl.constexpr, ADVANCE: tl.constexpr,
+                       WRITE_IDS: tl.constexpr, ON_CHIP: tl.constexpr, DIGIT: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+                       PASS_BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    seed, offset, off_lo, off_hi = _stream(seed_ptr, seed_value, offset_value, HOST_SEED)
+    _sample_rows(logits_ptr, stride_row, tokens_ptr, ids_ptr, seed_ptr, rows, seed, offset, off_lo, off_hi, rows, B,
+                 V, cfg_weight, temperature, top_k, top_p, mass_scale, INTERLEAVED, GREEDY, SCALE, TOP_K, TOP_P,
+                 ADVANCE, WRITE_IDS, ON_CHIP, DIGIT, ROWS, BLOCK, SELECT_BLOCK, PASS_BLOCK)
 
 
 def mass_scale(v: int) -> float:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
+import pytest
 import torch
 
 FULL = os.environ.get("JANUS_FAST_FULL_TESTS", "0") == "1"
@@ -25,6 +28,49 @@ def grid(quick: list, full: list | None = None) -> list:
 def nan_like(t: torch.Tensor) -> torch.Tensor:
     """A NaN-filled buffer shaped like t, to catch elements a kernel never writes."""
     return torch.full_like(t, float("nan"))
+
+
+@pytest.fixture
+def on_device():
+    """Every tensor a test makes is on DEVICE: with a GPU the kernels run natively, bf16 too. (A
+    test module uses it with `pytestmark = pytest.mark.usefixtures("on_device")`.)"""
+    with torch.device(DEVICE):
+        yield
+
+
+def exact_and_baseline(fn, *tensors):
+    """fn on float64 copies (the exact result) and on the inputs as given (plain torch at the
+    same precision, the baseline)."""
+    return fn(*(t.double() if t.is_floating_point() else t for t in tensors)), fn(*tensors)
+
+
+def grads_of(fn, inputs, grad_outputs) -> list:
+    """Gradients of Σ out · grad_out of fn(*inputs) with respect to `inputs` (copies made leaves)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grad_outputs)
+    return [t.grad for t in leaves]
+
+
+def skip_interpreted_bf16(backend: str, dtype: torch.dtype) -> None:
+    """The Triton interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest): bf16 runs
+    on the reference here and on every backend on a GPU."""
+    if dtype == torch.bfloat16 and backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("bf16 casts under the Triton interpreter truncate")
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty / empty_like return NaN-filled float buffers inside the context, so an output
+    element a kernel never writes shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with mock.patch.object(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw))), \
+            mock.patch.object(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw))):
+        yield
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -87,11 +87,23 @@ def test_row_blocks_cover_every_row(w, group):
 
 
 def test_splits_over_the_cache():
-    """The CPU plan exercises the split-and-combine path the GPU uses, for a window too."""
+    """The decode kernel's fixed splits (SPLIT_KEYS keys) and combine, for a window too."""
     q, k_cache, v_cache, seqlens, scale = case(2, 6, 4, 2, 32, 200, torch.float32, lengths=[200, 151])
     block_n = K.tiles(C.arch(-1), 32, 4, 12)[1]
-    assert K_decode._decode_plan(2, 2, 200, block_n, q.device)[1] > 1
+    assert K_decode._decode_plan(200, block_n)[1] > 1
     check(K.verify_attention(q, k_cache, v_cache, seqlens, scale), q, k_cache, v_cache, seqlens, scale)
+
+
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_capacity():
+    """Splits at fixed key positions, combined in order up to the row's length: a sequence's
+    window gives the same bits alone, beside others, and in a cache with more slots."""
+    q, k_cache, v_cache, seqlens, scale = case(3, 5, 4, 2, 32, 300, torch.float32, lengths=[290, 140, 7])
+    batch = K.verify_attention(q, k_cache, v_cache, seqlens, scale)
+    for b in range(3):
+        alone = K.verify_attention(q[b:b + 1], k_cache[b:b + 1], v_cache[b:b + 1], seqlens[b:b + 1], scale)
+        assert torch.equal(alone, batch[b:b + 1])
+    short = K.verify_attention(q[1:2], k_cache[1:2, :150], v_cache[1:2, :150], seqlens[1:2], scale)
+    assert torch.equal(short, batch[1:2])  # 2 splits of a 3-split cache
 
 
 def test_strided_cache_and_query():

@@ -119,6 +119,7 @@ def test_chat_prints_the_answer(release, tmp_path, capsys):
                           "--device", "cpu", "what is it?"], capsys)
     want = tiny_model().answer(str(image), "what is it?", max_new_tokens=4)
     assert code == 0 and out == want + "\n"
+    assert "answering [" in err and "4/4 tokens" in err  # the progress bar, on finished steps
 
 
 @pytest.fixture
@@ -158,6 +159,15 @@ def test_bad_paths_fail_before_loading_with_one_line(release, tmp_path, capsys, 
     one_line_error(*run(["generate", "--model", str(release), "--prompt", "x", "--out", str(tmp_path / "o"),
                          "--device", "cuda:0" if not __import__("torch").cuda.is_available() else "nonsense"], capsys),
                    "--device")
+
+
+def test_a_batch_that_cannot_fit_fails_before_loading(release, tmp_path, capsys, no_loading, monkeypatch):
+    from janus_fast.engine import memory
+
+    weights = memory.weight_bytes(tiny_model())  # (float32 on the CPU)
+    monkeypatch.setattr(memory, "free_bytes", lambda device, buckets=None: weights + 10_000)  # as a full GPU
+    one_line_error(*run(["generate", "--model", str(release), "--prompt", "x", "--n", "64", "--out",
+                         str(tmp_path / "o"), "--device", "cpu"], capsys), "--n 64 does not fit cpu", "lower --n")
 
 
 def test_debug_shows_the_traceback(tmp_path):

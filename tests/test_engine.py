@@ -68,13 +68,55 @@ def test_copies_of_a_prompt_share_one_prefill(engine, monkeypatch):
     assert calls == [2 * len(ids)] * n_layers  # one conditional + one unconditional row, not 8
 
 
+def only_bucket(model):
+    (bucket,) = model._engine.buckets._items.values()
+    return bucket
+
+
+def allocated_bytes(fn):
+    """(bytes of the new tensor storages fn() creates - every op output that is not an input's
+    storage, seen by a dispatch mode: what a call allocates, transient or kept - fn's result)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            outputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                       for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+            Count.total += sum(n for ptr, n in outputs.items() if ptr not in inputs)
+            return out
+
+    with Count():
+        result = fn()
+    return Count.total, result
+
+
+def test_one_bucket_serves_every_setting_prompt_length_and_request_split(plain):
+    eng = engine_copy(plain)
+    long_prompt = "a much longer prompt about a fox in the snow, at dusk, seen from far away"
+    tokens(eng, [long_prompt], 2, [1])  # 4 rows, a capacity the shorter prompts fit in
+    bucket, buckets = only_bucket(eng), eng._engine.buckets
+    step = bucket.steps[("image", False)]
+    # other settings, shorter prompts, 2 prompts x 1 image in the same 4 rows: nothing new is
+    # allocated beyond what a repeated call allocates, and the codes are the eager loop's
+    mixed = dict(cfg_weight=2.0, temperature=0.9, top_k=7, top_p=0.9)
+    first, codes = allocated_bytes(lambda: tokens(eng, ["a fox", "x"], 1, [3, 4], **mixed))
+    assert first == allocated_bytes(lambda: tokens(eng, ["a fox", "x"], 1, [3, 4], **mixed))[0]
+    assert torch.equal(codes, tokens(plain, ["a fox", "x"], 1, [3, 4], **mixed))
+    assert buckets.built == 1 and only_bucket(eng) is bucket and bucket.steps == {("image", False): step}
+
+
 def test_a_bucket_is_reused_without_a_new_build(plain):
     eng = engine_copy(plain)
     first = tokens(eng, ["a fox"], 2, [1])
     buckets = eng._engine.buckets
-    step = next(iter(buckets._items.values())).step
+    step = only_bucket(eng).steps[("image", False)]
     tokens(eng, ["a fix"], 2, [1])  # same length class, same settings
-    assert buckets.built == 1 and next(iter(buckets._items.values())).step is step
+    assert buckets.built == 1 and only_bucket(eng).steps[("image", False)] is step
     assert torch.equal(first, tokens(eng, ["a fox"], 2, [1]))
     tokens(eng, ["a fox"], 3, [1])  # more rows: a new bucket
     assert buckets.built == 2
@@ -82,7 +124,7 @@ def test_a_bucket_is_reused_without_a_new_build(plain):
     assert copy._engine.buckets.built == 0 and copy._engine.module is copy
     eng.double()  # new weight tensors: the buckets (whose graphs hold the old ones) are dropped
     assert tokens(eng, ["a fox"], 3, [1]).shape == (3, 16)
-    assert buckets.built == 3 and len(buckets._items) == 1
+    assert buckets.built == 3 and len(buckets) == 1
 
 
 def contract_sampler(real):
@@ -207,13 +249,13 @@ def test_replayed_graphs_equal_eager_steps(settings):
     prompts = ["fox", "a much longer prompt about a fox in the snow"]
     want = tokens(eng, prompts, 3, [1, 2], use_graphs=False, **settings)
     got = tokens(eng, prompts, 3, [1, 2], **settings)
-    steps = [b.step for b in eng._engine.buckets._items.values()]
-    assert [s.captured for s in steps] == [False, True]
+    bucket = only_bucket(eng)  # one bucket: the eager and the captured step share its buffers
+    assert [s.captured for s in bucket.steps.values()] == [False, True]
     assert torch.equal(got, want)
     torch.cuda.set_sync_debug_mode("error")  # a host sync inside the replays raises
     try:
         for _ in range(eng.config.vq.num_tokens):
-            steps[1]()
+            bucket.steps[("image", True)]()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -224,8 +266,39 @@ def test_replayed_text_equals_eager_text():
     eng = engine_copy(plain)
     ids = torch.randint(0, 100, (3, 7), device="cuda")
     got = eng.language_model.generate(input_ids=ids, max_new_tokens=12)
-    assert next(iter(eng.language_model._engine.buckets._items.values())).step.captured
+    assert only_bucket(eng.language_model).steps[("greedy", True)].captured
     assert torch.equal(got, plain.language_model.generate(input_ids=ids, max_new_tokens=12))
+
+
+@pytest.mark.gpu
+def test_changing_only_settings_allocates_no_device_memory():
+    eng = engine_copy(tiny_model().cuda())
+    tokens(eng, ["a fox"], 2, [1])
+    before = torch.cuda.memory_allocated()
+    for settings in (dict(cfg_weight=2.0), dict(temperature=0.5, top_k=9), dict(top_p=0.7)):
+        tokens(eng, ["a fox"], 2, [1], **settings)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before and eng._engine.buckets.built == 1
+    assert len(only_bucket(eng).steps) == 1
+
+
+@pytest.mark.gpu
+def test_batch_independence_on_the_gpu():
+    """What the README says holds on the GPU, bitwise: a row's decode attention alone, in a
+    batch and in a bigger cache; a prompt's images beside other prompts of the same lengths."""
+    q, k, v = (torch.randn(3, n, 16, 128, device="cuda", dtype=torch.bfloat16) for n in (1, 700, 700))
+    q = q[:, 0]
+    lengths = torch.tensor([700, 300, 90], dtype=torch.int32, device="cuda")
+    batch = ops.decode_attention(q, k, v, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(ops.decode_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], lengths[b:b + 1]),
+                           batch[b:b + 1])
+    eng = engine_copy(tiny_model().cuda())
+    proc = eng.processor
+    prompts = ["a red fox", "a big cat", "a tiny ox"]
+    assert len({len(eng._generation_prompt_ids(proc, p)) for p in prompts}) == 1  # one batch shape
+    first = tokens(eng, prompts[:2], 2, [7, 8])
+    assert torch.equal(tokens(eng, [prompts[0], prompts[2]], 2, [7, 9])[:2], first[:2])
 
 
 def test_a_decode_layer_dispatches_nine_ops(plain):
@@ -237,6 +310,8 @@ def test_a_decode_layer_dispatches_nine_ops(plain):
     assert counts["per_step"] == counts["fixed"] + layers * counts["per_layer"]
     image_step = image_step_launches(plain)
     assert counts["per_step"] < image_step < counts["per_step"] + 30  # + head, sampler, embeddings
+    # one sampling launch for every prompt of the batch: the same step for 2 prompts x 1 image
+    assert image_step_launches(plain, parallel_size=1, prompts=2) == image_step_launches(plain, parallel_size=2)
 
 
 def test_text_rejects_a_mask_that_is_not_left_padding(engine):
@@ -246,12 +321,10 @@ def test_text_rejects_a_mask_that_is_not_left_padding(engine):
             engine.language_model.generate(input_ids=ids, attention_mask=torch.tensor(mask))
 
 
-def test_decode_step_on_the_triton_kernels(plain, monkeypatch):
+def test_decode_step_on_the_triton_kernels(plain):
     """The model's fused decode step with the layer ops forced onto the Triton kernels (the
     interpreter here) equals the reference step: the views of the fused projections, the cache
     slots and the RoPE table reach the kernels as the reference reads them."""
-    from janus_fast.ops import decode_layer
-
     lm = plain.language_model.model
     prefix = torch.randn(3, 5, 64)
 
@@ -264,8 +337,8 @@ def test_decode_step_on_the_triton_kernels(plain, monkeypatch):
         return out, cache
 
     want, want_cache = step()
-    monkeypatch.setattr(decode_layer, "_resolve", lambda op, backend, t: "triton")
-    got, got_cache = step()
+    with ops.prefer_backend("triton", ops=("rms_norm", "rope_kv_write", "silu_mul")):
+        got, got_cache = step()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -298,12 +371,25 @@ def test_buckets_serve_callers_in_and_out_of_inference_mode(plain):
     again.add_(1)  # a normal tensor
 
 
-def test_buckets_keep_the_most_recent():
-    from janus_fast.engine import Buckets
+class FakeBuffers:
+    def __init__(self, nbytes):
+        self.device, self.data = torch.device("cpu"), torch.zeros(nbytes, dtype=torch.uint8)
 
-    buckets = Buckets(limit=2)
-    a = buckets.get("a", object)
-    buckets.get("b", object)
-    assert buckets.get("a", object) is a  # reused, and now the most recent
-    buckets.get("c", object)  # evicts "b", the least recent
-    assert buckets.built == 3 and list(buckets._items) == ["a", "c"]
+
+def test_buckets_keep_the_most_recent_within_a_byte_budget():
+    from janus_fast.engine import Bucket, Buckets
+
+    buckets = Buckets(max_bytes=1000)
+
+    def get(kind, rows, capacity, nbytes):
+        return buckets.get(kind, rows, capacity, nbytes,
+                           lambda: Bucket(kind, rows, capacity, FakeBuffers(nbytes)))
+
+    a = get("image", 4, 80, 400)
+    b = get("image", 4, 144, 400)
+    assert get("image", 4, 70, 400) is a  # the smallest capacity that is enough, now the most recent
+    assert get("image", 4, 100, 400) is b and get("text", 4, 50, 400) is not a  # evicts a: 1200 > 1000
+    assert buckets.built == 3 and list(buckets._items) == [("image", 4, 144), ("text", 4, 50)]
+    big = get("image", 8, 80, 5000)  # alone over the budget: kept, every older bucket dropped
+    assert list(buckets._items.values()) == [big] and buckets.nbytes == 5000
+    assert buckets.drop(1) == 5000 and len(buckets) == 0

@@ -1,5 +1,6 @@
 """Compile facts of every Triton kernel outside attention (sampling, VQ, the fused cross-entropy,
-the decode layer), at the launches their host functions really make, without a GPU.
+the decode layer, the training layer's norm, RoPE and SiLU·mul with their backward), at the
+launches their host functions really make, without a GPU.
 
 Each launcher in kernels/ is called as janus_fast.ops and the model call it, at Janus-Pro's shapes,
 on meta tensors (a GPU's aligned pointers, no data), with a stand-in Triton driver that reports an
@@ -89,7 +90,10 @@ def _model_launches(cap: int, model: str) -> None:
 
     import janus_fast.kernels.cross_entropy as CE
     import janus_fast.kernels.decode_layer as DL
+    import janus_fast.kernels.rms_norm as RN
+    import janus_fast.kernels.rope as RO
     import janus_fast.kernels.sampling as S
+    import janus_fast.kernels.silu_mul as SM
     import janus_fast.kernels.vq as Q
     from janus_fast.models.config import JanusProConfig
     from janus_fast.ops import sampling as ops_sampling
@@ -138,15 +142,32 @@ def _model_launches(cap: int, model: str) -> None:
     rows, d, hq, hkv = 32, lm.hidden_size // lm.num_attention_heads, lm.num_attention_heads, lm.num_key_value_heads
     h = torch.empty(rows, lm.hidden_size, **bf16)
     w = torch.empty(lm.hidden_size, **bf16)
-    DL.rms_norm(h, w, 1e-6, residual=torch.empty_like(h))
-    DL.rms_norm(h, w, 1e-6)
+    RN.rms_norm(h, w, 1e-6, residual=torch.empty_like(h))
+    RN.rms_norm(h, w, 1e-6)
     qkv = torch.empty(rows, (hq + 2 * hkv) * d, **bf16)
     q, k, v = (t.view(rows, heads, d) for t, heads in zip(qkv.split([hq * d, hkv * d, hkv * d], -1), (hq, hkv, hkv)))
     cache = torch.empty(rows, 1024, hkv, d, **bf16)
     table = torch.empty(16384, d, **bf16)
     DL.rope_kv_write(q, k, v, table, table, torch.empty(rows, dtype=torch.int32, **meta), cache, cache)
     gate_up = torch.empty(rows, 2 * lm.intermediate_size, **bf16)
-    DL.silu_mul(gate_up[:, :lm.intermediate_size], gate_up[:, lm.intermediate_size:])
+    SM.silu_mul(gate_up[:, :lm.intermediate_size], gate_up[:, lm.intermediate_size:])
+    # the training layer on a micro-batch of 4 x 4096 tokens (models/packed_layer.py): the norm
+    # with fp32 master weights and its backward (the full tier adds the first layer's norm without
+    # the residual, its backward without the residual's gradient, and a frozen norm's), RoPE of
+    # the fused QKV rows at packed positions and its backward, SiLU·mul's backward on the fused
+    # gate/up rows
+    t, inter = 4 * 4096, lm.intermediate_size
+    x, w32 = torch.empty(t, lm.hidden_size, **bf16), torch.empty(lm.hidden_size, dtype=torch.float32, **meta)
+    RN.rms_norm(x, w32, 1e-6, residual=torch.empty_like(x))
+    for dh_in, weight_grad in ((True, True),) + (((False, True), (True, False)) if FULL else ()):
+        RN.rms_norm_backward(x, x, w32, 1e-6, torch.empty_like(x) if dh_in else None, weight_grad)
+    if FULL:
+        RN.rms_norm(x, w32, 1e-6)
+    table, positions = torch.empty(4096, d, dtype=torch.float32, **meta), torch.empty(t, dtype=torch.int64, **meta)
+    q, k, v = RO.rope_qkv(torch.empty(t, (hq + 2 * hkv) * d, **bf16), positions, table, table, hq, hkv)
+    RO.rope_qkv_backward(q, k, v, positions, table, table)
+    gate_up = torch.empty(t, 2 * inter, **bf16)
+    SM.silu_mul_backward(torch.empty(t, inter, **bf16), gate_up[:, :inter], gate_up[:, inter:], fused=True)
 
 
 def launches(cap: int) -> list[tuple[str, object, dict, dict, dict, dict]]:
@@ -159,12 +180,15 @@ def launches(cap: int) -> list[tuple[str, object, dict, dict, dict, dict]]:
     import janus_fast.kernels.vq as Q
 
     slots, Q._slots = Q._slots, lambda device: 2 * SM_COUNT[cap]
+    import janus_fast.kernels.rms_norm as RN
+
+    norm_sms, RN._sm_count = RN._sm_count, lambda device: SM_COUNT[cap]
     try:
         with recording(cap, recorded):
             for model in MODELS:
                 _model_launches(cap, model)
     finally:
-        ops_sampling._sm_count, Q._slots = sm_count, slots
+        ops_sampling._sm_count, Q._slots, RN._sm_count = sm_count, slots, norm_sms
     distinct = {}
     for fn, sig, consts, attrs, options in recorded:
         key = repr((fn.__name__, sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
@@ -242,7 +266,8 @@ def test_launched_configs_compile_without_spills(cap, _all_facts):
     assert not isinstance(rows, str), f"compiling the launched configs for sm_{cap} failed:\n{rows}"
     kernels = {r["name"].split()[0] for r in rows}
     assert kernels >= {"cfg_sample", "cfg_sample_split", "vq_lookup", "prepare_codebook", "vq_quantize",
-                       "cross_entropy_rows", "rms_norm", "rope_kv", "silu_mul"}, kernels
+                       "cross_entropy_rows", "rms_norm", "rope_kv", "silu_mul", "rms_norm_bwd", "rope_qkv",
+                       "silu_mul_bwd"}, kernels
     spilling = [(r["name"], r["regs"], r["local"], r["local_insts"]) for r in rows if r["local"] or r["local_insts"]]
     assert not spilling, f"sm_{cap}: launches use local memory (name, regs, bytes, LDL/STL): {spilling}"
     too_big = [(r["name"], r["shared"]) for r in rows if r["shared"] > SMEM_LIMIT[cap]]

@@ -81,6 +81,9 @@ def test_understanding_script(model_path, tmp_path):
 
     assert printed.endswith("<|User|>: <image_placeholder>\nConvert the formula into latex code.\n\n<|Assistant|>:")
     assert 1 <= outputs.shape[1] <= 6
+    # the fast path: generate ran on the engine (a bucket of static buffers and a step)
+    (bucket,) = vl_gpt.language_model._engine.buckets._items.values()
+    assert bucket.kind == "text" and list(bucket.steps) == [("greedy", CUDA)]
     # the same greedy answer as our own API gives for the same image and question
     assert answer == vl_gpt.answer(str(image), "Convert the formula into latex code.", max_new_tokens=6)
 
@@ -98,6 +101,9 @@ def test_generation_script(model_path, tmp_path):
     mmgpt, temperature, parallel_size, cfg_weight = vl_gpt, 1, 2, 5
     image_token_num_per_image, img_size, patch_size = 16, 64, 16
     torch.manual_seed(0)
+    llm, caches = mmgpt.language_model.model, []  # a spy on the fused decode step the loop reaches
+    decode_step = llm.decode_step
+    llm.decode_step = lambda x, cache: caches.append((cache.k[0], cache.capacity)) or decode_step(x, cache)
     with torch.inference_mode():
         input_ids = torch.LongTensor(vl_chat_processor.tokenizer.encode(prompt))
         tokens = torch.zeros((parallel_size * 2, len(input_ids)), dtype=torch.int).to(device)
@@ -132,6 +138,16 @@ def test_generation_script(model_path, tmp_path):
         Image.fromarray(visual_img[i]).save(tmp_path / "generated_samples" / f"img_{i}.jpg")
 
     assert len(list((tmp_path / "generated_samples").iterdir())) == parallel_size
+    # the fast path: every step after the prefill is one fused decode step on one static cache
+    # (sized at the prefill for the image's tokens: never reallocated)
+    assert type(llm).__module__ == "janus_fast.engine.decode"
+    assert all(k is caches[0][0] for k, _ in caches) and caches[0][1] >= len(input_ids) + image_token_num_per_image
+    if CUDA:  # the first decode runs eagerly, the second is captured (the spy runs while recording)
+        decoder = outputs.past_key_values.__dict__["_decoder"]  # and every later one replays
+        assert len(caches) == 2 and decoder.step.captured and decoder.calls == image_token_num_per_image - 1
+    else:
+        assert len(caches) == image_token_num_per_image - 1
+    del llm.decode_step
     assert ((generated_tokens >= 0) & (generated_tokens < vl_gpt.config.vq.codebook_size)).all()
     # the cached decode the script relies on: the last step's hidden state equals a full forward
     # over the whole sequence without a cache

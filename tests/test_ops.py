@@ -34,6 +34,19 @@ def test_auto_leaves_inputs_the_kernels_do_not_take_to_the_reference():
     assert _backend.resolve("vq_quantize", "auto", cuda, ("cuda", "triton"), fast_inputs=False) == "reference"
 
 
+def test_prefer_backend_picks_a_usable_backend_under_auto():
+    cpu, fast = torch.device("cpu"), ("triton",)
+    with ops.prefer_backend("triton", ops=("rms_norm",)):
+        assert _backend.resolve("rms_norm", "auto", cpu, fast) == "triton"  # the interpreter (conftest)
+        assert _backend.resolve("silu_mul", "auto", cpu, fast) == "reference"  # not named
+        assert _backend.resolve("rms_norm", "auto", cpu, fast, fast_inputs=False) == "reference"  # float64
+        assert _backend.resolve("rms_norm", "reference", cpu, fast) == "reference"  # forced stays forced
+    assert _backend.resolve("rms_norm", "auto", cpu, fast) == "reference"
+    with pytest.raises(ValueError, match="prefer_backend takes one of"):
+        with ops.prefer_backend("auto"):
+            pass
+
+
 def test_subnormal_temperature_is_argmax():
     logits = torch.randn(6, 30)
     greedy = ops.cfg_sample(logits, cfg_weight=2.0, temperature=0.0)

@@ -12,7 +12,6 @@ from torch import nn
 
 from janus_fast import cli, ops
 from janus_fast.engine import JanusPro, decode_op_counts
-from janus_fast.models import janus_pro as models_janus_pro
 from janus_fast.models.llama import LlamaForCausalLM
 from janus_fast.models.quant import QuantizedLinear, quantize_linears
 from janus_fast.ops import quant

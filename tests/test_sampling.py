@@ -346,8 +346,10 @@ def test_engine_steps_sample_into_their_own_workspace(monkeypatch):
     model = JanusPro(plain.config).eval()
     model.load_state_dict(plain.state_dict())
     model.processor = plain.processor
-    seen, sample = [], ops.cfg_sample
-    monkeypatch.setattr(ops, "cfg_sample", lambda *a, **kw: seen.append(kw.get("workspace")) or sample(*a, **kw))
+    seen = []
+    for name in ("cfg_sample", "cfg_sample_settings"):  # the engine's step uses the device-settings form
+        sample = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _sample=sample, **kw: seen.append(kw.get("workspace")) or _sample(*a, **kw))
     ids = model._generation_prompt_ids(model.processor, "a fox")
     model.generate_image_tokens([ids, ids[:3]], model.processor.pad_id, 2, 5.0, 1.0, 0, 1.0, [1, 2])
     images = list(seen)

@@ -19,12 +19,15 @@ import pytest
 import torch
 
 from janus_fast import cli, ops
-from janus_fast.engine import BadLogitsError, ImageSettings, JanusPro, generate_image_tokens_sjd
-from janus_fast.engine.step import Buckets
+from janus_fast.engine import BadLogitsError, ImageSettings, JanusPro, MemoryPlanWarning, generate_image_tokens_sjd
+from janus_fast.engine import images as engine_images
+from janus_fast.engine.lookahead import LOOKAHEAD
+from janus_fast.engine.step import Buckets, tensor_bytes
 from janus_fast.models import JanusPro as EagerJanusPro
 from janus_fast.models.janus_pro import unconditional_prompt
 from janus_fast.ops import reference
 from tests.helpers import FULL, chi_square_pvalue, grid
+from tests import test_cli
 from tests.test_engine import engine_copy
 from tests.tiny_janus import tiny_model
 
@@ -43,11 +46,11 @@ def prompt_ids(model, *texts):
     return [model._generation_prompt_ids(model.processor, t) for t in texts]
 
 
-def sjd(model, ids, parallel_size, seeds, window, **settings):
+def sjd(model, ids, parallel_size, seeds, window, buckets=None, progress=None, **settings):
     s = dict(cfg_weight=5.0, temperature=1.0, top_k=0, top_p=1.0) | settings
-    image = ImageSettings(s["cfg_weight"], s["temperature"], s["top_k"], s["top_p"], (parallel_size,) * len(ids))
-    return generate_image_tokens_sjd(model, ids, model.processor.pad_id, parallel_size, image, seeds, Buckets(),
-                                     window=window)
+    image = ImageSettings(s["cfg_weight"], s["temperature"], s["top_k"], s["top_p"])
+    return generate_image_tokens_sjd(model, ids, model.processor.pad_id, parallel_size, image, seeds,
+                                     Buckets() if buckets is None else buckets, window=window, progress=progress)
 
 
 # ---------------------------------------------------------------------------- the verification pass
@@ -106,7 +109,8 @@ def exact_image_law(model, ids, cfg_weight, temperature, top_k, top_p):
     from the model's guided filtered distributions (reference.sampling_probs), batching the
     prefixes of one length in one dense forward."""
     lm, n_tokens, hidden = model.language_model, model.config.vq.num_tokens, model.config.language.hidden_size
-    prompts = [lm.get_input_embeddings()(torch.tensor(p)) for p in (ids, unconditional_prompt(ids, model.processor.pad_id))]
+    pair = (ids, unconditional_prompt(ids, model.processor.pad_id))
+    prompts = [lm.get_input_embeddings()(torch.tensor(p)) for p in pair]
     images, probs = torch.zeros(1, 0, dtype=torch.long), torch.ones(1, dtype=torch.float64)
     for t in range(n_tokens):
         drawn = model.prepare_gen_img_embeds(images.reshape(-1)).view(len(images), t, hidden)
@@ -282,6 +286,104 @@ def test_cli_passes_decoding_and_window(tmp_path, monkeypatch, engine):
                   "--decoding", "fast"])
 
 
+# ------------------------------------------------------------------ buckets, settings, memory, progress
+
+
+def test_first_token_is_the_token_by_token_draw(engine):
+    """The first token of every image comes from the prefill's logits through the same sampler and
+    stream as the token-by-token step's (cfg_sample_settings, (seed, index) per image)."""
+    ids = prompt_ids(engine, "a dog on a sofa", "a cat")
+    want = engine.generate_image_tokens(ids, engine.processor.pad_id, 3, 5.0, 1.0, 8, 1.0, [3, 11])
+    got = sjd(engine, ids, 3, [3, 11], 4, top_k=8).codes
+    assert torch.equal(got[:, 0], want[:, 0]) and not torch.equal(got, want)
+
+
+def test_one_bucket_serves_settings_and_splits_with_a_step_each(engine):
+    """The buffers of an SJD bucket serve every setting and every split of its rows into prompts,
+    but sjd_verify takes the settings as host numbers (kernel branches) and one launch per
+    request: each (settings, split) has its own step. A reused step would draw with the first
+    settings: the second run must equal a fresh run with its own."""
+    buckets = Buckets()
+    ids = prompt_ids(engine, "a fox", "a cat")
+    sjd(engine, ids[:1], 2, [5], 3, buckets, top_k=8)
+    second = sjd(engine, ids[:1], 2, [5], 3, buckets, temperature=0.0)
+    split = sjd(engine, ids, 1, [5, 6], 3, buckets, top_k=8)  # the same 4 rows as two requests
+    assert buckets.built == 1 and len(buckets) == 1
+    (bucket,) = buckets._items.values()
+    assert len(bucket.steps) == 3
+    assert torch.equal(second.codes, sjd(engine, ids[:1], 2, [5], 3, temperature=0.0).codes)
+    assert torch.equal(split.codes, sjd(engine, ids, 1, [5, 6], 3, top_k=8).codes)
+    sjd(engine, ids[:1], 2, [5], 5, buckets, top_k=8)  # another window: other buffer shapes
+    assert buckets.built == 2 and {k[0] for k in buckets._items} == {"sjd:3", "sjd:5"}
+
+
+def test_sjd_buffers_are_counted_by_the_memory_plan(engine):
+    from janus_fast.engine.sjd import SjdBuffers, sjd_bucket_bytes
+
+    real, meta = SjdBuffers(engine, 6, 90, 4), SjdBuffers(engine, 6, 90, 4, torch.device("meta"))
+    assert tensor_bytes(meta) == tensor_bytes(real) - tensor_bytes(real.cache)
+    nbytes = sjd_bucket_bytes(engine, 6, 90, 4)
+    assert tensor_bytes(real) < nbytes < tensor_bytes(real) + 6 * 4 * 4096 * 8  # + the window's transients
+    assert sjd_bucket_bytes(engine, 6, 90, 8) > nbytes > engine_images.image_bucket_bytes(engine, 6, 90)
+    buckets = Buckets()
+    sjd(engine, prompt_ids(engine, "a fox"), 3, [1], 4, buckets, top_k=5)
+    (bucket,) = buckets._items.values()
+    assert bucket.nbytes == tensor_bytes(bucket.buffers) > tensor_bytes(real.cache)  # (eager: no graph bytes)
+
+
+def test_sjd_batch_over_the_free_memory_is_split_into_equal_chunks(engine, monkeypatch):
+    from janus_fast.engine.sjd import sjd_bucket_bytes, sjd_capacity
+
+    ids = prompt_ids(engine, "a fox", "a cat on a sofa", "x")
+    whole = sjd(engine, ids, 2, [3, 4, 5], 4, top_k=8)
+    two = sjd_bucket_bytes(engine, 8, sjd_capacity(engine, ids, 4), 4)  # two prompts' 8 rows fit, three do not
+    monkeypatch.setattr(engine_images, "free_bytes", lambda device, buckets=None: two + 1)
+    seen = []
+    with pytest.warns(MemoryPlanWarning, match="3 requests in 2 chunk\\(s\\) of 2 \\(8 rows"):
+        split = sjd(engine, ids, 2, [3, 4, 5], 4, progress=lambda i, n: seen.append((i, n)), top_k=8)
+    assert torch.equal(split.codes, whole.codes) and torch.equal(split.passes, whole.passes)
+    assert seen[-1] == (32, 32) and all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
+    assert any(i == 16 for i, _ in seen)  # the first chunk completes half way
+
+
+def test_sjd_request_that_cannot_fit_is_refused_before_any_launch(engine, monkeypatch):
+    monkeypatch.setattr(engine_images, "free_bytes", lambda device, buckets=None: 1000)
+    monkeypatch.setattr(engine_images, "prefill", lambda *a, **k: pytest.fail("launched"))
+    buckets = Buckets()
+    with pytest.raises(ValueError, match="one request \\(4 rows\\) needs .* GiB .* lower parallel_size"):
+        sjd(engine, prompt_ids(engine, "a fox"), 2, [0], 4, buckets)
+    assert buckets.built == 0
+
+
+def test_progress_follows_the_slowest_image_and_the_loop_stops_within_the_lookahead(engine):
+    seen = []
+    got = sjd(engine, prompt_ids(engine, "a fox"), 3, [2], 16, progress=lambda i, n: seen.append((i, n)), top_k=3)
+    slowest = int(got.passes.max())
+    assert got.steps <= min(slowest + LOOKAHEAD, 15) and got.steps >= slowest
+    assert seen[-1] == (16, 16) and all(n == 16 and 1 <= i <= 16 for i, n in seen)
+    assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:])) and len(seen) == got.steps + 1
+
+
+release, no_loading = test_cli.release, test_cli.no_loading  # the CLI tests' fixtures
+
+
+def test_cli_plans_memory_for_sjd_before_loading(release, tmp_path, capsys, no_loading, monkeypatch):
+    """`janus-fast generate --decoding sjd` plans with the SJD bucket's bytes (its window's
+    buffers and transients): a batch that fits token by token but not by SJD is refused first."""
+    from janus_fast.engine import memory
+    from janus_fast.engine.sjd import image_generation_bytes
+
+    model = tiny_model()
+    ids = [model._generation_prompt_ids(model.processor, "x")]
+    token, window = image_generation_bytes(model, ids)(8), image_generation_bytes(model, ids, "sjd", 16)(8)
+    assert window > token
+    monkeypatch.setattr(memory, "free_bytes", lambda device, buckets=None: memory.weight_bytes(model) + token + 1)
+    cli.check_fits(release, "x", 4, "cpu", torch.float32)  # token by token fits
+    argv = ["generate", "--model", str(release), "--prompt", "x", "--n", "4", "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--decoding", "sjd"]
+    test_cli.one_line_error(*test_cli.run(argv, capsys), "--n 4 does not fit cpu", "lower --n")
+
+
 # ---------------------------------------------------------------------------- GPU
 
 
@@ -292,8 +394,7 @@ def test_gpu_captured_sjd_equals_eager_steps(settings):
 
     model = random_model("tiny", device="cuda", dtype=torch.float16, model_class=JanusPro)
     ids = prompt_ids(model, "a fox", "a much longer prompt about a fox")
-    image = ImageSettings(5.0, settings.get("temperature", 1.0), settings.get("top_k", 0), settings.get("top_p", 1.0),
-                          (2, 2))
+    image = ImageSettings(5.0, settings.get("temperature", 1.0), settings.get("top_k", 0), settings.get("top_p", 1.0))
     runs = [generate_image_tokens_sjd(model, ids, model.processor.pad_id, 2, image, [1, 2], Buckets(), window=6,
                                       use_graphs=capture) for capture in (False, True)]
     assert torch.equal(runs[0].codes, runs[1].codes) and torch.equal(runs[0].passes, runs[1].passes)

@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 
 def config(data, out, **overrides) -> TrainConfig:
     base = dict(data=str(data), output_dir=str(out), model="random:tiny", steps=4, row_tokens=600, rows_per_batch=1,
-                grad_accum=1, lr=3e-3, warmup_steps=1, mixed_precision="fp32", activation_checkpointing=True,
+                grad_accum=1, lr=3e-3, warmup_steps=1, mixed_precision="fp32", activation_checkpointing="selective",
                 uncond_prob=0.5, progress=False, vq_cache_dir=str(Path(data).parent / "vq_cache"), seed=0)
     base.update(overrides)
     return TrainConfig(**base)
@@ -75,7 +75,7 @@ def test_exact_resume(data, tmp_path):
 
 
 def test_bf16_autocast_keeps_fp32_masters(data, tmp_path):
-    trainer = Trainer(config(data, tmp_path, mixed_precision="bf16", steps=1, activation_checkpointing=False))
+    trainer = Trainer(config(data, tmp_path, mixed_precision="bf16", steps=1, activation_checkpointing="none"))
     record = trainer.train_step()
     assert all(torch.isfinite(torch.tensor(record[k])) for k in ("loss", "text_loss", "image_loss"))
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

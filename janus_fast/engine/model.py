@@ -1,10 +1,12 @@
-"""The engine-backed model classes: the models' JanusPro and LlamaForCausalLM with their decoding
-loops replaced by the engine's. `janus_fast.JanusPro` is this JanusPro.
+"""The engine-backed model classes: the models' JanusPro, LlamaForCausalLM and LlamaModel with
+their decoding loops replaced by the engine's. `janus_fast.JanusPro` is this JanusPro (and the
+official name `MultiModalityCausalLM` is a subclass of it: janus_fast.official).
 
 The models stay a description of the maths (they import nothing from here); these subclasses
-override only the loop methods (`generate_image_tokens`, `generate_new_tokens`), so the front
-doors (prompt templates, argument checks, image decoding, `answer`) are the models' own. Buckets
-of buffers and captured steps live on each instance, made on first use.
+override only the loop methods (`generate_image_tokens`, `generate_new_tokens`, and the
+token-by-token `LlamaModel.forward` of engine.decode), so the front doors (prompt templates,
+argument checks, image decoding, `answer`) are the models' own. Buckets of buffers and captured
+steps live on each instance, made on first use.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch
 
 from ..models import janus_pro, llama
 from ..models.janus_pro import DEFAULT_WINDOW, check_decoding
+from .decode import LlamaModel
 from .images import ImageSettings, generate_image_tokens
+from .lookahead import LOOKAHEAD
 from .sjd import generate_image_tokens_sjd
 from .step import Buckets
 from .text import TextSettings, generate_tokens
@@ -48,10 +52,12 @@ def _engine(module: torch.nn.Module) -> _EngineState:
 class LlamaForCausalLM(llama.LlamaForCausalLM):
     """`generate` on the engine: a packed prefill and a captured step per token."""
 
-    check_every = 8  # steps between the host's non-blocking looks at the EOS flag
+    model_class = LlamaModel
+    lookahead = LOOKAHEAD  # steps the host runs ahead of the device (how late it sees EOS)
 
     def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
-                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
+                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator,
+                            progress=None) -> torch.Tensor:
         b, t, hidden = embeds.shape
         lengths = [t] * b
         if attention_mask is not None:  # the one host read of a call: the real tokens of each row
@@ -68,17 +74,23 @@ class LlamaForCausalLM(llama.LlamaForCausalLM):
         packed = embeds.reshape(b * t, hidden)[index.to(embeds.device, non_blocking=True)]
         if generator is not None and generator.device != embeds.device:
             raise ValueError(f"generator is on {generator.device}, the model on {embeds.device}")
-        seed = torch.randint(0, 1 << 62, (1,), generator=generator, device=embeds.device)  # no host sync
+        # one seed per row, drawn on the device (no host sync): a row's tokens do not depend on
+        # the other rows, nor on how the memory plan splits the batch
+        seeds = torch.randint(0, 1 << 62, (b,), generator=generator, device=embeds.device)
         settings = TextSettings(bool(do_sample), float(temperature), int(top_k), float(top_p), eos, int(pad))
         with _engine(self) as buckets:
-            return generate_tokens(self, packed, lengths, max_new_tokens, settings, seed, buckets,
-                                   check_every=self.check_every)
+            return generate_tokens(self, packed, lengths, max_new_tokens, settings, seeds, buckets, progress,
+                                   lookahead=self.lookahead)
 
 
 class JanusPro(janus_pro.JanusPro):
     """Janus-Pro with image and text generation on the engine (see janus_fast.engine)."""
 
     language_model_class = LlamaForCausalLM
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.language_model.model.cache_headroom = config.vq.num_tokens  # the official image loop's cache
 
     def generate_image_tokens(self, prompts, pad_id, parallel_size, cfg_weight, temperature, top_k, top_p, seeds,
                               progress=None, use_graphs: bool | None = None, decoding: str = "token",
@@ -87,11 +99,10 @@ class JanusPro(janus_pro.JanusPro):
         (decoding="sjd", a window of `window` tokens: engine/sjd.py); use_graphs=False forces
         eager steps on CUDA (default: captured wherever every op has a capture-safe backend)."""
         check_decoding(decoding, window, self.config.vq.num_tokens, self.language_model.model.kv_cache_dtype)
-        settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p),
-                                 (parallel_size,) * len(prompts))
+        settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p))
         with _engine(self) as buckets:
             if decoding == "sjd":
                 return generate_image_tokens_sjd(self, prompts, pad_id, parallel_size, settings, seeds, buckets,
-                                                 window, progress, use_graphs).codes
+                                                 window, progress, use_graphs, self.language_model.lookahead).codes
             return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, buckets, progress,
                                          use_graphs)

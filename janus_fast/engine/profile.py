@@ -8,7 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .. import ops
 from ..models.llama import LlamaModel
-from .images import ImageBucket, ImageSettings
+from .images import ImageBuffers, ImageSettings, image_step
 
 # Ops that only describe memory (no kernel runs for them on a GPU).
 METADATA_OPS = frozenset({
@@ -66,10 +66,11 @@ def decode_launches_per_layer(model) -> int:
 @torch.inference_mode()
 def image_step_launches(model, parallel_size: int = 1, prompts: int = 1) -> int:
     """Dispatched ops of one whole image-token step of a JanusPro (gen_head, sampling, code write,
-    gen_embed + gen_aligner, the LLM decode step): the benchmark's `launches per step` field."""
-    settings = ImageSettings(5.0, 1.0, 0, 1.0, (parallel_size,) * prompts)
-    bucket = ImageBucket(model, 2 * parallel_size * prompts, 8, settings, capture=False)
-    bucket.buffers.reset([0] * prompts)
+    gen_embed + gen_aligner, the LLM decode step): the benchmark's `launches per step` field.
+    The same for any number of prompts (one sampling launch serves every request)."""
+    rows = 2 * parallel_size * prompts
+    buffers = ImageBuffers(model, rows, 8)
+    buffers.reset([(0, j) for _ in range(prompts) for j in range(parallel_size)], ImageSettings(5.0, 1.0, 0, 1.0))
     with ops.no_value_checks():
-        bucket.step()  # warm-up: first-call work (the weight fusion) is not a step's
-        return _count(bucket.step)
+        image_step(model, buffers)  # warm-up: first-call work (the weight fusion) is not a step's
+        return _count(lambda: image_step(model, buffers))

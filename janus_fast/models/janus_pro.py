@@ -377,11 +377,12 @@ class JanusPro(nn.Module):
     @torch.inference_mode()
     def answer(self, image, question: str | Sequence[str], max_new_tokens: int = 512, do_sample: bool = False,
                temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-               processor=None) -> str | list[str]:
+               processor=None, progress: Callable[[int, int], None] | None = None) -> str | list[str]:
         """Image(s) + question -> the assistant's answer, as the official inference script does.
         `image` is a PIL image, a path, a list of those, or None for a text-only question. With a
         list of questions, `image` holds one such entry per question and the answers (a list)
-        are decoded together in one left-padded batch."""
+        are decoded together in one left-padded batch. `progress(step, max_new_tokens)` is
+        called as each new token is done."""
         from ..processor import load_image
 
         proc = self._processor(processor)
@@ -410,6 +411,6 @@ class JanusPro(nn.Module):
                                            pad_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                                            eos_token_id=tok.eos_token_id, max_new_tokens=max_new_tokens,
                                            do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                           generator=generator)
+                                           generator=generator, progress=progress)
         answers = [tok.decode(row, skip_special_tokens=True) for row in out.tolist()]
         return answers[0] if single else answers

@@ -11,6 +11,9 @@ Attention paths (chosen once per forward, shared by all layers):
   decode  one new token per row with a cache: `LlamaModel.decode_step`, a small function over the
           static cache with ops.decode_attention and per-row lengths, free of host syncs so a
           later engine can capture it in a CUDA graph or replace it.
+Training and the engine's prefill run `LlamaModel.forward_packed`: the fused layer of
+models/packed_layer.py over packed sequences (fused norms, QKV and gate/up GEMMs, RoPE, SiLU·mul,
+with their backward and selective recomputation).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .. import ops
 from ..ops.quant import QUANTIZED_DTYPES, format_dtype
 from . import arguments
 from .config import LlamaConfig
+from .packed_layer import GATE_UP, QKV, PackedSequences, packed_layer
 from .quant import QuantizedLinear
 
 
@@ -146,9 +150,11 @@ def fused_weight(owner: nn.Module, names: tuple[str, ...], attr: str = "weight")
     """One [sum of out_features, in_features] weight whose row blocks are the weights of the
     Linear layers owner.<names>, so a decode step runs one GEMM for all of them. The layers keep
     their Parameters (and state-dict keys): those become views of the fused tensor, with their
-    values unchanged. Made on first use and again whenever a Parameter no longer views it (after
-    `.to()`, or a checkpoint load that assigned new tensors). `attr` fuses another per-row tensor
-    of the layers the same way (a QuantizedLinear's qweight / weight_scale buffers)."""
+    values unchanged, and the Parameter objects themselves too (an optimizer holding them keeps
+    updating what the model computes with). Made on first use and again whenever a Parameter no
+    longer views it (after `.to()`, or a checkpoint load that assigned new tensors). `attr` fuses
+    another per-row tensor of the layers the same way (a QuantizedLinear's qweight / weight_scale
+    buffers)."""
     key = "_fused_" + "_".join(names) + ("" if attr == "weight" else "_" + attr)
     weights = [getattr(getattr(owner, n), attr) for n in names]
     fused = owner.__dict__.get(key)
@@ -159,14 +165,14 @@ def fused_weight(owner: nn.Module, names: tuple[str, ...], attr: str = "weight")
         if all(w.data_ptr() == fused[s].data_ptr() and w.shape[1:] == fused.shape[1:]
                for w, s in zip(weights, starts)) and starts[-1] == fused.shape[0]:
             return fused
-    # Outside inference mode, so the new Parameters stay trainable wherever the fusion happens.
+    # Outside inference mode, so the Parameters stay trainable wherever the fusion happens.
     with torch.inference_mode(False), torch.no_grad():
         fused = torch.cat([w.detach() for w in weights])
         start = 0
         for n, w in zip(names, weights):
             linear, rows = getattr(owner, n), fused[start:start + w.shape[0]]
             if attr in linear._parameters:
-                setattr(linear, attr, nn.Parameter(rows, requires_grad=w.requires_grad))
+                w.data = rows
             else:
                 linear._buffers[attr] = rows
             start += w.shape[0]
@@ -272,21 +278,11 @@ class LlamaAttention(nn.Module):
             out[p.rows, p.cols] = packed
         return self.o_proj(out.reshape(b, t, -1))
 
-    def packed(self, x, cos, sin, cu_seqlens: torch.Tensor, max_seqlen: int, keep_kv=None):
-        """x [T, H]: causal attention within each packed sequence of cu_seqlens, straight through
-        ops.varlen_attention (no padding, no gather/scatter). `keep_kv(k, v)`, if given, receives
-        the rotated keys and values [T, Hkv, D] (a prefill stores them in its cache)."""
-        q, k, v = self.qkv(x, cos, sin)
-        if keep_kv is not None:
-            keep_kv(k, v)
-        out = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-        return self.o_proj(out.reshape(x.shape[0], -1))
-
     def _cached_qkv(self, x, cache: KVCache, layer: int, positions: torch.Tensor):
         """x [M, H] new tokens: one QKV GEMM, RoPE fused with writing k/v at slots positions[m] of
         cache row m // (M // B) -> the rotated q [M, Hq, D]."""
         m, d = x.shape[0], self.head_dim
-        qkv = fused_linear(self, ("q_proj", "k_proj", "v_proj"), x)
+        qkv = fused_linear(self, QKV, x)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         return ops.rope_kv_write(q.view(m, self.num_heads, d), k.view(m, self.num_kv_heads, d),
                                  v.view(m, self.num_kv_heads, d), cache.rope_cos, cache.rope_sin, positions,
@@ -321,11 +317,14 @@ class LlamaMLP(nn.Module):
 
     def decode(self, x):
         """The same maths for decoding: one gate/up GEMM, a fused SiLU·mul, the down GEMM."""
-        gate, up = fused_linear(self, ("gate_proj", "up_proj"), x).chunk(2, -1)
-        return self.down_proj(ops.silu_mul(gate, up))
+        return self.down_proj(ops.silu_mul(fused_linear(self, GATE_UP, x)))
 
 
 class LlamaDecoderLayer(nn.Module):
+    # Training's selective activation checkpointing (training.distributed.checkpoint_layers): the
+    # packed layer's backward recomputes its norms and SiLU·mul instead of keeping their outputs.
+    recompute_elementwise = False
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.self_attn = LlamaAttention(cfg)
@@ -333,9 +332,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, attend):
-        """`attend(self_attn, normed_h)` runs the attention path the caller chose (dense,
-        packed or decode), so the three paths share one block definition."""
+    def forward(self, h, attend, delta=None):
+        """`attend(self_attn, normed_h)` runs the attention path the caller chose (dense or
+        padded), so the paths share one block definition. Given PackedSequences instead, the
+        fused packed layer runs (models/packed_layer.py): h is the residual stream and delta the
+        previous layer's output still to be added (None for the first layer), and the result is
+        (residual, delta), this layer's last add left to the next norm."""
+        if isinstance(attend, PackedSequences):
+            return packed_layer(self, h, delta, attend)
         h = h + attend(self.self_attn, self.input_layernorm(h))
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -359,7 +363,7 @@ class LlamaModel(nn.Module):
         """Bytes of K and V per token per cache row over all layers, scales included, for a cache
         of `kv_dtype`: a torch dtype (a plain cache; torch.int8 / float8_e4m3fn mean the quantized
         formats), "int8" / "fp8" (one byte per value plus one fp32 scale per head), or None: the
-        caches `new_cache` makes."""
+        caches `new_cache` makes. Memory plans multiply it by rows x capacity."""
         cfg = self.config
         if kv_dtype is None:
             kv_dtype = self.kv_cache_dtype or self.embed_tokens.weight.dtype
@@ -423,20 +427,25 @@ class LlamaModel(nn.Module):
                        max_seqlen: int, keep_kv=None) -> torch.Tensor:
         """Packed sequences (training, and the engine's prefill): inputs_embeds [T, H] holding the
         sequences of cu_seqlens (int32 [n + 1]) back to back, position_ids [T] restarting at 0 in
-        each -> final-normed hidden [T, H]. `keep_kv(layer, k, v)`, if given, receives each
-        layer's rotated keys and values [T, Hkv, D]. Under torch.autocast the rotary tables take
-        the autocast dtype, so q, k and v share one dtype."""
+        each (so below max_seqlen) -> final-normed hidden [T, H]. `keep_kv(layer, k, v)`, if given,
+        receives each layer's rotated keys and values [T, Hkv, D]. Runs the fused packed layer in
+        the compute dtype: the autocast dtype under torch.autocast (the residual stream and every
+        activation in it, the weights copied into it once per layer), else inputs_embeds'."""
         if inputs_embeds.dim() != 2 or position_ids.shape != inputs_embeds.shape[:1]:
             raise ValueError(f"inputs_embeds must be [T, hidden] and position_ids [T], got "
                              f"{tuple(inputs_embeds.shape)} and {tuple(position_ids.shape)}")
-        device = inputs_embeds.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
-        cos, sin = self._rope(position_ids, dtype)
-        h = inputs_embeds
+        device = inputs_embeds.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else inputs_embeds.dtype
+        cos, sin = rope_cos_sin(torch.arange(max(max_seqlen, 1), device=device), self.config.head_dim,
+                                self.config.rope_theta, torch.float32)
+        seqs = PackedSequences(position_ids, cu_seqlens, max_seqlen, cos[:, 0], sin[:, 0], dtype)
+        residual, delta = inputs_embeds.to(dtype), None
         for i, layer in enumerate(self.layers):
             keep = None if keep_kv is None else (lambda k, v, i=i: keep_kv(i, k, v))
-            h = layer(h, lambda attn, y, keep=keep: attn.packed(y, cos, sin, cu_seqlens, max_seqlen, keep))
-        return self.norm(h)
+            residual, delta = layer(residual, seqs.with_keep_kv(keep), delta)
+        if delta is None:
+            return ops.rms_norm(residual, self.norm.weight, eps=self.norm.eps)
+        return ops.rms_norm(delta, self.norm.weight, eps=self.norm.eps, residual=residual)[0]
 
     def _packing(self, mask: torch.Tensor | None, b: int, t: int, cache: KVCache | None, device):
         """Positions [B, T] and the packing of the real tokens (host syncs: prefill only)."""
@@ -505,10 +514,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_class = LlamaModel  # the engine's subclass runs the token-by-token loop on captured steps
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = self.model_class(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -536,13 +547,14 @@ class LlamaForCausalLM(nn.Module):
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, *, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  pad_token_id=None, bos_token_id=None, eos_token_id=None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
         """Text generation as transformers' `generate` for a left-padded batch: returns the new
         token ids [B, n <= max_new_tokens] (after input_ids when those were given instead of
         embeddings); rows that produced EOS are padded with pad_token_id (default: EOS); stops
         when every row is done. bos_token_id and use_cache are accepted for compatibility. The
         prompt plus max_new_tokens must fit the context (max_position_embeddings); the sampling
-        arguments are checked as `models.arguments.sampling` states, before anything runs."""
+        arguments are checked as `models.arguments.sampling` states, before anything runs.
+        progress(step, max_new_tokens), if given, is called as each new token is done."""
         del bos_token_id, use_cache
         max_new_tokens = arguments.max_new_tokens(max_new_tokens)
         if do_sample:
@@ -556,11 +568,12 @@ class LlamaForCausalLM(nn.Module):
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         new = self.generate_new_tokens(inputs_embeds, attention_mask, max_new_tokens, do_sample, temperature,
-                                       top_k, top_p, tuple(eos), pad, generator)
+                                       top_k, top_p, tuple(eos), pad, generator, progress)
         return torch.cat([input_ids, new], 1) if input_ids is not None else new
 
     def generate_new_tokens(self, embeds, attention_mask, max_new_tokens: int, do_sample: bool, temperature: float,
-                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator) -> torch.Tensor:
+                            top_k: int, top_p: float, eos: tuple[int, ...], pad: int, generator,
+                            progress=None) -> torch.Tensor:
         """The decoding loop of `generate`, eager over a growing cache (the engine replaces it):
         left-padded embeds [B, T, H] (attention_mask [B, T] or None) -> new ids [B, n]; raises
         ValueError for a mask that is not left padding."""
@@ -579,6 +592,8 @@ class LlamaForCausalLM(nn.Module):
             tokens.append(nxt)
             drawn.append(sampled)
             done |= torch.isin(nxt, eos_t)
+            if progress is not None:
+                progress(step + 1, max_new_tokens)
             if step == max_new_tokens - 1 or (eos and bool(done.all())):
                 break
             cache.reserve(1)

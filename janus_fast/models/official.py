@@ -1,7 +1,12 @@
-"""The official package's names, so its scripts run with only the import changed:
-`MultiModalityCausalLM`, `VLChatProcessor`, `load_pil_images`, and registration of our config,
-model and processor with transformers' Auto classes under model_type "multi_modality" (what
-`janus.models` does when imported).
+"""The official package's names, so its scripts run with only the import changed, and
+registration of our config, model and processor with transformers' Auto classes under
+model_type "multi_modality" (what `janus.models` does when imported).
+
+The official model class must decode on the engine, which models may not import: it lives above
+the engine, in `janus_fast.official` (the front door: `MultiModalityCausalLM` = this module's
+`OfficialLoading` + the engine's JanusPro). `janus_fast.models` hands that class out by name
+(the package's `__getattr__`), and the registration imports the front door by name when
+transformers is imported: nothing in models imports the engine.
 
 Importing transformers' Auto classes takes seconds, so registration happens when transformers
 is imported: at once if it already is, otherwise by a one-shot import hook.
@@ -9,6 +14,7 @@ is imported: at once if it already is, otherwise by a one-shot import hook.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -18,9 +24,10 @@ import torch
 
 from ..processor import JanusProcessor, load_pil_images
 from .config import JanusProConfig
-from .janus_pro import JanusPro
 
-__all__ = ["MultiModalityCausalLM", "VLChatProcessor", "load_pil_images", "register_auto_classes"]
+__all__ = ["FRONT_DOOR", "OfficialLoading", "VLChatProcessor", "load_pil_images", "register_auto_classes"]
+
+FRONT_DOOR = "janus_fast.official"  # the module above the engine that holds MultiModalityCausalLM
 
 # Keyword arguments transformers' Auto classes pass on (or users pass out of habit) that mean
 # nothing for a local directory of safetensors: accepted and ignored.
@@ -45,18 +52,18 @@ def _unknown(kwargs: dict, where: str) -> None:
         raise TypeError(f"{where} got unexpected keyword arguments {unknown}")
 
 
-class MultiModalityCausalLM(JanusPro):
-    """JanusPro under the official class name, with transformers' from_pretrained signature:
-    the stored dtype unless `dtype`/`torch_dtype` says otherwise, on the CPU unless `device_map`
-    names a device ("auto": cuda when available)."""
+class OfficialLoading:
+    """transformers' from_pretrained signature over JanusPro.from_pretrained (mixed into the
+    official class name): the stored dtype unless `dtype`/`torch_dtype` says otherwise, on the
+    CPU unless `device_map` names a device ("auto": cuda when available)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None, torch_dtype=None,
-                        device_map=None, subfolder: str | None = None, **kwargs) -> "MultiModalityCausalLM":
+                        device_map=None, subfolder: str | None = None, **kwargs):
         if model_args:
-            raise TypeError(f"MultiModalityCausalLM.from_pretrained takes no extra positional arguments, "
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments, "
                             f"got {len(model_args)}")
-        _unknown(kwargs, "MultiModalityCausalLM.from_pretrained")
+        _unknown(kwargs, f"{cls.__name__}.from_pretrained")
         dtype = dtype if dtype is not None else torch_dtype
         if dtype == "auto":
             dtype = None
@@ -110,12 +117,24 @@ def _config_class():
     return _CONFIG_CLASS
 
 
+def official_model_class():
+    """The front door's MultiModalityCausalLM (imported by name), or None while the front door
+    is still being imported (it registers itself once complete)."""
+    module = sys.modules.get(FRONT_DOOR)
+    if module is None:
+        module = importlib.import_module(FRONT_DOOR)
+    return getattr(module, "MultiModalityCausalLM", None)
+
+
 def _register_now() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
+    model_class = official_model_class()
+    if model_class is None:
+        return
     config = _config_class()
     AutoConfig.register("multi_modality", config, exist_ok=True)
-    AutoModelForCausalLM.register(config, MultiModalityCausalLM, exist_ok=True)
+    AutoModelForCausalLM.register(config, model_class, exist_ok=True)
     AutoProcessor.register(config, VLChatProcessor, exist_ok=True)
 
 

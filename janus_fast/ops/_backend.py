@@ -7,14 +7,19 @@ on with TRITON_INTERPRET=1 before triton was imported.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
+import threading
 
 import torch
 
+from ._checks import FLOAT_DTYPES
+
 BACKENDS = ("auto", "reference", "triton", "cuda")
+_state = threading.local()  # .preferred: (backend, op names or None) inside prefer_backend
 
 
 @functools.cache
@@ -76,6 +81,11 @@ def resolve(op: str, requested: str, device: torch.device, fast: tuple[str, ...]
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
         return requested
+    preferred = getattr(_state, "preferred", None)
+    if requested == "auto" and preferred is not None and fast_inputs:
+        name, only = preferred
+        if name in fast and (only is None or op in only) and _usable(name, op, device) is None:
+            return name
     if requested == "auto":
         if device.type == "cuda" and fast_inputs:
             for backend in fast:
@@ -88,6 +98,39 @@ def resolve(op: str, requested: str, device: torch.device, fast: tuple[str, ...]
     if reason is not None:
         raise RuntimeError(f"{op}: backend {requested!r} is unavailable: {reason}")
     return requested
+
+
+@contextlib.contextmanager
+def prefer_backend(name: str, ops=None):
+    """Within the context, backend="auto" resolves to `name` for every op it serves and can run
+    (for the ops named in `ops` only, if given): e.g. "triton" runs the Triton kernels of CPU
+    tensors in the interpreter, to count or debug them."""
+    if name not in BACKENDS[2:]:
+        raise ValueError(f"prefer_backend takes one of {BACKENDS[2:]}, got {name!r}")
+    previous = getattr(_state, "preferred", None)
+    _state.preferred = (name, None if ops is None else frozenset(ops))
+    try:
+        yield
+    finally:
+        _state.preferred = previous
+
+
+def resolve_float(op: str, requested: str, t: torch.Tensor, fast: tuple[str, ...]) -> str:
+    """`resolve` for an op whose fast backends take float16/bfloat16/float32 (float64 runs on the
+    reference under "auto"); a forced fast backend with another dtype is a TypeError."""
+    chosen = resolve(op, requested, t.device, fast, fast_inputs=t.dtype in FLOAT_DTYPES)
+    if chosen != "reference" and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"the {chosen} {op} takes float16, bfloat16 or float32, got {t.dtype}")
+    return chosen
+
+
+def implementation(backend: str, family: str, name: str):
+    """The function `name` of the reference (backend "reference") or of janus_fast.kernels.<family>."""
+    if backend == "reference":
+        from . import reference
+
+        return getattr(reference, name)
+    return getattr(triton_kernels(family), name)
 
 
 def triton_kernels(family: str):

@@ -116,3 +116,13 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, device)
         raise ValueError(f"{name} must end at the packed total {total}, got {values[-1]}")
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {max(lengths)} tokens")
+
+
+def rope_tables(cos, sin, head_dim: int, device, dtypes) -> None:
+    """cos and sin: [S, head_dim] RoPE tables with contiguous rows, alike in shape and strides."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        tensor(name, t, ndim=2, dtypes=dtypes, device=device)
+        if t.shape[1] != head_dim or t.stride(1) != 1:
+            raise ValueError(f"{name} must be [S, {head_dim}] with contiguous rows, got shape {tuple(t.shape)}")
+    same("cos and sin shapes", cos=tuple(cos.shape), sin=tuple(sin.shape))
+    same("cos and sin strides", cos=cos.stride(), sin=sin.stride())

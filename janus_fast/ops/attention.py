@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import _backend, _checks, quant, reference
+from . import _backend, _checks, attention_auto, quant, reference
 
 FAST = ("triton",)
 _REFERENCE_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
@@ -109,12 +109,20 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     (causally masked, another packed sequence, past cache_seqlens) are never read into its result.
     deterministic=True makes the Triton backward bit-reproducible (no atomics, slower); the
     default adds dQ with fp32 atomics, so its last bits vary from run to run.
+    backend="auto" on a GPU runs ours or torch's SDPA (flash / cuDNN / efficient), whichever the
+    first call of its kind measured faster here, where SDPA honours these contracts
+    (janus_fast/ops/attention_auto.py; JANUS_FAST_ATTENTION=triton|sdpa forces one).
     """
     _check_qkv(q, k, v, backend, ndim=4)
     _checks.same("batch sizes of q and k", q=q.shape[0], k=k.shape[0])
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
     chosen = _backend.resolve("flash_attention", backend, q.device, FAST,
                               fast_inputs=q.dtype in _checks.FLOAT_DTYPES)
+    if backend == "auto" and chosen == "triton":  # measured against torch's SDPA on this GPU
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        chosen = attention_auto.choose(q, k, v, bool(causal), scale, backward, bool(deterministic))
+        if chosen != "triton":
+            return attention_auto.sdpa_attention(q, k, v, bool(causal), scale, chosen)
     return _attention_fwd(q, k, v, bool(causal), scale, chosen, bool(deterministic))[0]
 
 

@@ -30,8 +30,12 @@ __all__ = [
     "sjd_residual",
     "sjd_verify",
     "rms_norm",
+    "rms_norm_backward",
     "rope_kv_write",
+    "rope_qkv",
+    "rope_qkv_backward",
     "silu_mul",
+    "silu_mul_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "quantize_rows",
@@ -366,7 +370,7 @@ def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight
     return accepted
 
 
-# --------------------------------------------------------------------------- decode layer
+# --------------------------------------------------------------------------- layer ops: RMSNorm, RoPE, SiLU·mul
 
 
 def rms_norm(x, weight, eps, residual=None):
@@ -377,6 +381,24 @@ def rms_norm(x, weight, eps, residual=None):
     h32 = h.to(_compute_dtype(h))
     y = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return (weight * y).to(x.dtype), h
+
+
+def rms_norm_backward(dy, h, weight, eps, dh=None, weight_grad=True):
+    """Gradients of `rms_norm` written out, from h (x, or x + residual) and dy, in the compute
+    dtype: n = h·rstd, g = dy·weight, dh_total = rstd·(g − n·mean(g·n)) (+ dh, the gradient
+    reaching h itself: with a residual, dh_total is the gradient of x and of residual), dweight
+    = Σ over rows of dy·n. -> (dh_total in h.dtype, dweight in weight.dtype, or an empty tensor
+    without weight_grad)."""
+    ct = _compute_dtype(h)
+    h32, dy32 = h.to(ct), dy.to(ct)
+    rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    n = h32 * rstd
+    g = dy32 * weight.to(ct)
+    dh_total = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+    if dh is not None:
+        dh_total = dh_total + dh.to(ct)
+    dw = (dy32 * n).sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    return dh_total.to(h.dtype), dw
 
 
 def _rotate_half(x):
@@ -408,10 +430,63 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale=None, 
     return rotate(q).to(q.dtype).contiguous()
 
 
+def _heads(qkv, num_heads, num_kv_heads):
+    """The q, k and v heads [T, H, D] of one fused projection [T, (Hq + 2·Hkv)·D] (views)."""
+    n = num_heads + 2 * num_kv_heads
+    heads = qkv.reshape(qkv.shape[0], n, qkv.shape[1] // n)
+    return heads.split([num_heads, num_kv_heads, num_kv_heads], 1)
+
+
+def _tables_at(cos, sin, positions, ct):
+    pos = positions.long()
+    return cos[pos].to(ct)[:, None, :], sin[pos].to(ct)[:, None, :]
+
+
+def rope_qkv(qkv, positions, cos, sin, num_heads, num_kv_heads):
+    """Rotate-half RoPE of the q and k heads of one fused projection qkv [T, (Hq + 2·Hkv)·D] at
+    position positions[t] (a row of the cos/sin tables [S, D]), in the compute dtype; the v heads
+    pass unchanged. -> (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]), contiguous, in qkv.dtype."""
+    ct = _compute_dtype(qkv)
+    q, k, v = _heads(qkv, num_heads, num_kv_heads)
+    c, s = _tables_at(cos, sin, positions, ct)
+
+    def rotate(x):
+        x = x.to(ct)
+        return (x * c + _rotate_half(x) * s).to(qkv.dtype).contiguous()
+
+    return rotate(q), rotate(k), v.clone(memory_format=torch.contiguous_format)
+
+
+def rope_qkv_backward(dq, dk, dv, positions, cos, sin):
+    """The gradient of `rope_qkv` with respect to qkv: each rotation transposed, dx = dy·cos −
+    rotate_half(dy·sin), in the compute dtype; dv passes unchanged. -> [T, (Hq + 2·Hkv)·D] in
+    dq.dtype."""
+    ct = _compute_dtype(dq)
+    c, s = _tables_at(cos, sin, positions, ct)
+
+    def back(g):
+        g = g.to(ct)
+        return g * c - _rotate_half(g * s)
+
+    t, hq, d = dq.shape
+    return torch.cat([back(dq), back(dk), dv.to(ct)], 1).reshape(t, (hq + 2 * dk.shape[1]) * d).to(dq.dtype)
+
+
 def silu_mul(gate, up):
     """silu(gate) · up in the compute dtype -> gate.dtype."""
     ct = _compute_dtype(gate)
     return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def silu_mul_backward(dout, gate, up, fused=False):
+    """Gradients of `silu_mul` in the compute dtype: with s = sigmoid(gate), dgate = dout·up·s·(1 +
+    gate·(1 − s)) and dup = dout·silu(gate). -> (dgate, dup) in gate.dtype, or with fused=True
+    one [M, 2N] tensor [dgate | dup] (the gradient of one fused gate/up projection)."""
+    ct = _compute_dtype(gate)
+    g, u, d = gate.to(ct), up.to(ct), dout.to(ct)
+    s = torch.sigmoid(g)
+    dgate, dup = (d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * g * s).to(gate.dtype)
+    return torch.cat([dgate, dup], 1) if fused else (dgate, dup)
 
 
 # --------------------------------------------------------------------------- cross-entropy

@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from .dataset import data_files
+from .distributed import ACTIVATION_CHECKPOINTING
 
 # Stage I trains the adaptors and the image head; stage II everything but the two visual
 # encoders; stage III (SFT) also the SigLIP encoder. The VQ tokenizer is always frozen.
@@ -57,8 +58,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.95)
     max_grad_norm: float = 1.0  # 0 turns clipping off
-    mixed_precision: str = "bf16"  # "bf16" (fp32 master weights, bf16 compute) or "fp32"
-    activation_checkpointing: bool = True
+    mixed_precision: str = "bf16"  # "bf16" (fp32 master weights, bf16 compute; the device must have bf16) or "fp32"
+    # "selective" (keep GEMM and attention outputs, recompute norms and SiLU·mul), "full" (keep each
+    # layer's inputs, recompute the layer) or "none"; true/false are the former "full"/"none"
+    activation_checkpointing: str = "selective"
     uncond_prob: float = 0.1  # text-to-image prompts replaced by the unconditional prompt
     image_loss_weight: float = 1.0
     seed: int = 0
@@ -92,6 +95,11 @@ class TrainConfig:
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
         if self.mixed_precision not in ("bf16", "fp32"):
             raise ValueError(f"mixed_precision must be 'bf16' or 'fp32', got {self.mixed_precision!r}")
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {', '.join(map(repr, ACTIVATION_CHECKPOINTING))}, "
+                             f"got {self.activation_checkpointing!r}")
         self.betas = tuple(self.betas)
 
     @classmethod

@@ -60,12 +60,22 @@ def init_distributed(device: str | None = None) -> Topology:
     return Topology(rank, world, torch.device("cpu"))
 
 
-def checkpoint_layers(layers) -> None:
-    """Activation checkpointing per decoder layer: each layer keeps only its input and recomputes
-    its activations in the backward pass. The layer's forward is wrapped in place, so parameter
-    names (and checkpoints) do not change, and FSDP's hooks stay outside the recomputed region."""
+ACTIVATION_CHECKPOINTING = ("selective", "full", "none")
+
+
+def checkpoint_layers(layers, mode: str = "full") -> None:
+    """Activation checkpointing of the LLM's decoder layers (memory per mode: models/packed_layer.py).
+    "selective": each layer keeps its GEMM and attention outputs and recomputes only the cheap
+    elementwise work (its two norms' outputs and SiLU·mul) in the backward. "full": each layer
+    keeps only its inputs and recomputes everything in the backward; its forward is wrapped in
+    place, so parameter names (and checkpoints) do not change, and FSDP's hooks stay outside the
+    recomputed region. "none": every activation is kept."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
     for layer in layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        layer.recompute_elementwise = mode == "selective"
+        if mode == "full":
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 def shard_model(model, topology: Topology, compute_dtype: torch.dtype):

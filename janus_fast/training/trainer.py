@@ -25,6 +25,7 @@ from .config import TrainConfig, apply_stage
 from .curve import draw_loss_curve
 from .distributed import Topology, all_reduce_sum, checkpoint_layers, init_distributed, shard_model
 from .loader import TrainLoader
+from .precision import compute_dtype
 
 
 def load_model(spec: str, device: torch.device, seed: int):
@@ -67,14 +68,13 @@ class Trainer:
         self.topology = topology or init_distributed(config.device)
         self.output_dir = Path(config.output_dir)
         device = self.topology.device
+        self.compute_dtype = compute_dtype(config.mixed_precision, device)  # checked before anything loads
         self.model = model = load_model(config.model, device, config.seed)
         model.train()
         self.trained = apply_stage(model, config.stage)
         # Before sharding: the loader keeps its own copy of the VQ encoder for uncached images.
         self.loader = TrainLoader(config, model, model.processor, self.topology)
-        if config.activation_checkpointing:
-            checkpoint_layers(model.language_model.model.layers)
-        self.compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        checkpoint_layers(model.language_model.model.layers, config.activation_checkpointing)
         if self.topology.distributed:
             shard_model(model, self.topology, self.compute_dtype)
         params = [p for p in model.parameters() if p.requires_grad]
