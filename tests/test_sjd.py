@@ -27,19 +27,11 @@ from janus_fast.models import JanusPro as EagerJanusPro
 from janus_fast.models.janus_pro import unconditional_prompt
 from janus_fast.ops import reference
 from tests.helpers import FULL, chi_square_pvalue, grid
-from tests import test_cli
+from tests import test_cli, test_engine
 from tests.test_engine import engine_copy
 from tests.tiny_janus import tiny_model
 
-
-@pytest.fixture(scope="module")
-def plain():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def engine(plain):
-    return engine_copy(plain)
+plain, engine = test_engine.plain, test_engine.engine  # the tiny model, and its engine copy (module fixtures)
 
 
 def prompt_ids(model, *texts):
