@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FAMILIES = ("attention", "flex", "vq", "sampling", "generation", "training")  # benchmarks/bench_<family>.py
+FAMILIES = ("attention", "flex", "vq", "sampling", "generation", "generation_sjd", "training")  # benchmarks/bench_<family>.py
 WITHOUT_OURS = ("flex",)  # families with no contender of ours (flex lands in the attention table)
 OURS_PREFIX = "janus_fast"  # the label of every contender of ours
 DEFAULT_BUDGET_S = 480  # of a 10-minute call: the rest is start-up, imports and a last case begun in time (<= ~60 s)

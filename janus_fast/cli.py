@@ -1,7 +1,7 @@
 """The `janus-fast` command: generate images, chat about an image, or run a self-contained demo.
 
   janus-fast demo [--keep DIR]        random-weight model -> real checkpoint -> load -> generate + answer
-  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR [--quantize int8]
+  janus-fast generate --model DIR --prompt TEXT [--n 16 --cfg 5 --seed 0] --out DIR [--quantize int8 --decoding sjd]
   janus-fast chat --model DIR --image FILE "question" [--quantize int8 --kv-cache-dtype int8]
   janus-fast train --config FILE      packed multi-task training (under torchrun: FSDP2)
 
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .models.janus_pro import DECODINGS, DEFAULT_WINDOW
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANT_FORMATS = ("int8", "fp8")  # janus_fast.ops.quant.FORMATS, without importing the ops here
@@ -137,14 +139,14 @@ def _load(args, model_dir: Path):
 
 
 def check_fits(model_dir: Path, prompt: str, n: int, device: str, dtype: torch.dtype, quantize: str | None = None,
-               kv_cache_dtype: str | None = None) -> None:
+               kv_cache_dtype: str | None = None, decoding: str = "token", window: int = DEFAULT_WINDOW) -> None:
     """The quantization formats supported by the device, and a batch that fits the GPU's free
     memory at least one prompt at a time (the engine's memory plan on a meta-device model with
-    the same formats): else an error before any weight is read."""
+    the same formats and decoding): else an error before any weight is read."""
     from .checkpoint import read_config
     from .engine import JanusPro
-    from .engine.images import image_bucket_bytes, image_capacity
     from .engine.memory import free_bytes, plan_requests, weight_bytes
+    from .engine.sjd import image_generation_bytes
     from .models.quant import check_quantize
     from .processor import JanusProcessor
 
@@ -157,9 +159,8 @@ def check_fits(model_dir: Path, prompt: str, n: int, device: str, dtype: torch.d
     with torch.device("meta"):
         model = JanusPro(read_config(model_dir)[0]).to(dtype).quantize(quantize, kv_cache_dtype=kv_cache_dtype)
     ids = model._generation_prompt_ids(JanusProcessor.from_pretrained(model_dir), prompt)
-    capacity = image_capacity(model, [ids])
     try:
-        plan_requests(1, 2 * n, lambda rows: image_bucket_bytes(model, rows, capacity), free - weight_bytes(model),
+        plan_requests(1, 2 * n, image_generation_bytes(model, [ids], decoding, window), free - weight_bytes(model),
                       "--n")
     except ValueError as e:
         raise UsageError(f"--n {n} does not fit {device} beside the {weight_bytes(model) / 2**30:.1f} GiB of "
@@ -167,13 +168,17 @@ def check_fits(model_dir: Path, prompt: str, n: int, device: str, dtype: torch.d
 
 
 def cmd_generate(args) -> None:
+    if args.decoding == "sjd" and args.kv_cache_dtype is not None:
+        raise UsageError("--decoding sjd does not take a quantized KV cache yet: drop --kv-cache-dtype")
     model_dir, out = check_model_dir(args.model), check_out_dir(args.out)
     device = _device(args.device)
-    check_fits(model_dir, args.prompt, args.n, device, _dtype(args.dtype, device), args.quantize, args.kv_cache_dtype)
+    check_fits(model_dir, args.prompt, args.n, device, _dtype(args.dtype, device), args.quantize, args.kv_cache_dtype,
+               args.decoding, args.window)
     model = _load(args, model_dir)
     t = time.perf_counter()
     images = model.generate_images(args.prompt, parallel_size=args.n, cfg_weight=args.cfg,
-                                   temperature=args.temperature, seed=args.seed, progress=ProgressBar("generating"))
+                                   temperature=args.temperature, seed=args.seed, progress=ProgressBar("generating"),
+                                   decoding=args.decoding, window=args.window)
     dt = time.perf_counter() - t
     grid = save_images(images, out)
     print(f"{len(images)} images in {dt:.1f}s ({len(images) / dt:.2f} images/s); wrote {out / 'img_*.png'} and {grid}")
@@ -323,6 +328,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_finite(0.0), default=1.0, help="sampling temperature (0: argmax)")
     g.add_argument("--seed", type=_seed, default=0, help="random seed, an int in [0, 2**63)")
     g.add_argument("--out", required=True, help="output directory (created; img_NNN.png and grid.png)")
+    g.add_argument("--decoding", choices=DECODINGS, default="token",
+                   help="token by token, or speculative Jacobi decoding (fewer forward passes, the same distribution)")
+    g.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, help="tokens drafted per pass with --decoding sjd")
     g.set_defaults(func=cmd_generate)
 
     c = command("chat", "image + question -> answer")

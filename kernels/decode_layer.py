@@ -52,13 +52,15 @@ def _store_head(dst, scale_dst, x1, x2, i, mask, QUANTIZED: tl.constexpr, HALF_D
 
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ks_ptr, vs_ptr,
-                    stride_q, stride_k, stride_v, stride_tab, stride_cb, stride_cs, stride_sb, stride_ss,
+                    stride_q, stride_k, stride_v, stride_tab, stride_cb, stride_cs, stride_sb, stride_ss, per_row,
                     HQ, HKV, D: tl.constexpr, HALF: tl.constexpr, QUANTIZED: tl.constexpr = False):
-    """Program (b, h): h < HQ rotates query head h into out[b, h]; otherwise it rotates key head
-    h - HQ into k_cache[b, pos] and copies value head h - HQ into v_cache[b, pos], pos =
-    positions[b]. Rotation x·cos + rotate_half(x)·sin in fp32, rounded once. QUANTIZED: the
-    cache heads are quantized (_store_head) and their scales go to ks/vs[b, pos, h - HQ]."""
+    """Program (b, h): h < HQ rotates query head h of token b into out[b, h]; otherwise it rotates
+    key head h - HQ into k_cache[c, pos] and copies value head h - HQ into v_cache[c, pos], pos =
+    positions[b], c = b // per_row (per_row consecutive tokens share a cache row). Rotation
+    x·cos + rotate_half(x)·sin in fp32, rounded once. QUANTIZED: the cache heads are quantized
+    (_store_head) and their scales go to ks/vs[c, pos, h - HQ]."""
     b = tl.program_id(0).to(tl.int64)
+    row = b // per_row
     h = tl.program_id(1)
     i = tl.arange(0, HALF)
     mask = i < D // 2
@@ -74,7 +76,7 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
         src = k_ptr + b * stride_k + kh * D
         v1 = tl.load(v_ptr + b * stride_v + kh * D + i, mask=mask, other=0.0).to(tl.float32)
         v2 = tl.load(v_ptr + b * stride_v + kh * D + D // 2 + i, mask=mask, other=0.0).to(tl.float32)
-        _store_head(vc_ptr + b * stride_cb + pos * stride_cs + kh * D, vs_ptr + b * stride_sb + pos * stride_ss + kh,
+        _store_head(vc_ptr + row * stride_cb + pos * stride_cs + kh * D, vs_ptr + row * stride_sb + pos * stride_ss + kh,
                     v1, v2, i, mask, QUANTIZED, D // 2)
     x1 = tl.load(src + i, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + D // 2 + i, mask=mask, other=0.0).to(tl.float32)
@@ -84,15 +86,15 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_p
     if h < HQ:
         _store_head(out_ptr + (b * HQ + h) * D, out_ptr, o1, o2, i, mask, False, D // 2)
     else:
-        _store_head(kc_ptr + b * stride_cb + pos * stride_cs + kh * D, ks_ptr + b * stride_sb + pos * stride_ss + kh,
+        _store_head(kc_ptr + row * stride_cb + pos * stride_cs + kh * D, ks_ptr + row * stride_sb + pos * stride_ss + kh,
                     o1, o2, i, mask, QUANTIZED, D // 2)
 
 
 def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale=None, v_scale=None):
-    """q [B, Hq, D], k/v [B, Hkv, D] (heads and dims contiguous, rows strided), cos/sin [S, D],
-    positions int32 [B], caches [B, S_max, Hkv, D] contiguous in (Hkv, D); a quantized cache
-    (int8 / float8_e4m3fn) comes with k_scale/v_scale fp32 [B, S_max, Hkv] (same strides).
-    -> rotated q."""
+    """q [M, Hq, D], k/v [M, Hkv, D] (heads and dims contiguous, rows strided), cos/sin [S, D],
+    positions int32 [M], caches [B, S_max, Hkv, D] contiguous in (Hkv, D), M a multiple of B:
+    token m goes to cache row m // (M // B); a quantized cache (int8 / float8_e4m3fn) comes with
+    k_scale/v_scale fp32 [B, S_max, Hkv] (same strides). -> rotated q."""
     b, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
@@ -102,8 +104,9 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale=None, 
         _rope_kv_kernel[(b, hq + hkv)](q, k, v, cos, sin, positions, k_cache, v_cache, out, *scales,
                                        q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
                                        k_cache.stride(0), k_cache.stride(1),
-                                       *(k_scale.stride()[:2] if quantized else (0, 0)), hq, hkv, D=d,
-                                       HALF=triton.next_power_of_2(d // 2), QUANTIZED=quantized, num_warps=1)
+                                       *(k_scale.stride()[:2] if quantized else (0, 0)), b // k_cache.shape[0],
+                                       hq, hkv, D=d, HALF=triton.next_power_of_2(d // 2), QUANTIZED=quantized,
+                                       num_warps=1)
     return out
 
 

@@ -23,7 +23,7 @@ DEVICE_NAME = torch.cuda.get_device_name() if torch.cuda.is_available() else "cp
 
 
 # Two halves of about equal cost, run at once (CI has two cores); each as `python -m janus_fast.bench` runs
-HALVES = (("generation", "vq", "sampling"), ("attention", "flex", "training"))
+HALVES = (("generation", "generation_sjd", "vq", "sampling"), ("attention", "flex", "training"))
 
 
 @pytest.fixture(scope="module")

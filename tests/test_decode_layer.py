@@ -34,6 +34,50 @@ def _no_interpreted_bf16(request):
         pytest.skip("bf16 casts under the Triton interpreter truncate")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_kv_write_window(backend):
+    """M = B x W tokens (a speculative window per row): token m lands in cache row m // W at its
+    own position, as W single-token writes would put it."""
+    b, w, hq, hkv, d, s_max = 3, 4, 4, 2, 16, 12
+    q, k, v, cos, sin, _, kc, vc = rope_inputs(b * w, hq, hkv, d, s_max, torch.float32)
+    kc, vc = kc[:b].contiguous(), vc[:b].contiguous()
+    pos = (torch.tensor([0, 5, 8])[:, None] + torch.arange(w)).flatten().to(torch.int32)
+    kc_one, vc_one = kc.clone(), vc.clone()
+    expected = torch.stack([reference.rope_kv_write(q[j::w], k[j::w], v[j::w], cos, sin, pos[j::w], kc_one, vc_one)
+                            for j in range(w)], 1).flatten(0, 1)
+    out = ops.rope_kv_write(q, k, v, cos, sin, pos, kc, vc, backend=backend)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(kc, kc_one, equal_nan=True)
+    assert torch.equal(vc.isnan(), vc_one.isnan()) and torch.equal(vc[~vc.isnan()], vc_one[~vc_one.isnan()])
+    with pytest.raises(ValueError, match="k_cache must be"):
+        ops.rope_kv_write(q[:-1], k[:-1], v[:-1], cos, sin, pos[:-1], kc, vc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_rope_kv_write_window_quantizes(backend, fmt):
+    """The window form into a quantized cache: each of the B x W heads quantized with its own
+    scale at its row and slot, as W single-token writes would store them (the same codes; a GPU's
+    division may land one code away at a rounding boundary)."""
+    from .test_quant import needs_format
+    from .test_quant_kv import _codes
+
+    needs_format(fmt)
+    b, w, hq, hkv, d, s_max = 3, 4, 4, 2, 16, 12
+    q, k, v, cos, sin, _, _, _ = rope_inputs(b * w, hq, hkv, d, s_max, torch.float32)
+    (kc, ks), (vc, vs) = (ops.quantize_rows(torch.randn(b, s_max, hkv, d), fmt) for _ in range(2))
+    pos = (torch.tensor([0, 5, 8])[:, None] + torch.arange(w)).flatten().to(torch.int32)
+    want = [t.clone() for t in (kc, vc, ks, vs)]
+    expected = torch.stack([reference.rope_kv_write(q[j::w], k[j::w], v[j::w], cos, sin, pos[j::w], *want)
+                            for j in range(w)], 1).flatten(0, 1)
+    out = ops.rope_kv_write(q, k, v, cos, sin, pos, kc, vc, k_scale=ks, v_scale=vs, backend=backend)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(ks, want[2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(vs, want[3], rtol=1e-6, atol=0)
+    for got, exp in ((kc, want[0]), (vc, want[1])):
+        assert (_codes(got) - _codes(exp)).abs().max() <= (0 if backend == "reference" else 1)
+
+
 def rope_inputs(b, hq, hkv, d, s_max, dtype):
     """q/k/v as column views of one fused projection, the tables of rope_cos_sin, NaN caches."""
     proj = torch.randn(b, (hq + 2 * hkv) * d, dtype=dtype)

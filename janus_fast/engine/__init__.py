@@ -15,6 +15,7 @@ from .memory import MemoryPlan, MemoryPlanWarning, plan_requests
 from .model import JanusPro, LlamaForCausalLM
 from .prefill import prefill
 from .profile import decode_launches_per_layer, decode_op_counts, image_step_launches
+from .sjd import SjdBuffers, SjdResult, generate_image_tokens_sjd, sjd_step
 from .step import Bucket, Buckets, Step, graphs_usable
 from .text import TextBuffers, TextSettings, generate_tokens, text_step
 
@@ -31,12 +32,15 @@ __all__ = [
     "Marks",
     "MemoryPlan",
     "MemoryPlanWarning",
+    "SjdBuffers",
+    "SjdResult",
     "Step",
     "TextBuffers",
     "TextSettings",
     "decode_launches_per_layer",
     "decode_op_counts",
     "generate_image_tokens",
+    "generate_image_tokens_sjd",
     "generate_tokens",
     "graphs_usable",
     "image_step",
@@ -44,5 +48,6 @@ __all__ = [
     "plan_requests",
     "prefill",
     "run_steps",
+    "sjd_step",
     "text_step",
 ]

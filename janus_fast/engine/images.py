@@ -13,6 +13,7 @@ into requests, and image j of a request seeded s draws the same tokens wherever 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -94,23 +95,56 @@ def generate_image_tokens(model: JanusPro, prompts: list[list[int]], pad_id: int
     """Image token ids [len(prompts) * parallel_size, num_tokens] for prompt token ids, prompt by
     prompt, in as many chunks of prompts as the device's free memory needs (see engine.memory);
     raises BadLogitsError naming the first step whose guided logits were not finite."""
-    rows_per_prompt = 2 * parallel_size
     capacity = image_capacity(model, prompts)
-    plan = plan_requests(len(prompts), rows_per_prompt,
-                         lambda rows: image_bucket_bytes(model, rows, capacity),
-                         free_bytes(model.device, buckets), "parallel_size or the number of prompts")
     out = []
+    for chunk in image_chunks(model, prompts, seeds, parallel_size, buckets, progress,
+                              lambda rows: image_bucket_bytes(model, rows, capacity)):
+        with torch.inference_mode():  # the buffers are inference tensors, whoever calls first
+            codes = _generate_chunk(model, chunk.prompts, pad_id, parallel_size, settings, chunk.seeds, buckets,
+                                    capacity, chunk.progress, use_graphs)
+        out.append(codes[:chunk.images].clone())  # normal tensors outside inference mode
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+@dataclass
+class ImageChunk:
+    """The prompts of one memory-plan chunk (the last padded with copies of its last prompt), their
+    seeds, its progress callback (reporting over the whole batch) and its real images."""
+
+    prompts: list[list[int]]
+    seeds: list[int]
+    progress: Callable[[int, int], None] | None
+    images: int
+
+
+def image_chunks(model: JanusPro, prompts: list[list[int]], seeds: list[int], parallel_size: int, buckets: Buckets,
+                 progress, nbytes_for_rows: Callable[[int], int]) -> Iterator[ImageChunk]:
+    """The memory plan's chunks of a batch of image prompts (2 x parallel_size rows each), a
+    bucket of `nbytes_for_rows(rows)` bytes each (engine.memory: a warning when it splits, a
+    ValueError before any launch when one prompt does not fit)."""
+    plan = plan_requests(len(prompts), 2 * parallel_size, nbytes_for_rows, free_bytes(model.device, buckets),
+                         "parallel_size or the number of prompts")
     for c, chunk in enumerate(plan.chunk_requests()):
         def chunk_progress(i, n, c=c):
             progress(c * n + i, plan.chunks * n)
 
-        with torch.inference_mode():  # the buffers are inference tensors, whoever calls first
-            codes = _generate_chunk(model, [prompts[r] for r in chunk], pad_id, parallel_size, settings,
-                                    [seeds[r] for r in chunk], buckets, capacity,
-                                    chunk_progress if progress is not None else None, use_graphs)
-        real = len(set(chunk)) * parallel_size
-        out.append(codes[:real].clone())  # normal tensors outside inference mode
-    return out[0] if len(out) == 1 else torch.cat(out)
+        yield ImageChunk([prompts[r] for r in chunk], [seeds[r] for r in chunk],
+                         chunk_progress if progress is not None else None, len(set(chunk)) * parallel_size)
+
+
+def prefill_prompts(model: JanusPro, prompts: list[list[int]], pad_id: int, parallel_size: int, cache) -> torch.Tensor:
+    """One prefill per prompt for its conditional and its unconditional row (the prompt's first
+    and last tokens around pads, as the official script builds it), shared by the copies: the
+    cache rows in the interleaved layout -> each row's last hidden state [rows, H]."""
+    sequences, rows_of = [], []
+    for r, ids in enumerate(prompts):
+        first = r * parallel_size
+        sequences += [ids, unconditional_prompt(ids, pad_id)]
+        rows_of += [[2 * (first + i) for i in range(parallel_size)],
+                    [2 * (first + i) + 1 for i in range(parallel_size)]]
+    lm = model.language_model
+    packed = torch.tensor([t for s in sequences for t in s], dtype=torch.long).to(model.device, non_blocking=True)
+    return prefill(lm.model, lm.get_input_embeddings()(packed), [len(s) for s in sequences], cache, rows_of)
 
 
 def _generate_chunk(model, prompts, pad_id, parallel_size, settings, seeds, buckets, capacity, progress,
@@ -123,18 +157,7 @@ def _generate_chunk(model, prompts, pad_id, parallel_size, settings, seeds, buck
     step = bucket.step("image", lambda b: image_step(model, b), capture)
     buf = bucket.buffers
     buf.reset([(s, j) for s in seeds for j in range(parallel_size)], settings)
-    # One prefill per prompt for its conditional and its unconditional row (the prompt's first
-    # and last tokens around pads, as the official script builds it), shared by the copies.
-    sequences, rows_of = [], []
-    for r, ids in enumerate(prompts):
-        first = r * parallel_size
-        sequences += [ids, unconditional_prompt(ids, pad_id)]
-        rows_of += [[2 * (first + i) for i in range(parallel_size)],
-                    [2 * (first + i) + 1 for i in range(parallel_size)]]
-    lm = model.language_model
-    packed = torch.tensor([t for s in sequences for t in s], dtype=torch.long).to(device, non_blocking=True)
-    buf.hidden.copy_(prefill(lm.model, lm.get_input_embeddings()(packed), [len(s) for s in sequences],
-                             buf.cache, rows_of))
+    buf.hidden.copy_(prefill_prompts(model, prompts, pad_id, parallel_size, buf.cache))
     with ops.no_value_checks():
         run_steps(step, n_tokens, progress=progress)
     raise_bad_image_tokens(buf.codes)  # the one host sync of the loop

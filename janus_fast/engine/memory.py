@@ -46,14 +46,14 @@ def decode_workspace_bytes(lm, rows: int, capacity: int, head_width: int) -> int
 
 
 def bucket_bytes(make_buffers: Callable[[torch.device], object], lm, rows: int, capacity: int,
-                 head_width: int) -> int:
+                 head_width: int, tokens_per_row: int = 1) -> int:
     """Bytes of a bucket: its buffers (built on the meta device, without their cache), the KV
     cache (kv_bytes_per_token x rows x capacity, plus its RoPE table and lengths) and the step's
-    transient tensors."""
+    transient tensors for `tokens_per_row` new tokens per row (a verify step's window)."""
     buffers = make_buffers(torch.device("meta"))
     cfg = lm.config
     cache = lm.kv_bytes_per_token() * rows * capacity + 2 * capacity * cfg.head_dim * 4 + 4 * rows
-    return tensor_bytes(buffers) + cache + decode_workspace_bytes(lm, rows, capacity, head_width)
+    return tensor_bytes(buffers) + cache + decode_workspace_bytes(lm, rows * tokens_per_row, capacity, head_width)
 
 
 def free_bytes(device: torch.device, buckets: Buckets | None = None) -> int | None:

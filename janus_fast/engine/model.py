@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 
 from ..models import janus_pro, llama
+from ..models.janus_pro import DEFAULT_WINDOW, check_decoding
 from .decode import LlamaModel
 from .images import ImageSettings, generate_image_tokens
 from .lookahead import LOOKAHEAD
+from .sjd import generate_image_tokens_sjd
 from .step import Buckets
 from .text import TextSettings, generate_tokens
 
@@ -91,10 +93,16 @@ class JanusPro(janus_pro.JanusPro):
         self.language_model.model.cache_headroom = config.vq.num_tokens  # the official image loop's cache
 
     def generate_image_tokens(self, prompts, pad_id, parallel_size, cfg_weight, temperature, top_k, top_p, seeds,
-                              progress=None, use_graphs: bool | None = None) -> torch.Tensor:
-        """The engine's image-token loop; use_graphs=False forces eager steps on CUDA (default:
-        captured wherever every op has a capture-safe backend)."""
+                              progress=None, use_graphs: bool | None = None, decoding: str = "token",
+                              window: int = DEFAULT_WINDOW) -> torch.Tensor:
+        """The engine's image-token loops: token by token, or speculative Jacobi decoding
+        (decoding="sjd", a window of `window` tokens: engine/sjd.py); use_graphs=False forces
+        eager steps on CUDA (default: captured wherever every op has a capture-safe backend)."""
+        check_decoding(decoding, window, self.config.vq.num_tokens, self.language_model.model.kv_cache_dtype)
         settings = ImageSettings(float(cfg_weight), float(temperature), int(top_k), float(top_p))
         with _engine(self) as buckets:
+            if decoding == "sjd":
+                return generate_image_tokens_sjd(self, prompts, pad_id, parallel_size, settings, seeds, buckets,
+                                                 window, progress, use_graphs, self.language_model.lookahead).codes
             return generate_image_tokens(self, prompts, pad_id, parallel_size, settings, seeds, buckets, progress,
                                          use_graphs)

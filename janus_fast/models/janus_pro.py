@@ -18,6 +18,25 @@ from .siglip import CLIPVisionTower, MlpProjector
 from .vq import VQModel
 
 
+DECODINGS = ("token", "sjd")  # token by token; speculative Jacobi decoding (on the engine)
+DEFAULT_WINDOW = 16
+
+
+def check_decoding(decoding, window, num_tokens: int, kv_cache_dtype: str | None = None) -> None:
+    """ValueError/TypeError for an unknown decoding, an SJD window outside [1, num_tokens], or SJD
+    with a quantized KV cache (its verify attention reads plain caches only)."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+    if decoding == "token":
+        return
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    if not 1 <= window <= num_tokens:
+        raise ValueError(f"window must be in [1, {num_tokens}] (the tokens of an image), got {window}")
+    if kv_cache_dtype is not None:
+        raise ValueError(f"decoding='sjd' does not take a quantized KV cache yet (kv_cache_dtype={kv_cache_dtype!r})")
+
+
 def unconditional_prompt(ids: list[int], pad_id: int) -> list[int]:
     """The unconditional partner of a generation prompt, as the official script builds it: its
     first and last tokens around pads."""
@@ -259,7 +278,8 @@ class JanusPro(nn.Module):
     def generate_images(self, prompt: str | Sequence[str], parallel_size: int = 16, cfg_weight: float = 5.0,
                         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                         seed: int | Sequence[int] | None = None, processor=None,
-                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                        progress: Callable[[int, int], None] | None = None, decoding: str = "token",
+                        window: int = DEFAULT_WINDOW) -> torch.Tensor:
         """Text -> images as the official generation script does, for one prompt or several
         (of any lengths) in one batch: uint8 [len(prompts) * parallel_size, S, S, 3] on the CPU,
         prompt by prompt. Classifier-free guidance pairs each prompt row with an unconditional
@@ -269,7 +289,12 @@ class JanusPro(nn.Module):
         [0, 2**63); the prompt plus the image's tokens must fit the model's context
         (language_config.max_position_embeddings); the sampling arguments are checked as
         `models.arguments.sampling` states (cfg_weight >= 0, top_p in (0, 1]), all before anything
-        is allocated. `progress(step, total)` is called after each image token."""
+        is allocated. `progress(step, total)` is called after each image token. decoding="sjd"
+        decodes by speculative Jacobi decoding with a window of `window` tokens
+        (janus_fast.JanusPro, on the engine): fewer forward passes, the same distribution as token
+        by token (janus_fast.ops.sjd_verify); the same seed gives the same images for the same
+        settings and window."""
+        check_decoding(decoding, window, self.config.vq.num_tokens, self.language_model.model.kv_cache_dtype)
         proc = self._processor(processor)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -280,17 +305,22 @@ class JanusPro(nn.Module):
         ids = [self._generation_prompt_ids(proc, text) for text in prompts]
         arguments.fits_context(max(len(i) for i in ids), self.config.vq.num_tokens,
                                self.config.language.max_position_embeddings, "an image takes")
+        sjd = {} if decoding == "token" else {"decoding": decoding, "window": window}
         codes = self.generate_image_tokens(ids, proc.pad_id, parallel_size, cfg_weight, temperature, top_k, top_p,
-                                           seeds, progress)
+                                           seeds, progress, **sjd)
         return self.decode_images(codes)
 
     def generate_image_tokens(self, prompts: list[list[int]], pad_id: int, parallel_size: int, cfg_weight: float,
                               temperature: float, top_k: int, top_p: float, seeds: list[int],
-                              progress=None) -> torch.Tensor:
+                              progress=None, decoding: str = "token", window: int = DEFAULT_WINDOW) -> torch.Tensor:
         """The image-token loop of `generate_images`, eager over a growing cache (the engine
         replaces it): prompt token ids -> codes [len(prompts) * parallel_size, num_tokens].
         Request r samples its rows in its own cfg_sample launch from the random state
-        new_rng_state(seeds[r]), so its draws do not depend on the other requests."""
+        new_rng_state(seeds[r]), so its draws do not depend on the other requests. Token by
+        token only: speculative Jacobi decoding needs the engine's static buffers."""
+        if decoding != "token":
+            raise ValueError(f"decoding={decoding!r} runs on the engine: use janus_fast.JanusPro "
+                             f"({type(self).__name__} decodes token by token)")
         rows = []
         for ids in prompts:
             rows += [ids, unconditional_prompt(ids, pad_id)] * parallel_size

@@ -278,17 +278,31 @@ class LlamaAttention(nn.Module):
             out[p.rows, p.cols] = packed
         return self.o_proj(out.reshape(b, t, -1))
 
-    def decode(self, x, cache: KVCache, layer: int, lengths: torch.Tensor):
-        """x [B, H], one token per row: one QKV GEMM, RoPE fused with writing k/v at slot
-        seqlens[b], attention over lengths[b] = seqlens[b] + 1 keys, the o GEMM."""
-        b, d = x.shape[0], self.head_dim
+    def _cached_qkv(self, x, cache: KVCache, layer: int, positions: torch.Tensor):
+        """x [M, H] new tokens: one QKV GEMM, RoPE fused with writing k/v at slots positions[m] of
+        cache row m // (M // B) -> the rotated q [M, Hq, D]."""
+        m, d = x.shape[0], self.head_dim
         qkv = fused_linear(self, QKV, x)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        q = ops.rope_kv_write(q.view(b, self.num_heads, d), k.view(b, self.num_kv_heads, d),
-                              v.view(b, self.num_kv_heads, d), cache.rope_cos, cache.rope_sin, cache.seqlens,
-                              cache.k[layer], cache.v[layer], **cache.scales(layer))
+        return ops.rope_kv_write(q.view(m, self.num_heads, d), k.view(m, self.num_kv_heads, d),
+                                 v.view(m, self.num_kv_heads, d), cache.rope_cos, cache.rope_sin, positions,
+                                 cache.k[layer], cache.v[layer], **cache.scales(layer))
+
+    def decode(self, x, cache: KVCache, layer: int, lengths: torch.Tensor):
+        """x [B, H], one token per row: k/v written at slot seqlens[b], attention over lengths[b]
+        = seqlens[b] + 1 keys, the o GEMM."""
+        q = self._cached_qkv(x, cache, layer, cache.seqlens)
         out = ops.decode_attention(q, cache.k[layer], cache.v[layer], lengths, **cache.scales(layer))
-        return self.o_proj(out.reshape(b, -1))
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def verify(self, x, cache: KVCache, layer: int, positions: torch.Tensor, lengths: torch.Tensor):
+        """x [B * W, H], a window of W tokens per row: k/v written at slots positions (seqlens[b]
+        + j), attention of token j over the lengths[b] - (W - 1 - j) first keys, the o GEMM."""
+        b = lengths.shape[0]
+        q = self._cached_qkv(x, cache, layer, positions)
+        out = ops.verify_attention(q.view(b, x.shape[0] // b, self.num_heads, self.head_dim), cache.k[layer],
+                                   cache.v[layer], lengths)
+        return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class LlamaMLP(nn.Module):
@@ -370,23 +384,44 @@ class LlamaModel(nn.Module):
         Each layer is nine dispatched ops: the residual add fused into each RMSNorm, one QKV
         GEMM, RoPE fused with the cache write, decode attention, the o GEMM, one gate/up GEMM,
         SiLU·mul and the down GEMM (the Q/K/V and gate/up weights fused on first use)."""
-        eps = self.config.rms_norm_eps
         lengths = cache.seqlens + 1
+        out = self._fused_layers(x, lambda attn, normed, i: attn.decode(normed, cache, i, lengths))
+        cache.seqlens.add_(1)
+        return out
+
+    def verify_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A window of W tokens per row (speculative decoding's verification pass): x [B, W, H] ->
+        final-normed hidden [B, W, H]. Their keys and values go to slots seqlens[b] .. seqlens[b]
+        + W - 1 (their rotary positions), token j attends to the cache and to window tokens <= j.
+        cache.seqlens is NOT advanced: the caller adds what it accepts, and the next pass
+        overwrites the rest. The decode step's ops per layer with verify_attention; no host
+        syncs. The caller keeps capacity for seqlens + W."""
+        if cache.quantized:
+            raise ValueError("verify_step (speculative decoding) does not take a quantized KV cache yet: "
+                             "use kv_cache_dtype=None")
+        b, w, h = x.shape
+        positions = (cache.seqlens[:, None] + torch.arange(w, dtype=torch.int32, device=x.device)).view(-1)
+        lengths = cache.seqlens + w
+        out = self._fused_layers(x.reshape(b * w, h),
+                                 lambda attn, normed, i: attn.verify(normed, cache, i, positions, lengths))
+        return out.view(b, w, h)
+
+    def _fused_layers(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """The layers on the fused decode ops for rows x [M, H]: `attend(self_attn, normed, i)`
+        is layer i's attention; -> the final-normed hidden [M, H]."""
+        eps = self.config.rms_norm_eps
         residual, delta = x, None
         for i, layer in enumerate(self.layers):
             if delta is None:
                 normed = ops.rms_norm(residual, layer.input_layernorm.weight, eps=eps)
             else:
                 normed, residual = ops.rms_norm(delta, layer.input_layernorm.weight, eps=eps, residual=residual)
-            delta = layer.self_attn.decode(normed, cache, i, lengths)
+            delta = attend(layer.self_attn, normed, i)
             normed, residual = ops.rms_norm(delta, layer.post_attention_layernorm.weight, eps=eps, residual=residual)
             delta = layer.mlp.decode(normed)
         if delta is None:
-            out = ops.rms_norm(residual, self.norm.weight, eps=eps)
-        else:
-            out, _ = ops.rms_norm(delta, self.norm.weight, eps=eps, residual=residual)
-        cache.seqlens.add_(1)
-        return out
+            return ops.rms_norm(residual, self.norm.weight, eps=eps)
+        return ops.rms_norm(delta, self.norm.weight, eps=eps, residual=residual)[0]
 
     def forward_packed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                        max_seqlen: int, keep_kv=None) -> torch.Tensor:

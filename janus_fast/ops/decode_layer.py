@@ -37,14 +37,16 @@ def _(q, k, v, cos, sin, positions, k_cache, v_cache, backend, k_scale=None, v_s
 
 def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, k_scale=None, v_scale=None,
                   backend: str = "auto"):
-    """One decode token per row: rotate-half RoPE of q [B, Hq, D] and k [B, Hkv, D] at position
-    positions[b] (int32, a row of the cos/sin tables [S, D]); writes the rotated k and v into
-    k_cache/v_cache [B, S_max, Hkv, D] at slot positions[b] (in place) and returns the rotated q
-    [B, Hq, D]. q/k/v may be column views of one fused projection (heads and dims contiguous).
-    Rotation in fp32, rounded once. Positions are not range-checked on the device in graphs:
-    the caller keeps them below min(S, S_max). A quantized cache (int8 / float8_e4m3fn, see
-    ops.quant) comes with k_scale/v_scale fp32 [B, S_max, Hkv]: each written head is quantized
-    with its own scale (reference.quantize_rows), stored at the same slot."""
+    """New tokens of a KV cache: rotate-half RoPE of q [M, Hq, D] and k [M, Hkv, D] at position
+    positions[m] (int32, a row of the cos/sin tables [S, D]); writes the rotated k and v into
+    k_cache/v_cache [B, S_max, Hkv, D] at row m // (M // B), slot positions[m] (in place) and
+    returns the rotated q [M, Hq, D]. M = B is one decode token per row; M a multiple of B gives
+    each row M // B consecutive tokens (a speculative window). q/k/v may be column views of one
+    fused projection (heads and dims contiguous). Rotation in fp32, rounded once. Positions are
+    not range-checked on the device in graphs: the caller keeps them below min(S, S_max). A
+    quantized cache (int8 / float8_e4m3fn, see ops.quant) comes with k_scale/v_scale fp32
+    [B, S_max, Hkv]: each written head is quantized with its own scale (reference.quantize_rows),
+    stored at the same slot."""
     dtypes = _DTYPES
     _checks.tensor("q", q, ndim=3, dtypes=dtypes)
     for name, t in (("k", k), ("v", v)):
@@ -68,8 +70,10 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, *, k_scale=Non
         quant.check_quantized_cache(k_cache, v_cache, k_scale, v_scale, q.device)
     _checks.same("k_cache and v_cache shapes", k_cache=tuple(k_cache.shape), v_cache=tuple(v_cache.shape))
     _checks.same("k_cache and v_cache strides", k_cache=k_cache.stride(), v_cache=v_cache.stride())
-    if k_cache.shape[0] != b or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
-        raise ValueError(f"k_cache must be [{b}, S_max, {k.shape[1]}, {d}], got {tuple(k_cache.shape)}")
+    rows = k_cache.shape[0]
+    if (b % rows if rows else b) or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
+        raise ValueError(f"k_cache must be [B, S_max, {k.shape[1]}, {d}] with B dividing the {b} tokens, "
+                         f"got {tuple(k_cache.shape)}")
     if k_cache.stride(3) != 1 or k_cache.stride(2) != d:
         raise ValueError(f"k_cache must be contiguous in its last two dimensions, got strides {k_cache.stride()}")
     _checks.index_range("positions", positions, min(cos.shape[0], k_cache.shape[1]))

@@ -18,6 +18,7 @@ __all__ = [
     "varlen_attention",
     "varlen_attention_backward",
     "decode_attention",
+    "verify_attention",
     "l2_normalize",
     "vq_quantize",
     "vq_lookup",
@@ -25,6 +26,9 @@ __all__ = [
     "unusable_rows",
     "sampling_probs",
     "cfg_sample",
+    "sjd_init_position",
+    "sjd_residual",
+    "sjd_verify",
     "rms_norm",
     "rms_norm_backward",
     "rope_kv_write",
@@ -164,15 +168,27 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, k_s
     cache_seqlens [B]; positions >= cache_seqlens[b] are never read into the result (they may
     hold garbage); length 0 gives 0. Non-finite values as in `attention`. A quantized cache
     (k_scale/v_scale [B, S_max, Hkv]) is dequantized (dequantize_rows) first."""
+    return verify_attention(q[:, None], k_cache, v_cache, cache_seqlens, softmax_scale, k_scale, v_scale)[:, 0]
+
+
+def verify_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, k_scale=None, v_scale=None):
+    """W query tokens per sequence, the last W of its cache: q [B, W, Hq, D], caches
+    [B, S_max, Hkv, D], cache_seqlens [B] counting the window's own keys; query j sees the keys at
+    positions < cache_seqlens[b] - (W - 1 - j) (causal inside the window, bottom-right aligned;
+    none, giving 0, when that is <= 0). W = 1 is `decode_attention`; a quantized cache as there.
+    -> [B, W, Hq, D]."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    w = q.shape[1]
+    used = int(cache_seqlens.max()) if cache_seqlens.numel() else 0  # (slots past every length: never read)
+    k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     if k_scale is not None:
-        k_cache = dequantize_rows(k_cache, k_scale, _compute_dtype(q))
-        v_cache = dequantize_rows(v_cache, v_scale, _compute_dtype(q))
-    visible = torch.arange(k_cache.shape[1], device=q.device) < cache_seqlens[:, None].long()
-    visible = visible[:, None, None, :]  # [B, 1, 1, S_max]
-    p, _ = _softmax_rows(_scores(q[:, None], k_cache, visible, scale))
-    out = _weighted_values(p, _heads_first(v_cache, q.shape[1] // k_cache.shape[2]), visible)
-    return out[:, :, 0].to(q.dtype).contiguous()
+        k_cache = dequantize_rows(k_cache, k_scale[:, :used], _compute_dtype(q))
+        v_cache = dequantize_rows(v_cache, v_scale[:, :used], _compute_dtype(q))
+    seen = cache_seqlens[:, None].long() - (w - 1) + torch.arange(w, device=q.device)  # [B, W]
+    visible = (torch.arange(k_cache.shape[1], device=q.device) < seen[:, :, None])[:, None]  # [B, 1, W, S_max]
+    p, _ = _softmax_rows(_scores(q, k_cache, visible, scale))
+    out = _weighted_values(p, _heads_first(v_cache, q.shape[2] // k_cache.shape[2]), visible)
+    return out.transpose(1, 2).to(q.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- VQ
@@ -284,6 +300,76 @@ def cfg_sample(logits, cfg_weight, temperature=1.0, top_k=0, top_p=1.0, generato
     return tokens.masked_fill(bad, -1)
 
 
+def sjd_init_position(tokens, positions, window_end, grid_width):
+    """Speculative Jacobi decoding's draft for a position entering the window (a point mass):
+    the token grid_width positions back (the one above it in the image's raster) when that
+    position lies before window_end (held a token before this commit), else the token at
+    window_end - 1, the window's last. tokens [B, T], positions [B, K], window_end [B] -> [B, K]."""
+    above = positions - grid_width
+    use_above = (grid_width > 0) & (above >= 0) & (above < window_end[:, None])
+    last = tokens.gather(1, (window_end - 1)[:, None])
+    return torch.where(use_above, tokens.gather(1, above.clamp(0, tokens.shape[1] - 1)), last)
+
+
+def sjd_residual(p, q):
+    """Where a rejected draft is redrawn from: max(p - q, 0) (normalised by the draw)."""
+    return (p - q).clamp(min=0)
+
+
+def sjd_verify(logits, tokens, point, q, progress, lengths, next_ids, cfg_weight, temperature=1.0, top_k=0,
+               top_p=1.0, generator=None, grid_width=0):
+    """One verification of speculative Jacobi decoding, in place; the maths and the proof are in
+    janus_fast/ops/sampling_verify.py. B images of N tokens, window W, V tokens:
+    logits [2B, W, V] (interleaved pairs: row 2b conditional, 2b + 1 unconditional; column j
+    predicts position n_b + j), tokens int64 [B, N + W] (committed [0, n_b), drafts
+    [n_b, n_b + W)), point int8 [B, N + W] (1: the draft's q is the point mass on it), q float32
+    [B, W, V] (q of position i in slot i % W where point is 0), progress int64 [B, 2] (n_b, passes),
+    lengths int32 [2B] (the pair's cache lengths), next_ids int64 [2B, W] (written: the next
+    pass's input ids). -> accepted bool [B, W]. Images with n_b == N are left as they are; at
+    temperature 0 q is neither read nor written (every draft is a point mass on its token)."""
+    two_b, w, v = logits.shape
+    b, n_total = two_b // 2, tokens.shape[1] - w
+    device = logits.device
+    j = torch.arange(w, device=device)
+    n = progress[:, 0].clone()
+    active = n < n_total
+    pos = torch.minimum(n, torch.full_like(n, n_total))[:, None] + j  # [B, W]
+    p = sampling_probs(logits.transpose(0, 1).reshape(w * two_b, v), cfg_weight, temperature, top_k, top_p)
+    p = p.float().view(w, b, v).transpose(0, 1)  # [B, W, V]: the distribution each draft is tested against
+    bad = p.isnan().any(-1)
+    draft = tokens.gather(1, pos)
+    safe = draft.clamp(0, v - 1)
+    onehot = F.one_hot(safe, v).float()
+    slot = (pos % w)[:, :, None].expand(b, w, v)
+    stored = q.gather(1, slot)
+    q_full = torch.where(point.gather(1, pos).bool()[:, :, None] | (temperature == 0), onehot, stored)
+    p_d = p.gather(2, safe[:, :, None])[:, :, 0]
+    q_d = q_full.gather(2, safe[:, :, None])[:, :, 0]
+    u = torch.rand(b, w, generator=generator, device=device)
+    accepted = (u * q_d < p_d) & ~bad & active[:, None]
+    residual = sjd_residual(p, q_full).nan_to_num(0.0)
+    residual = torch.where((residual.sum(-1) > 0)[:, :, None], residual, onehot)  # (no mass: keep the draft)
+    drawn = torch.multinomial(residual.reshape(b * w, v), 1, generator=generator).view(b, w)
+    out = torch.where(bad, -1, torch.where(accepted, draft, drawn))
+    keep = active[:, None]
+    tokens.scatter_(1, pos, torch.where(keep, out, draft))
+    point.scatter_(1, pos, torch.where(keep, torch.zeros_like(draft, dtype=point.dtype), point.gather(1, pos)))
+    if temperature != 0:  # (at temperature 0 every q is a point mass: the ring is not used)
+        q.scatter_(1, slot, torch.where(keep[:, :, None], p, stored))
+    first_rejected = torch.where(accepted, w, j).amin(1)
+    count = torch.minimum(torch.clamp(first_rejected + 1, max=w), n_total - n).clamp(min=0)
+    new = n[:, None] + w + j  # positions entering the window
+    rows, cols = torch.nonzero(j < count[:, None], as_tuple=True)
+    fresh = sjd_init_position(tokens, new, n + w, grid_width)
+    tokens[rows, new[rows, cols]] = fresh[rows, cols]
+    point[rows, new[rows, cols]] = 1
+    progress[:, 0] += count
+    progress[:, 1] += active.long()
+    lengths += count.repeat_interleave(2).to(lengths.dtype)
+    next_ids.copy_(tokens.gather(1, (n + count - 1)[:, None] + j).repeat_interleave(2, dim=0))
+    return accepted
+
+
 # --------------------------------------------------------------------------- layer ops: RMSNorm, RoPE, SiLU·mul
 
 
@@ -321,11 +407,12 @@ def _rotate_half(x):
 
 
 def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale=None, v_scale=None):
-    """Rotate-half RoPE of q [B, Hq, D] and k [B, Hkv, D] at position positions[b] (rows of the
+    """Rotate-half RoPE of q [M, Hq, D] and k [M, Hkv, D] at position positions[m] (rows of the
     cos/sin tables [S, D]), in the compute dtype; the rotated k and the unchanged v are written to
-    k_cache/v_cache [B, S_max, Hkv, D] at slot positions[b] (in place). With k_scale/v_scale
-    [B, S_max, Hkv] (a quantized cache), each written head is quantize_rows'd to the cache dtype
-    and its scale stored beside it. -> rotated q in q.dtype."""
+    k_cache/v_cache [B, S_max, Hkv, D] at row m // (M // B), slot positions[m] (in place; M a
+    multiple of B: M // B consecutive tokens per cache row). With k_scale/v_scale [B, S_max, Hkv]
+    (a quantized cache), each written head is quantize_rows'd to the cache dtype and its scale
+    stored beside it. -> rotated q in q.dtype."""
     ct = _compute_dtype(q)
     pos = positions.long()
     c, s = cos[pos].to(ct)[:, None, :], sin[pos].to(ct)[:, None, :]
@@ -334,7 +421,7 @@ def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, k_scale=None, 
         x = x.to(ct)
         return x * c + _rotate_half(x) * s
 
-    rows = torch.arange(q.shape[0], device=q.device)
+    rows = torch.arange(q.shape[0], device=q.device) // max(q.shape[0] // max(k_cache.shape[0], 1), 1)
     for cache, scale, x in ((k_cache, k_scale, rotate(k)), (v_cache, v_scale, v)):
         if scale is None:
             cache[rows, pos] = x.to(cache.dtype)

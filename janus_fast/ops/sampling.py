@@ -12,13 +12,18 @@ FAST = ("cuda", "triton")
 LAYOUTS = ("interleaved", "halves")
 
 
+def reference_generator(seed: torch.Tensor, device) -> torch.Generator:
+    """A torch.Generator on `device` seeded from the (seed, offset) pair in `seed` (read on the
+    host): the reference backends' reproducible stream."""
+    s, offset = seed[:2].tolist()
+    return torch.Generator(device=device).manual_seed(_mix_seed(s, offset))
+
+
 def _reference_sample(logits, cfg_weight, temperature, top_k, top_p, seed, layout, advance=False,
                       return_ids=False):
     """The reference draw, made reproducible from the (seed, offset) pair in `seed`; the same
     contract as the kernels (advance the offset, pair-duplicated ids) around reference.cfg_sample."""
-    s, offset = seed[:2].tolist()
-    generator = torch.Generator(device=logits.device)
-    generator.manual_seed(_mix_seed(s, offset))
+    generator = reference_generator(seed, logits.device)
     tokens = reference.cfg_sample(logits, cfg_weight, temperature, top_k, top_p, generator, layout)
     if advance:
         seed[1] += 1
