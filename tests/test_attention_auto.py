@@ -69,6 +69,15 @@ def test_the_fastest_candidate_wins_and_is_remembered(monkeypatch, tmp_path):
     assert _choose(*_qkv(d=64)) == "triton"
 
 
+def test_a_backward_kind_also_times_our_two_pass_backward(monkeypatch, tmp_path):
+    lab = Lab(monkeypatch, tmp_path, {**FAST_FLASH, A.OURS_TWO_PASS: 0.9})
+    assert _choose(*_qkv(), backward=True) == A.OURS_TWO_PASS
+    assert lab.measured == [("triton", A.OURS_TWO_PASS, *A.SDPA_BACKENDS)]
+    assert _choose(*_qkv()) == "sdpa-flash" and lab.measured[-1] == ("triton", *A.SDPA_BACKENDS)  # forward only
+    monkeypatch.setenv(A.FORCE_ENV, "sdpa")
+    assert _choose(*_qkv(), backward=True) == "sdpa-flash"  # forcing SDPA never picks one of ours
+
+
 def test_remembered_on_disk_per_gpu_and_versions(monkeypatch, tmp_path):
     lab = Lab(monkeypatch, tmp_path, FAST_FLASH)
     assert _choose(*_qkv()) == "sdpa-flash"
@@ -157,6 +166,12 @@ def test_public_op_runs_the_choice(monkeypatch, tmp_path):
     with torch.no_grad():
         ops.flash_attention(leaf, k, v)
     assert asked == [False, True, False]
+    monkeypatch.setattr(A, "choose", lambda *a: A.OURS_TWO_PASS)  # ours, with deterministic=True's backward
+    ran = []
+    monkeypatch.setattr(ops.attention, "_attention_fwd", lambda q, k, v, causal, scale, backend, det: ran.append(
+        (backend, det)) or (q,))
+    ops.flash_attention(leaf, k, v)
+    assert ran == [("triton", True)]
     monkeypatch.setattr(A, "choose", lambda *a: pytest.fail("a forced backend is not measured"))
     ops.flash_attention(q.float(), k.float(), v.float(), backend="reference")
 

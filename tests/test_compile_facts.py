@@ -358,6 +358,21 @@ def test_backward_structure(facts):
     assert all(r["gemms"] == 2 * 3 and r["atomics"] == 0 for r in rows if r["name"] == "bwd_dq")
 
 
+def test_sm90_two_pass_backward_is_all_warpgroup_mma(facts):
+    """What backend="auto" weighs on Hopper (README): at head_dim 128, 16-bit, the two-pass
+    backward's GEMMs all run on wgmma, while the fused kernel's small query tiles put dQ's on
+    mma.sync (measured against each other on the GPU, not assumed)."""
+    cap, rows = facts
+    if cap != 90:
+        pytest.skip("warpgroup MMAs are sm_90 features")
+    d128 = [r for r in rows if re.search(r"\bD128 bf16", r["config"])]
+    two_pass = [r for r in d128 if r["name"] in ("bwd_dkdv", "bwd_dq")]
+    assert {r["name"] for r in two_pass} == {"bwd_dkdv", "bwd_dq"}, two_pass
+    assert all(r["mma_sync"] == 0 and r["wgmma"] == r["gemms"] for r in two_pass), two_pass
+    fused = [r for r in d128 if r["name"] == "bwd_fused"]
+    assert fused and all(r["mma_sync"] >= 1 for r in fused), fused  # (else the README's comparison is stale)
+
+
 def test_sm90_forward_structure(facts):
     """The Hopper forward: TMA loads, warpgroup MMAs, 128-key tiles at head_dim 128, and two key
     loops: the plain one (full blocks: no mask, no contract-1 bookkeeping, so no 2-D select) and

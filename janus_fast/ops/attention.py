@@ -107,10 +107,12 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     Non-finite values (every backend): a NaN in a query row or in a key it sees makes that output
     row NaN, a non-finite value it sees makes that element non-finite; keys a query cannot see
     (causally masked, another packed sequence, past cache_seqlens) are never read into its result.
-    deterministic=True makes the Triton backward bit-reproducible (no atomics, slower); the
-    default adds dQ with fp32 atomics, so its last bits vary from run to run.
-    backend="auto" on a GPU runs ours or torch's SDPA (flash / cuDNN / efficient), whichever the
-    first call of its kind measured faster here, where SDPA honours these contracts
+    deterministic=True makes the Triton backward bit-reproducible (two passes, dK/dV then dQ, no
+    atomics); the default fuses them and adds dQ with fp32 atomics, so its last bits vary from
+    run to run.
+    backend="auto" on a GPU runs ours (with a backward: fused or two-pass) or torch's SDPA (flash /
+    cuDNN / efficient), whichever the first call of its kind measured faster here, where SDPA
+    honours these contracts
     (janus_fast/ops/attention_auto.py; JANUS_FAST_ATTENTION=triton|sdpa forces one).
     """
     _check_qkv(q, k, v, backend, ndim=4)
@@ -121,7 +123,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     if backend == "auto" and chosen == "triton":  # measured against torch's SDPA on this GPU
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         chosen = attention_auto.choose(q, k, v, bool(causal), scale, backward, bool(deterministic))
-        if chosen != "triton":
+        if chosen == attention_auto.OURS_TWO_PASS:  # measured faster than our fused backward here
+            chosen, deterministic = "triton", True
+        elif chosen != "triton":
             return attention_auto.sdpa_attention(q, k, v, bool(causal), scale, chosen)
     return _attention_fwd(q, k, v, bool(causal), scale, chosen, bool(deterministic))[0]
 

@@ -2,7 +2,10 @@
 
 The first call of a kind of call (dtype, head dim, causal, power-of-two buckets of Sq and Sk,
 GQA, forward only or forward + backward) on a GPU times ours against SDPA pinned to each of its
-flash / cuDNN / efficient backends, on the call's own shapes, and remembers the fastest: in this
+flash / cuDNN / efficient backends, on the call's own shapes (with a backward, ours both ways: the
+fused backward, whose dQ GEMMs run on mma.sync at its small query tiles on sm_90 and add into dQ
+with fp32 atomics, and the two-pass backward of deterministic=True, dK/dV then dQ, every GEMM on
+wgmma there and no atomics, at the cost of two more GEMMs), and remembers the fastest: in this
 process, and on disk in one JSON file per GPU and versions (torch, CUDA, Triton, janus_fast)
 under $JANUS_FAST_CACHE_DIR or ~/.cache/janus_fast/attention_auto/ (written atomically; a file
 that cannot be read is ignored and rewritten). Timing syncs with the host, so it never runs
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 FORCE_ENV = "JANUS_FAST_ATTENTION"
 CACHE_ENV = "JANUS_FAST_CACHE_DIR"
 OURS = "triton"
+OURS_TWO_PASS = "triton-two-pass"  # ours with deterministic=True's backward (a backward kind only)
 SDPA_BACKENDS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 _FORCES = ("auto", OURS, "sdpa")
 
@@ -177,8 +181,9 @@ def _runner(candidate: str, q, k, v, causal: bool, scale: float, backward: bool)
     dout = torch.randn_like(q) if backward else None
 
     def forward():
-        if candidate == OURS:
-            return flash_attention(*leaves, causal=causal, softmax_scale=scale, backend=OURS)
+        if candidate in (OURS, OURS_TWO_PASS):
+            return flash_attention(*leaves, causal=causal, softmax_scale=scale, backend=OURS,
+                                   deterministic=candidate == OURS_TWO_PASS)
         return sdpa_attention(*leaves, causal, scale, candidate)
 
     def run():
@@ -219,7 +224,7 @@ def sdpa_honours_causal_contract(backend: str, q, k, causal: bool) -> bool:
 
 
 def _measure(q, k, v, causal: bool, scale: float, backward: bool) -> dict:
-    candidates = [OURS]
+    candidates = [OURS, OURS_TWO_PASS] if backward else [OURS]
     refused = {}
     for backend in SDPA_BACKENDS:
         try:
@@ -239,7 +244,8 @@ def _measure(q, k, v, causal: bool, scale: float, backward: bool) -> dict:
 
 
 def choose(q, k, v, causal: bool, scale: float, backward: bool, deterministic: bool = False) -> str:
-    """OURS or the SDPA backend that runs this flash_attention call (inputs already validated)."""
+    """OURS, OURS_TWO_PASS (ours with the two-pass backward) or the SDPA backend that runs this
+    flash_attention call (inputs already validated)."""
     if torch.compiler.is_compiling():  # no files or timing in a traced graph: ours
         return OURS
     forced = force()
@@ -256,6 +262,6 @@ def choose(q, k, v, causal: bool, scale: float, backward: bool, deterministic: b
         records[kind.key] = record
         _write(path, where, {**_read(path), **records})
     if forced == "sdpa":
-        sdpa = {name: ms for name, ms in record.get("timings_ms", {}).items() if name != OURS}
+        sdpa = {name: ms for name, ms in record.get("timings_ms", {}).items() if name in SDPA_BACKENDS}
         return min(sdpa, key=sdpa.get) if sdpa else OURS
-    return record["winner"] if record["winner"] in (OURS, *SDPA_BACKENDS) else OURS
+    return record["winner"] if record["winner"] in (OURS, OURS_TWO_PASS, *SDPA_BACKENDS) else OURS
