@@ -18,16 +18,14 @@ scripts/triton36.sh).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import FULL
+from tests.helpers import FULL, compile_facts_per_arch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200: what the launchers size their grids by
 SMEM_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block (bytes)
 MODELS = ("1b",) + (("7b",) if FULL else ())
@@ -225,6 +223,12 @@ def _local_memory_instructions(cubin: bytes) -> int:
 def compile_facts(cap: int) -> list[dict]:
     """Registers, local memory (bytes and instructions), stack frame and shared memory of every
     distinct launch for sm_<cap> (run with the interpreter off)."""
+    return compile_rows(cap, launches(cap))
+
+
+def compile_rows(cap: int, jobs) -> list[dict]:
+    """The facts of each (label, JITFunction, signature, constexprs, attrs, options) job compiled
+    for sm_<cap>: the rows this file and test_verify_compile_facts.py check."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -232,7 +236,7 @@ def compile_facts(cap: int) -> list[dict]:
     from tests.test_compile_facts import _resource_usage
 
     facts = []
-    for label, fn, sig, consts, attrs, options in launches(cap):
+    for label, fn, sig, consts, attrs, options in jobs:
         compiled = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                                   target=GPUTarget("cuda", cap, 32), options=options)
         usage = _resource_usage(compiled.asm["cubin"])
@@ -242,22 +246,13 @@ def compile_facts(cap: int) -> list[dict]:
     return facts
 
 
-def _env():
+def compile_env():
     return {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}  # (3.9's default, said)
 
 
 @pytest.fixture(scope="module")
 def _all_facts():
-    """Both architectures compile at once (two processes: CI has two cores)."""
-    jobs = {cap: subprocess.Popen(
-        [sys.executable, "-c", f"import json, tests.test_kernel_compile_facts as t; "
-                               f"print(json.dumps(t.compile_facts({cap})))"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in (80, 90)}
-    results = {}
-    for cap, job in jobs.items():
-        out, err = job.communicate()
-        results[cap] = json.loads(out.strip().splitlines()[-1]) if job.returncode == 0 else err[-4000:]
-    return results
+    return compile_facts_per_arch("tests.test_kernel_compile_facts", compile_env())
 
 
 @pytest.mark.parametrize("cap", [80, 90])
@@ -275,7 +270,7 @@ def test_launched_configs_compile_without_spills(cap, _all_facts):
 
 
 if __name__ == "__main__":
-    os.environ.update(_env())
+    os.environ.update(compile_env())
     for cap in [int(a) for a in sys.argv[1:]] or [80, 90]:
         print(f"sm_{cap}")
         for r in compile_facts(cap):

@@ -11,17 +11,15 @@ SASS), with shared memory within the architecture's limit. Run it under both Tri
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import DEVICE, FULL
+from tests.helpers import DEVICE, FULL, compile_facts_per_arch
 from tests.test_compile_facts import SMEM_LIMIT
+from tests.test_kernel_compile_facts import compile_env, compile_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (images, window): Janus-Pro x1 and x16 at the default window (and a short window in the full tier)
 # (images, window): Janus-Pro x1 and x16 at the default window (and a short window in the full tier)
 SAMPLER_SHAPES = [(1, 16), (16, 16)] + ([(4, 3)] if FULL else [])
@@ -64,13 +62,8 @@ def _sampler_launches(cap: int) -> list:
 def compile_facts(cap: int) -> list[dict]:
     """Registers, local memory (bytes and LDL/STL instructions) and shared memory of every config
     for sm_<cap> (run with the interpreter off)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import janus_fast.kernels.attention_verify as A
-    from tests.test_compile_facts import _resource_usage, _signature
-    from tests.test_kernel_compile_facts import _local_memory_instructions
+    from tests.test_compile_facts import _signature
 
     jobs = _sampler_launches(cap)
     for head_dim, dtype, windows, groups in ATTENTION_SHAPES:
@@ -79,33 +72,12 @@ def compile_facts(cap: int) -> list[dict]:
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(spec.kernel.arg_names)
                      if sig[n].startswith("*") or n.startswith("stride_")}
             jobs.append((f"verify_attention {spec.label}", spec.kernel, sig, spec.meta, attrs, dict(spec.options)))
-    facts = []
-    for name, fn, sig, constexprs, attrs, options in jobs:
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", cap, 32), options=options)
-        usage = _resource_usage(compiled.asm["cubin"])
-        facts.append({"name": name, "warps": compiled.metadata.num_warps, "regs": usage["reg"],
-                      "local": usage["local"], "local_insts": _local_memory_instructions(compiled.asm["cubin"]),
-                      "stack": usage["stack"], "shared": compiled.metadata.shared})
-    return facts
-
-
-def _env():
-    return {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}  # (3.9's default, said)
+    return compile_rows(cap, jobs)
 
 
 @pytest.fixture(scope="module")
 def _all_facts():
-    """Both architectures compile at once (two processes: CI has two cores)."""
-    jobs = {cap: subprocess.Popen(
-        [sys.executable, "-c", f"import json, tests.test_verify_compile_facts as t; "
-                               f"print(json.dumps(t.compile_facts({cap})))"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in (80, 90)}
-    results = {}
-    for cap, job in jobs.items():
-        out, err = job.communicate()
-        results[cap] = json.loads(out.strip().splitlines()[-1]) if job.returncode == 0 else err[-4000:]
-    return results
+    return compile_facts_per_arch("tests.test_verify_compile_facts", compile_env())
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests compile and run the kernels")
@@ -123,7 +95,7 @@ def test_shipped_configs_compile_without_spills(cap, _all_facts):
 
 
 if __name__ == "__main__":
-    os.environ.update(_env())
+    os.environ.update(compile_env())
     for cap in [int(a) for a in sys.argv[1:]] or [80, 90]:
         print(f"sm_{cap}")
         for r in compile_facts(cap):
